@@ -1,0 +1,33 @@
+# Quickstart targets. Each creates the virtual environment on first use.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+DEMO_DIR := runs/quickstart/demo
+
+.PHONY: demo test test-all lint install
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+## demo: train a small CNN on the offline synthetic dataset, then print where logs and checkpoints are
+demo: install
+	rm -rf $(DEMO_DIR)
+	$(PY) train.py fit --config configs/quickstart.yaml --trainer.logger.init_args.version=demo
+	@echo "Demo done: tensorboard --logdir runs/quickstart"
+
+## test: the default test suite (slow tests excluded)
+test: install
+	$(PY) -m pytest -m "not slow"
+
+## test-all: every test, slow ones included
+test-all: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .

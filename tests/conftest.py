@@ -1,0 +1,42 @@
+"""Shared fixtures: the offline datasets of ``../shared/data`` and small synthetic data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``$UPI_SHARED_DATA`` or ``../shared/data`` next to the repository."""
+    return Path(os.environ.get("UPI_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def require_shared(relative: str) -> Path:
+    """Path of a shared data file; skip when absent, fail instead when ``UPI_REQUIRE_SHARED_DATA=1`` (CI)."""
+    path = shared_data_dir() / relative
+    if not path.exists():
+        message = f"{path} is absent (set UPI_SHARED_DATA to the folder holding MNIST/raw and cifar10-subset.npz)"
+        if os.environ.get("UPI_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A writable copy of the shared MNIST raw files (torchvision unpacks them there, offline)."""
+    raw = require_shared("MNIST/raw")
+    root = tmp_path_factory.mktemp("mnist")
+    shutil.copytree(raw, root / "MNIST" / "raw")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_subset_npz() -> Path:
+    """The shared 12,000-image CIFAR-10 subset (uint8 HWC arrays)."""
+    return require_shared("cifar10-subset.npz")

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from upi_lightning.cli import train_cli
+from upi_lightning.module import Classifier
+
+SYNTHETIC = [
+    "--data=upi_lightning.data.SyntheticDataModule",
+    "--data.num_train=256",
+    "--data.num_test=64",
+    "--data.batch_size=32",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def test_fit_writes_a_checkpoint_that_reloads_to_the_same_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = train_cli(
+        [
+            "fit",
+            *SYNTHETIC,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1",
+        ]
+    )
+    last = Path(cli.trainer.checkpoint_callback.last_model_path).resolve()
+    assert last.is_file() and last.parents[2] == (tmp_path / "runs" / "default").resolve()
+    assert list((last.parent.parent).glob("events.out.tfevents.*"))
+    restored = Classifier.load_from_checkpoint(last, map_location="cpu", weights_only=True)
+    assert list(restored.hparams.input_shape) == [1, 28, 28] and restored.hparams.num_classes == 10
+    x = torch.rand(5, 1, 28, 28)
+    cli.model.eval()
+    restored.eval()
+    torch.testing.assert_close(restored(x), cli.model(x), rtol=0, atol=0)
+
+
+def run_train(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fit", "--model.arch=resnet9000", *SYNTHETIC], "error: Unknown model arch 'resnet9000'"),
+        (["fit", "--model.lrr=0.1", *SYNTHETIC], "error: "),
+        (
+            [
+                "fit",
+                "--data=upi_lightning.data.MNISTDataModule",
+                "--data.root=/nonexistent/mnist",
+                "--data.download=false",
+            ],
+            "error: MNIST not found under /nonexistent/mnist",
+        ),
+    ],
+    ids=["unknown-model", "config-typo", "wrong-data-root"],
+)
+def test_bad_input_gives_a_one_line_error(args: list[str], message: str) -> None:
+    result = run_train(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_and_print_config() -> None:
+    assert "--model.arch" in run_train("fit", "--help").stdout
+    config = run_train("fit", "--config", "configs/mnist.yaml", "--print_config").stdout
+    assert "MNISTDataModule" in config and "arch: small_cnn" in config

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from upi_lightning.errors import UPIError
+from upi_lightning.models import CifarResNet18, Normalize, SmallCNN, build_classifier, softplus_surrogate
+
+
+@pytest.mark.parametrize(
+    ("arch", "shape"),
+    [("small_cnn", (1, 28, 28)), ("small_cnn", (3, 32, 32)), ("cifar_resnet18", (3, 32, 32))],
+)
+def test_classifier_shapes(arch: str, shape: tuple[int, int, int]) -> None:
+    model = build_classifier(arch, 7, shape, [0.5] * shape[0], [0.25] * shape[0]).eval()
+    assert model(torch.rand(2, *shape)).shape == (2, 7)
+
+
+def test_normalization_is_the_first_layer() -> None:
+    mean, std = [0.2, 0.4, 0.6], [0.1, 0.2, 0.3]
+    model = build_classifier("cifar_resnet18", 10, (3, 32, 32), mean, std).eval()
+    assert isinstance(model[0], Normalize)
+    x = torch.rand(2, 3, 32, 32)
+    standardized = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(model(x), model[1](standardized))
+
+
+def test_activation_switch() -> None:
+    relu_net = SmallCNN(activation="relu")
+    soft_net = SmallCNN(activation="softplus", beta=5.0)
+    assert any(isinstance(m, nn.ReLU) for m in relu_net.modules())
+    softplus = [m for m in soft_net.modules() if isinstance(m, nn.Softplus)]
+    assert len(softplus) == 3 and all(m.beta == 5.0 for m in softplus)
+    assert not any(isinstance(m, nn.ReLU) for m in CifarResNet18(activation="softplus").modules())
+
+
+def test_softplus_surrogate_copies_and_approximates() -> None:
+    torch.manual_seed(0)
+    model = build_classifier("small_cnn", 10, (1, 28, 28), [0.5], [0.25]).eval()
+    surrogate = softplus_surrogate(model, beta=200.0)
+    assert any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert not any(isinstance(m, nn.ReLU) for m in surrogate.modules())
+    assert not any(p.requires_grad for p in surrogate.parameters())
+    x = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(surrogate(x), model(x), atol=5e-2, rtol=0)
+
+
+def test_torchvision_model_by_name() -> None:
+    model = build_classifier("torchvision.resnet18", 5, (3, 64, 64), [0.5] * 3, [0.25] * 3, activation="softplus")
+    assert model.eval()(torch.rand(1, 3, 64, 64)).shape == (1, 5)
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"arch": "resnet9000"}, "Unknown model arch 'resnet9000'"),
+        ({"arch": "torchvision.nonet"}, "Unknown torchvision model 'nonet'"),
+        ({"activation": "tanh"}, "Unknown activation"),
+        ({"mean": [0.1, 0.2]}, "one statistic per channel"),
+    ],
+)
+def test_bad_model_arguments_are_clear(kwargs: dict, message: str) -> None:
+    args = {"arch": "small_cnn", "num_classes": 10, "input_shape": (1, 28, 28), "mean": [0.5], "std": [0.25]}
+    with pytest.raises(UPIError, match=message):
+        build_classifier(**(args | kwargs))
