@@ -7,6 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny tensors on a 2-core machine: one thread per process avoids OpenMP oversubscription (the DDP tests
+# run two processes) and is faster than two threads waiting on each other. Child processes inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 

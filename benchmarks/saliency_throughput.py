@@ -1,0 +1,118 @@
+"""Saliency-map throughput: one batched backward pass against a naive per-sample loop.
+
+For each model, computes ``saliency_map(model, x, target, method, create_graph=...)`` on a batch of
+``--batch-size`` random images at once, and one image at a time (on ``--loop-samples`` images, the
+rate of a loop being the same for any number of images), and prints maps per second and the ratio
+as a Markdown table. ``create_graph=True`` times building the differentiable map (what attacks and
+regularized training pay before their own backward pass), not a second backward pass.
+
+    python benchmarks/saliency_throughput.py                      # MNIST SmallCNN and CifarResNet18, 1 thread
+    python benchmarks/saliency_throughput.py --threads 0          # all of torch's CPU threads
+    python benchmarks/saliency_throughput.py --device cuda --method integrated_gradients
+
+On a CPU the work is compute-bound, so batching mostly saves the per-call overhead; the large ratios
+show on a GPU, where a one-image call is bound by kernel launches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from upi_lightning.models import build_classifier
+from upi_lightning.saliency import SALIENCY_METHODS, saliency_map
+
+MODELS = {
+    "small_cnn": ((1, 28, 28), (0.1307,), (0.3081,)),
+    "cifar_resnet18": ((3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--method", choices=SALIENCY_METHODS, default="gradient")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--loop-samples", type=int, default=8, help="images timed in the per-sample loop")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (median kept)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads; 1 keeps CPU timings stable on a shared machine, 0 = torch's default",
+    )
+    return parser.parse_args()
+
+
+def median_seconds(fn: Callable[[], Tensor], repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(
+    model: nn.Module, x: Tensor, target: Tensor, args: argparse.Namespace, create_graph: bool
+) -> tuple[float, float]:
+    """Maps per second, batched and in a per-sample loop."""
+
+    def batched() -> Tensor:
+        return saliency_map(model, x, target, args.method, create_graph=create_graph)
+
+    def loop() -> Tensor:
+        return torch.cat(
+            [
+                saliency_map(model, x[i : i + 1], target[i : i + 1], args.method, create_graph=create_graph)
+                for i in range(args.loop_samples)
+            ]
+        )
+
+    batched_rate = len(x) / median_seconds(batched, args.repeats, x.device)
+    loop_rate = args.loop_samples / median_seconds(loop, args.repeats, x.device)
+    return batched_rate, loop_rate
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(
+        f"saliency throughput: method={args.method}, batch={args.batch_size}, device={device}, "
+        f"threads={torch.get_num_threads()}, torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n"
+    )
+    print("| model | input | create_graph | batched maps/s | per-sample loop maps/s | ratio |")
+    print("|---|---|---|---:|---:|---:|")
+    for name in args.models:
+        shape, mean, std = MODELS[name]
+        model = build_classifier(name, 10, shape, mean, std).to(device).eval()
+        x = torch.rand(args.batch_size, *shape, device=device)
+        target = torch.randint(0, 10, (args.batch_size,), device=device)
+        for create_graph in (False, True):
+            batched_rate, loop_rate = measure(model, x, target, args, create_graph)
+            print(
+                f"| {name} | {'x'.join(map(str, shape))} | {create_graph} | {batched_rate:,.1f} | "
+                f"{loop_rate:,.1f} | {batched_rate / loop_rate:.1f}x |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
