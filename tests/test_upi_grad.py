@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tests.test_objective import QuadraticScore, TinyCNN, assert_untouched, make_batches, snapshot
+from upi_lightning.attacks.objective import UPIObjective
+from upi_lightning.attacks.upi_grad import fit_upi_grad, mean_objective, step_size_at
+from upi_lightning.errors import UPIError
+from upi_lightning.perturbation import UniversalPerturbation, in_ball, make_generator, random_on_sphere
+
+EPS = 0.25
+OBJECTIVE = UPIObjective(k=10)
+
+
+def test_step_size_schedules_closed_form() -> None:
+    assert step_size_at("constant", 0.4, 7, None) == 0.4
+    assert step_size_at("cosine", 0.4, 0, 10) == 0.4
+    assert math.isclose(step_size_at("cosine", 0.4, 5, 10), 0.2)
+    assert [round(step_size_at("step", 1.0, t, 8), 6) for t in range(8)] == [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01]
+    with pytest.raises(UPIError, match="constant"):
+        step_size_at("cosine", 0.4, 0, None)
+
+
+def test_upi_grad_finds_the_known_direction_and_beats_random(tmp_path: Path) -> None:
+    model = QuadraticScore()
+    model.train()
+    before = snapshot(model)
+    batches = make_batches(4, 16)
+    steps: list[tuple[int, float]] = []
+    result = fit_upi_grad(
+        model,
+        batches,
+        norm="l2",
+        eps=EPS,
+        objective=OBJECTIVE,
+        epochs=3,
+        on_step=lambda step, delta, value: steps.append((step, value)),
+    )
+    assert_untouched(model, before)
+    assert [s for s, _ in steps] == list(range(12)) and [v for _, v in steps] == result.history
+    assert result.delta.shape == (1, 8, 8) and result.info["steps"] == 12
+    assert sum(result.history[-3:]) > 3 * sum(result.history[:3])
+    cosine = F.cosine_similarity(result.delta.flatten(), model.u.detach(), dim=0).abs().item()
+    assert cosine > 0.9
+    randoms = [random_on_sphere((1, 8, 8), "l2", EPS, make_generator(seed)) for seed in range(10)]
+    values = mean_objective(model, batches, OBJECTIVE, [result.delta, *randoms])
+    assert values[0] > 1.5 * max(values[1:])
+    saved = result.to_perturbation(model="quadratic").save(tmp_path / "upi.pt")
+    loaded = UniversalPerturbation.load(saved, expected_shape=(1, 8, 8))
+    assert torch.equal(loaded.delta, result.delta) and loaded.norm == "l2" and loaded.eps == EPS
+    assert loaded.metadata["method"] == "upi_grad" and loaded.metadata["model"] == "quadratic"
+    assert loaded.metadata["history"] == result.history and loaded.metadata["objective"]["k"] == 10
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_delta_never_leaves_the_ball(norm: str) -> None:
+    eps = EPS if norm == "l2" else 0.05
+    inside: list[bool] = []
+    result = fit_upi_grad(
+        QuadraticScore(),
+        make_batches(3, 8),
+        norm=norm,  # type: ignore[arg-type]
+        eps=eps,
+        objective=OBJECTIVE,
+        epochs=2,
+        step_size=eps,  # large steps: the projection has to work
+        schedule="constant",
+        on_step=lambda step, delta, value: inside.append(in_ball(delta, norm, eps)),  # type: ignore[arg-type]
+    )
+    assert len(inside) == 6 and all(inside)
+    if norm == "linf":
+        assert (result.delta.abs() > eps * 0.999).float().mean() > 0.9  # sign steps reach the vertices
+
+
+def test_zero_start_stays_at_zero_without_smoothing() -> None:
+    result = fit_upi_grad(QuadraticScore(), make_batches(2, 4), norm="l2", eps=EPS, objective=OBJECTIVE, init="zero")
+    assert torch.equal(result.delta, torch.zeros(1, 8, 8))
+    warm = 5 * torch.ones(1, 8, 8)
+    result = fit_upi_grad(
+        QuadraticScore(), make_batches(2, 4), norm="l2", eps=EPS, objective=OBJECTIVE, init=warm, epochs=1
+    )
+    assert in_ball(result.delta, "l2", EPS) and result.delta.norm() > 0.9 * EPS
+
+
+def test_model_is_untouched_and_fit_works_under_inference_mode() -> None:
+    model = TinyCNN()
+    model.train()
+    before = snapshot(model)
+    batches = make_batches(2, 6, shape=(1, 6, 6))
+    objective = UPIObjective(k=5, surrogate_beta=5.0)
+    expected = fit_upi_grad(model, batches, norm="l2", eps=0.5, objective=objective)
+    assert_untouched(model, before)
+    assert expected.history[0] != expected.history[-1]
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            inference_batches = [(x.clone(), y.clone()) for x, y in batches]
+            result = fit_upi_grad(model, inference_batches, norm="l2", eps=0.5, objective=objective)
+        assert torch.allclose(result.delta, expected.delta, atol=1e-6)
+        assert not result.delta.is_inference()
+    assert_untouched(model, before)
+
+
+class ThreadAllReduce:
+    """A sum all-reduce between threads: what a DDP ``reduce`` hook does between ranks."""
+
+    def __init__(self, world_size: int) -> None:
+        self.barrier = threading.Barrier(world_size)
+        self.slots: list[Tensor | None] = [None] * world_size
+        self.calls = [0] * world_size
+
+    def hook(self, rank: int) -> Callable[[Tensor], Tensor]:
+        def reduce(tensor: Tensor) -> Tensor:
+            self.calls[rank] += 1
+            self.slots[rank] = tensor.clone()
+            self.barrier.wait()
+            total = sum(self.slots[1:], self.slots[0])  # same order on every rank: identical bits
+            self.barrier.wait()
+            return total  # type: ignore[return-value]
+
+        return reduce
+
+
+def run_ranks(fit: Callable[[int, Callable[[Tensor], Tensor]], object], world_size: int = 2) -> list[object]:
+    """Run ``fit(rank, reduce)`` in one thread per simulated rank; return the results in rank order."""
+    allreduce = ThreadAllReduce(world_size)
+    results: list[object] = [None] * world_size
+    errors: list[BaseException] = []
+
+    def target(rank: int) -> None:
+        try:
+            results[rank] = fit(rank, allreduce.hook(rank))
+        except BaseException as err:
+            errors.append(err)
+            allreduce.barrier.abort()
+
+    threads = [threading.Thread(target=target, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def split_batches(batches: list[tuple[Tensor, Tensor]], world_size: int = 2) -> list[list[tuple[Tensor, Tensor]]]:
+    """The shard of every rank: each batch cut into ``world_size`` equal parts."""
+    return [[(x.chunk(world_size)[r], y.chunk(world_size)[r]) for x, y in batches] for r in range(world_size)]
+
+
+def test_reduce_hook_two_ranks_equal_one_process_on_all_data() -> None:
+    model = TinyCNN()  # generic per-sample gradients (those of QuadraticScore are all parallel to u)
+    batches = make_batches(3, 8, shape=(1, 6, 6))
+    shards = split_batches(batches)
+    objective = UPIObjective(k=5, surrogate_beta=5.0)
+    kwargs = {"norm": "l2", "eps": 0.5, "objective": objective, "epochs": 2}
+    single = fit_upi_grad(model, batches, **kwargs)  # type: ignore[arg-type]
+    ranks = run_ranks(lambda rank, reduce: fit_upi_grad(model, shards[rank], reduce=reduce, **kwargs))  # type: ignore[arg-type]
+    assert torch.equal(ranks[0].delta, ranks[1].delta)  # type: ignore[attr-defined]
+    assert ranks[0].history == ranks[1].history  # type: ignore[attr-defined]
+    assert torch.allclose(ranks[0].delta, single.delta, atol=1e-5)  # type: ignore[attr-defined]
+    assert ranks[0].history == pytest.approx(single.history, rel=1e-5)  # type: ignore[attr-defined]
+    # a rank that ignores the others' contribution ends elsewhere: the test can fail
+    alone = fit_upi_grad(model, shards[0], **kwargs)  # type: ignore[arg-type]
+    assert not torch.allclose(alone.delta, single.delta, atol=1e-3)
+
+
+def test_one_reduce_call_per_step() -> None:
+    calls: list[int] = []
+
+    def reduce(tensor: Tensor) -> Tensor:
+        calls.append(tensor.numel())
+        return tensor
+
+    fit_upi_grad(QuadraticScore(), make_batches(3, 4), norm="l2", eps=EPS, objective=OBJECTIVE, reduce=reduce)
+    assert calls == [64 + 2] * 6
+
+
+@pytest.mark.parametrize(
+    ("batches", "kwargs", "match"),
+    [
+        (make_batches(1, 2), {"eps": 0.0}, "eps"),
+        (make_batches(1, 2), {"norm": "l1"}, "norm"),
+        (make_batches(1, 2), {"schedule": "linear"}, "schedule"),
+        (make_batches(1, 2), {"epochs": 0}, "epochs"),
+        (make_batches(1, 2), {"init": "ones"}, "init"),
+        ([(torch.full((2, 1, 8, 8), 255.0), torch.zeros(2, dtype=torch.long))], {}, r"\[0, 1\]"),
+        ([(torch.full((2, 1, 8, 8), float("nan")), torch.zeros(2, dtype=torch.long))], {}, r"\[0, 1\]"),
+        ([(torch.rand(2, 1, 8, 8), torch.zeros(3, dtype=torch.long))], {}, "labels"),
+        ([*make_batches(1, 2), *make_batches(1, 2, shape=(1, 4, 4))], {}, "shape"),
+        (iter(make_batches(2, 2)), {"epochs": 2}, "one-shot"),
+        ([], {"schedule": "constant"}, "no batch"),
+    ],
+)
+def test_bad_inputs_are_refused(batches: object, kwargs: dict[str, object], match: str) -> None:
+    settings = {"norm": "l2", "eps": EPS, "objective": OBJECTIVE, **kwargs}
+    with pytest.raises(UPIError, match=match):
+        fit_upi_grad(QuadraticScore(), batches, **settings)  # type: ignore[arg-type]

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tests.test_objective import QuadraticScore, TinyCNN, assert_untouched, make_batches, snapshot
+from tests.test_upi_grad import run_ranks, split_batches
+from upi_lightning.attacks.objective import UPIObjective
+from upi_lightning.attacks.upi_grad import mean_objective
+from upi_lightning.attacks.upi_pca import fit_upi_pca, per_sample_gradient_rows, prediction_gradient_rows
+from upi_lightning.errors import UPIError
+from upi_lightning.models import softplus_surrogate
+from upi_lightning.perturbation import make_generator
+from upi_lightning.saliency import saliency_map
+
+SMOOTH = UPIObjective(k=5, sigma=0.05, surrogate_beta=5.0)
+
+
+def abs_cosine(a: Tensor, b: Tensor) -> float:
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).abs().item()
+
+
+def gradient_matrix(model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]], objective: UPIObjective) -> Tensor:
+    """``G`` stacked by the test, with the noise stream a fit pass uses (generator seeded once per pass)."""
+    generator = make_generator(0)
+    return torch.cat([per_sample_gradient_rows(model, x, y, objective, generator) for x, y in batches])
+
+
+@pytest.mark.parametrize("solver", ["power", "svd"])
+def test_upi_pca_recovers_the_known_direction(solver: str) -> None:
+    model = QuadraticScore()
+    model.train()
+    before = snapshot(model)
+    batches = make_batches(3, 16)
+    objective = UPIObjective(k=10, sigma=0.05)
+    result = fit_upi_pca(model, batches, norm="l2", eps=0.25, objective=objective, solver=solver)  # type: ignore[arg-type]
+    assert abs_cosine(result.delta, model.u.detach()) > 0.99
+    assert result.delta.norm().item() == pytest.approx(0.25, rel=1e-5)
+    assert result.to_perturbation().metadata["solver"] == solver  # the info is storable metadata
+    linf = fit_upi_pca(model, batches, norm="linf", eps=0.03, objective=objective, solver=solver)  # type: ignore[arg-type]
+    assert torch.equal(linf.delta.abs(), torch.full((1, 8, 8), 0.03))
+    assert abs_cosine(linf.delta, model.u.detach().sign()) == pytest.approx(1.0)
+    assert_untouched(model, before)
+
+
+def test_rows_are_per_sample_gradients_in_one_batch() -> None:
+    model = TinyCNN()
+    x, y = make_batches(1, 5, shape=(1, 6, 6))[0]
+    objective = UPIObjective(k=5, sigma=0.05, n_noise=2, surrogate_beta=5.0)
+    rows = per_sample_gradient_rows(model, x, y, objective, make_generator(3))
+    noise = torch.randn((2, *x.shape), generator=make_generator(3))
+    surrogate = softplus_surrogate(model, 5.0)
+    for i in range(len(x)):  # one sample at a time, by hand: the batched rows must not mix samples
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        delta = torch.zeros(1, 1, 6, 6, requires_grad=True)
+        clean = saliency_map(surrogate, xi, yi)
+        change = [
+            (saliency_map(surrogate, (xi + delta + 0.05 * z[i]).clamp(0, 1), yi, create_graph=True) - clean).norm()
+            for z in noise
+        ]
+        (grad,) = torch.autograd.grad(sum(change) / 2, delta)
+        assert torch.allclose(rows[i], grad.flatten(), atol=1e-6)
+    with pytest.raises(UPIError, match="sigma > 0"):
+        per_sample_gradient_rows(model, x, y, UPIObjective())
+
+
+def test_power_method_agrees_with_exact_svd_of_g() -> None:
+    model = TinyCNN()
+    batches = make_batches(4, 12, shape=(1, 6, 6), low=0.1, high=0.9)
+    matrix = gradient_matrix(model, batches, SMOOTH)
+    top = torch.linalg.svd(matrix.double(), full_matrices=False).Vh[0]
+    power = fit_upi_pca(model, batches, norm="l2", eps=1.0, objective=SMOOTH, solver="power")
+    exact = fit_upi_pca(model, batches, norm="l2", eps=1.0, objective=SMOOTH, solver="svd")
+    assert abs_cosine(power.delta, top) > 0.99
+    assert abs_cosine(exact.delta, top) > 0.9999
+    sigma_1 = torch.linalg.svdvals(matrix.double())[0].item()
+    assert exact.info["eigenvalue"] == pytest.approx(sigma_1**2 / len(matrix), rel=1e-4)
+    assert power.history[-1] == pytest.approx(sigma_1**2 / len(matrix), rel=1e-3)
+
+
+def test_keep_prediction_takes_the_top_algebraic_eigenvector() -> None:
+    model = TinyCNN()
+    batches = make_batches(3, 10, shape=(1, 6, 6), low=0.1, high=0.9)
+    objective = UPIObjective(k=5, sigma=0.05, surrogate_beta=5.0, keep_prediction=0.2)
+    g = gradient_matrix(model, batches, objective).double()
+    c = torch.cat([prediction_gradient_rows(model, x, y, objective) for x, y in batches]).double()
+    values, vectors = torch.linalg.eigh(g.T @ g - 0.2 * c.T @ c)
+    assert values[0].abs() > values[-1].abs()  # the largest |eigenvalue| is negative: a naive power method fails
+    for solver in ("svd", "power"):
+        result = fit_upi_pca(model, batches, norm="l2", eps=1.0, objective=objective, solver=solver)  # type: ignore[arg-type]
+        assert abs_cosine(result.delta, vectors[:, -1]) > 0.99
+
+
+@pytest.mark.parametrize("solver", ["power", "svd"])
+def test_sign_is_chosen_on_the_fit_data(solver: str) -> None:
+    model = TinyCNN()
+    for seed in range(3):  # the sign of an eigenvector is arbitrary: some of these runs must flip it
+        batches = make_batches(2, 8, shape=(1, 6, 6), seed=seed)
+        result = fit_upi_pca(model, batches, norm="l2", eps=1.0, objective=SMOOTH, solver=solver, seed=seed)  # type: ignore[arg-type]
+        plus, minus = mean_objective(model, batches, SMOOTH, [result.delta, -result.delta], seed=seed)
+        assert plus > minus
+        assert sorted([result.info["objective_plus"], result.info["objective_minus"]]) == pytest.approx([minus, plus])
+
+
+def test_reduce_hook_two_ranks_equal_one_process() -> None:
+    model = TinyCNN()
+    batches = make_batches(3, 8, shape=(1, 6, 6), low=0.1, high=0.9)
+    shards = split_batches(batches)
+    # no smoothing noise difference between layouts: each rank draws its own noise, so use n_noise draws of
+    # a generator-independent objective by comparing against the single process on the same rank layout
+    for solver in ("power", "svd"):
+        kwargs = {"norm": "l2", "eps": 1.0, "objective": SMOOTH, "solver": solver}
+        ranks = run_ranks(lambda rank, reduce, kw=kwargs: fit_upi_pca(model, shards[rank], reduce=reduce, **kw))  # type: ignore[arg-type]
+        assert torch.equal(ranks[0].delta, ranks[1].delta)  # type: ignore[attr-defined]
+        rows = torch.cat([gradient_matrix(model, shard, SMOOTH) for shard in shards]).double()
+        top = torch.linalg.svd(rows, full_matrices=False).Vh[0]
+        assert abs_cosine(ranks[0].delta, top) > 0.99  # type: ignore[attr-defined]
+        alone = fit_upi_pca(model, shards[0], **kwargs)  # type: ignore[arg-type]
+        assert abs_cosine(alone.delta, top) < 0.99
+
+
+def test_bad_settings_are_refused() -> None:
+    batches = make_batches(1, 4)
+    objective = UPIObjective(sigma=0.1)
+    with pytest.raises(UPIError, match="max_bytes"):
+        fit_upi_pca(QuadraticScore(), batches, norm="l2", eps=0.1, objective=objective, solver="svd", max_bytes=1000)
+    with pytest.raises(UPIError, match="solver"):
+        fit_upi_pca(QuadraticScore(), batches, norm="l2", eps=0.1, solver="lanczos")  # type: ignore[arg-type]
+    with pytest.raises(UPIError, match="sigma > 0"):
+        fit_upi_pca(QuadraticScore(), batches, norm="l2", eps=0.1, objective=UPIObjective())
+    with pytest.raises(UPIError, match="one-shot"):
+        fit_upi_pca(QuadraticScore(), iter(batches), norm="l2", eps=0.1)

@@ -1,0 +1,170 @@
+r"""Baselines every UPI is compared with.
+
+* :func:`random_universal`: random perturbations on the sphere of radius ``eps`` (same norm as the UPI);
+  evaluating several draws gives a mean and a spread.
+* :func:`fit_per_sample_attack`: one perturbation per sample, iterative projected ascent on the same
+  UPI objective (the upper bound a universal perturbation cannot beat).
+* :func:`fit_classification_uap`: SGD-UAP (Shafahi et al. 2020), projected stochastic ascent of the
+  clamped cross-entropy :math:`\min(\mathrm{CE}(f(\mathrm{clip}(x + \delta)), y), \beta)`: a perturbation
+  aimed at the predictions, to show it is not what moves the maps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from upi_lightning.attacks.objective import UPIObjective
+from upi_lightning.attacks.upi_grad import (
+    Batches,
+    Init,
+    Reduce,
+    Schedule,
+    StepCallback,
+    UPIFitResult,
+    check_steps,
+    default_step_size,
+    fit_universal,
+    identity,
+    model_device,
+    prepare_batch,
+    step_size_at,
+)
+from upi_lightning.errors import UPIError
+from upi_lightning.perturbation import (
+    Norm,
+    apply_perturbation,
+    check_eps,
+    check_norm,
+    make_generator,
+    projected_ascent_step,
+    random_in_ball,
+    random_on_sphere,
+)
+from upi_lightning.saliency import evaluation_mode, gradients_enabled
+
+
+def random_universal(
+    shape: tuple[int, int, int], norm: Norm, eps: float, n_draws: int = 5, seed: int = 0
+) -> list[Tensor]:
+    """Return ``n_draws`` random ``(C, H, W)`` perturbations on the sphere of radius ``eps`` (CPU, float32).
+
+    L2: uniform random directions scaled to ``eps``; Linf: random signs times ``eps``
+    (:func:`upi_lightning.perturbation.random_on_sphere`). Reproducible from ``seed``.
+    """
+    if n_draws < 1:
+        raise UPIError(f"n_draws must be >= 1, got {n_draws}.")
+    generator = make_generator(seed)
+    return [random_on_sphere(shape, norm, eps, generator) for _ in range(n_draws)]
+
+
+def fit_per_sample_attack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    norm: Norm,
+    eps: float,
+    objective: UPIObjective | None = None,
+    steps: int = 20,
+    step_size: float | None = None,
+    schedule: Schedule = "cosine",
+    seed: int = 0,
+) -> Tensor:
+    r"""Per-sample attack on the UPI objective: one ``delta_i`` per sample, all optimized in one batch.
+
+    Projected ascent :math:`\delta_i \leftarrow \mathrm{Proj}(\delta_i + \eta_t s(\nabla_{\delta_i}
+    J_i))` from a random point of each ball, ``steps`` steps; returns, per sample, the iterate with the
+    best objective seen (the final one included).
+
+    Args:
+        model: the classifier (eval mode, modes restored, parameters untouched).
+        x: images ``(N, C, H, W)`` in ``[0, 1]``.
+        y: classes ``(N,)`` whose maps are attacked.
+        norm: ``"l2"`` or ``"linf"``.
+        eps: radius of every ball.
+        objective: the UPI objective (default :class:`UPIObjective`).
+        steps: number of ascent steps (``>= 1``).
+        step_size: base step (``None``: ``default_step_size``).
+        schedule: ``constant``, ``cosine`` or ``step``.
+        seed: seeds the random starts and the smoothing noise.
+
+    Returns:
+        ``(N, C, H, W)`` perturbations on the device of ``model``, each in its ball.
+
+    """
+    norm, eps = check_norm(norm), check_eps(eps)
+    check_steps(schedule, step_size, "steps", steps)
+    objective = UPIObjective() if objective is None else objective
+    base_step = default_step_size(norm, eps) if step_size is None else float(step_size)
+    device = model_device(model)
+    with evaluation_mode(model), gradients_enabled():
+        x, y = prepare_batch((x, y), device)
+        generator = make_generator(seed, device)
+        delta = random_in_ball(tuple(x.shape), norm, eps, generator, device, per_sample=True)
+        clean = objective.clean_maps(model, x, y)
+        best_value = torch.full((len(x),), -torch.inf, device=device)
+        best_delta = delta.clone()
+        for step in range(steps + 1):
+            variable = delta.clone().requires_grad_(step < steps)
+            values = objective.per_sample(model, x, y, variable, clean, generator)
+            improved = values.detach() > best_value
+            best_value = torch.where(improved, values.detach(), best_value)
+            best_delta[improved] = delta[improved]
+            if step == steps:
+                break
+            (grad,) = torch.autograd.grad(values.sum(), variable, allow_unused=True, materialize_grads=True)
+            eta = step_size_at(schedule, base_step, step, steps)
+            delta = projected_ascent_step(delta, grad, norm, eps, eta, per_sample=True)
+    return best_delta.detach()
+
+
+def fit_classification_uap(
+    model: nn.Module,
+    batches: Batches,
+    *,
+    norm: Norm,
+    eps: float,
+    epochs: int = 2,
+    step_size: float | None = None,
+    schedule: Schedule = "cosine",
+    clamp: float = 10.0,
+    init: Init | Tensor = "random",
+    reduce: Reduce = identity,
+    seed: int = 0,
+    progress: bool = False,
+    on_step: StepCallback | None = None,
+) -> UPIFitResult:
+    r"""Fit SGD-UAP, a universal perturbation aimed at the predictions.
+
+    Projected stochastic ascent of :math:`\frac1n\sum_i \min(\mathrm{CE}(f(\mathrm{clip}(x_i + \delta)),
+    y_i), \beta)` with :math:`\beta` = ``clamp``.
+    The clamp stops samples that are already misclassified from dominating the gradient. Differentiates
+    the model itself (no surrogate: the cross-entropy gradient does not vanish on ReLU networks). Other
+    arguments are those of :func:`upi_lightning.attacks.upi_grad.fit_universal`.
+    """
+    if not clamp > 0:
+        raise UPIError(f"clamp is the cap beta of the clamped cross-entropy and must be > 0, got {clamp}.")
+
+    def clamped_cross_entropy(x: Tensor, y: Tensor, delta: Tensor, generator: torch.Generator) -> Tensor:
+        return F.cross_entropy(model(apply_perturbation(x, delta)), y, reduction="none").clamp(max=clamp)
+
+    result = fit_universal(
+        model,
+        batches,
+        clamped_cross_entropy,
+        norm=norm,
+        eps=eps,
+        epochs=epochs,
+        step_size=step_size,
+        schedule=schedule,
+        init=init,
+        reduce=reduce,
+        seed=seed,
+        progress=progress,
+        on_step=on_step,
+        name="classification_uap",
+    )
+    result.info["clamp"] = clamp
+    return result

@@ -1,0 +1,248 @@
+r"""The UPI objective: how much a perturbation changes the saliency maps of a batch.
+
+For a batch ``x`` with classes ``y`` and a perturbation ``delta`` (universal ``(C, H, W)`` or per sample
+``(N, C, H, W)``), the per-sample objective is
+
+.. math::
+
+    J_i(\delta) = \frac{1}{m}\sum_{j=1}^{m} D\big(I(\mathrm{clip}(x_i + \delta + Z_{ij}, 0, 1)), I(x_i)\big)
+        - \lambda \max\big(0, \mathrm{CE}(f(\mathrm{clip}(x_i + \delta)), y_i) - \mathrm{CE}(f(x_i), y_i)\big)
+
+with :math:`Z_{ij} \sim N(0, \sigma^2 I)` (``m = n_noise`` draws, none when ``sigma = 0``), ``I`` the
+saliency map of class :math:`y_i` (:func:`upi_lightning.saliency.saliency_map`) and ``D`` a
+:func:`map_dissimilarity`. The second term ("keep the prediction", weight ``lambda``) penalizes any
+increase of the cross-entropy so the label does not flip while the map does.
+
+Which network: with ``surrogate_beta`` set, ``f`` and ``I`` are those of
+:func:`upi_lightning.models.softplus_surrogate` (every ReLU replaced by ``Softplus(beta)``), for the
+clean maps *and* the perturbed maps, so :math:`J = 0` at :math:`\delta = 0` and the objective is smooth.
+Attacks are always *evaluated* on the original model (:mod:`upi_lightning.attacks.evaluate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from upi_lightning.errors import UPIError
+from upi_lightning.models import softplus_surrogate
+from upi_lightning.perturbation import apply_perturbation, draw_normal
+from upi_lightning.saliency import (
+    SALIENCY_METHODS,
+    SCORE_KINDS,
+    SaliencyMethod,
+    ScoreKind,
+    evaluation_mode,
+    gradients_enabled,
+    saliency_map,
+)
+
+Dissimilarity = Literal["l2", "topk_mass", "cosine"]
+DISSIMILARITIES: tuple[str, ...] = get_args(Dissimilarity)
+
+
+def map_dissimilarity(perturbed: Tensor, clean: Tensor, kind: Dissimilarity = "l2", k: int = 100) -> Tensor:
+    r"""Per-sample dissimilarity ``(N,)`` of saliency maps ``(N, H, W)``, differentiable in ``perturbed``.
+
+    Maps are expected L1-normalized (:func:`upi_lightning.saliency.normalize_map`).
+
+    * ``l2``: :math:`\|a - b\|_2`.
+    * ``topk_mass``: the fraction of the clean top-``k`` mass lost,
+      :math:`1 - \sum_{S} a / \sum_{S} b` with ``S`` the ``k`` largest pixels of the clean map ``b``
+      (``<= 1``; negative when the perturbed map puts more mass there).
+    * ``cosine``: :math:`1 - \cos(a, b)`.
+
+    Args:
+        perturbed: maps ``a`` of the perturbed images.
+        clean: maps ``b`` of the clean images (no gradient flows into them).
+        kind: ``l2``, ``topk_mass`` or ``cosine``.
+        k: size of the top-k set for ``topk_mass``, ``1 <= k <= H * W``.
+
+    """
+    if kind not in DISSIMILARITIES:
+        raise UPIError(f"Unknown dissimilarity {kind!r}: use one of {', '.join(map(repr, DISSIMILARITIES))}.")
+    if perturbed.shape != clean.shape or perturbed.dim() != 3:
+        raise UPIError(f"maps must both be (N, H, W), got {tuple(perturbed.shape)} and {tuple(clean.shape)}.")
+    a, b = perturbed.flatten(1), clean.detach().flatten(1)
+    if kind == "l2":
+        return torch.linalg.vector_norm(a - b, dim=1)
+    if kind == "cosine":
+        return 1 - F.cosine_similarity(a, b, dim=1)
+    if not 1 <= k <= b.shape[1]:
+        raise UPIError(f"top-k size k={k} must lie in [1, H*W={b.shape[1]}].")
+    top = b.topk(k, dim=1).indices
+    kept = a.gather(1, top).sum(dim=1)
+    reference = b.gather(1, top).sum(dim=1)
+    return 1 - kept / torch.where(reference > 0, reference, torch.ones_like(reference))
+
+
+def _normal_tensor(x: Tensor) -> Tensor:
+    """Clone an inference tensor (made under ``torch.inference_mode``) so that autograd can save it."""
+    return x.clone() if x.is_inference() else x
+
+
+def _structure_key(model: nn.Module) -> tuple[Any, ...]:
+    """Identity and device of every parameter/buffer (changes when tensors are replaced or moved)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return (id(model), *((id(t), t.device) for t in tensors))
+
+
+def _values_key(model: nn.Module) -> tuple[int, ...]:
+    """In-place version counter of every parameter/buffer (changes on optimizer steps, ``copy_``...)."""
+    return tuple(t._version for t in [*model.parameters(), *model.buffers()])
+
+
+@dataclass
+class UPIObjective:
+    """Configuration and evaluation of the UPI objective (see the module docstring for the formula).
+
+    Attributes:
+        method: saliency method (``gradient``, ``grad_x_input``, ``integrated_gradients``, ``smoothgrad``).
+        method_kwargs: extra keyword arguments of :func:`upi_lightning.saliency.attribution`
+            (``n_steps``, ``baseline``, ``n_samples``, ``sigma``, ``base_method``...).
+        score: ``logit`` or ``probability`` (the class score whose gradient is the map).
+        dissimilarity: ``D``: ``l2``, ``topk_mass`` or ``cosine`` (:func:`map_dissimilarity`).
+        k: top-k size for ``topk_mass``.
+        sigma: std of the Gaussian smoothing noise ``Z`` in pixel units; ``0`` = no smoothing.
+        n_noise: draws of ``Z`` per sample (stacked into one batch), used when ``sigma > 0``.
+        surrogate_beta: ``None`` = differentiate the model itself; else differentiate its
+            ``softplus_surrogate(model, beta)``, built once and refreshed only when the model's weights
+            change (in-place version counters) or move.
+        keep_prediction: ``lambda >= 0``, weight of the cross-entropy-increase penalty.
+
+    """
+
+    method: SaliencyMethod = "gradient"
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+    score: ScoreKind = "logit"
+    dissimilarity: Dissimilarity = "l2"
+    k: int = 100
+    sigma: float = 0.0
+    n_noise: int = 1
+    surrogate_beta: float | None = None
+    keep_prediction: float = 0.0
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (
+                self.method in SALIENCY_METHODS,
+                f"saliency method {self.method!r}: use one of {SALIENCY_METHODS}",
+            ),
+            (self.score in SCORE_KINDS, f"score {self.score!r}: use one of {SCORE_KINDS}"),
+            (
+                self.dissimilarity in DISSIMILARITIES,
+                f"dissimilarity {self.dissimilarity!r}: {DISSIMILARITIES}",
+            ),
+            (self.k >= 1, f"k={self.k}: the top-k size must be >= 1"),
+            (self.sigma >= 0, f"sigma={self.sigma}: the smoothing noise std must be >= 0 (0 = off)"),
+            (self.n_noise >= 1, f"n_noise={self.n_noise}: at least one noise draw per sample"),
+            (self.keep_prediction >= 0, f"keep_prediction={self.keep_prediction}: lambda must be >= 0"),
+            (
+                self.surrogate_beta is None or self.surrogate_beta > 0,
+                f"surrogate_beta={self.surrogate_beta}: use None (no surrogate) or a softplus beta > 0",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UPIError(f"Invalid UPI objective setting: {message}.")
+
+    def settings(self) -> dict[str, Any]:
+        """Return the configuration fields as a plain dict (for reports and perturbation metadata)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def network(self, model: nn.Module) -> nn.Module:
+        """Return the network the objective differentiates: ``model`` or its cached softplus surrogate."""
+        if self.surrogate_beta is None:
+            return model
+        structure, values = _structure_key(model), _values_key(model)
+        cache = self._cache
+        if cache.get("structure") != structure:
+            cache.update(surrogate=softplus_surrogate(model, self.surrogate_beta), structure=structure)
+        elif cache.get("values") != values:
+            cache["surrogate"].load_state_dict(model.state_dict())
+        cache["values"] = values
+        return cache["surrogate"]
+
+    def maps(self, model: nn.Module, x: Tensor, y: Tensor, create_graph: bool = False) -> Tensor:
+        """Compute maps ``(N, H, W)`` of classes ``y`` on ``x`` with these settings, on ``model`` as given."""
+        return saliency_map(model, x, y, self.method, score=self.score, create_graph=create_graph, **self.method_kwargs)
+
+    def clean_maps(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Compute the detached reference maps :math:`I(x)` ``(N, H, W)`` (on the surrogate if configured)."""
+        return self.maps(self.network(model), x, y).detach()
+
+    def dissimilarity_term(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        delta: Tensor,
+        clean_maps: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        r"""Return the smoothed map change ``(N,)``.
+
+        :math:`\frac{1}{m}\sum_j D(I(\mathrm{clip}(x + \delta + Z_j)), I(x))`, ``Z_j ~ N(0, sigma^2 I)``.
+        Differentiable w.r.t. ``delta`` when ``delta`` requires grad. The ``n_noise`` noisy copies form
+        one batch of ``N * n_noise`` images (one forward and one backward pass).
+        """
+        net = self.network(model)
+        with evaluation_mode(net), gradients_enabled():
+            x, y = _normal_tensor(x), _normal_tensor(y)
+            if clean_maps is None:
+                clean_maps = self.clean_maps(model, x, y)
+            shifted = x + delta
+            draws = self.n_noise if self.sigma > 0 else 1
+            if self.sigma > 0:
+                noise = draw_normal((draws, *shifted.shape), generator, x.device)
+                shifted = shifted.unsqueeze(0) + self.sigma * noise
+            batch = shifted.expand(draws, *x.shape).flatten(0, 1).clamp(0.0, 1.0)
+            maps = self.maps(net, batch, y.repeat(draws), create_graph=delta.requires_grad)
+            references = clean_maps.repeat(draws, 1, 1)
+            values = map_dissimilarity(maps, references, self.dissimilarity, self.k)
+            return values.view(draws, -1).mean(dim=0)
+
+    def prediction_penalty(self, model: nn.Module, x: Tensor, y: Tensor, delta: Tensor) -> Tensor:
+        r"""Return the cross-entropy increase ``(N,)``.
+
+        :math:`\max(0, \mathrm{CE}(f(\mathrm{clip}(x + \delta)), y) - \mathrm{CE}(f(x), y))`, differentiable
+        w.r.t. ``delta``.
+        """
+        net = self.network(model)
+        with evaluation_mode(net), gradients_enabled():
+            x, y = _normal_tensor(x), _normal_tensor(y)
+            with torch.no_grad():
+                clean = F.cross_entropy(net(x), y, reduction="none")
+            perturbed = F.cross_entropy(net(apply_perturbation(x, delta)), y, reduction="none")
+            return (perturbed - clean).clamp_min(0.0)
+
+    def per_sample(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        delta: Tensor,
+        clean_maps: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        r"""Return the per-sample objective :math:`J_i(\delta)` ``(N,)`` of the module docstring.
+
+        Args:
+            model: the original classifier (the surrogate, if any, is derived from it).
+            x: clean images ``(N, C, H, W)`` in ``[0, 1]``.
+            y: classes ``(N,)`` whose maps are attacked (true labels, or predictions).
+            delta: ``(C, H, W)`` universal or ``(N, C, H, W)`` per-sample perturbation; make it require
+                grad to differentiate (the maps are then built with ``create_graph=True``).
+            clean_maps: precomputed :meth:`clean_maps` of ``x`` (recomputed when ``None``).
+            generator: random generator of the smoothing noise.
+
+        """
+        values = self.dissimilarity_term(model, x, y, delta, clean_maps, generator)
+        if self.keep_prediction > 0:
+            values = values - self.keep_prediction * self.prediction_penalty(model, x, y, delta)
+        return values

@@ -1,0 +1,312 @@
+r"""UPI-PCA: the universal perturbation as the top right singular vector of the gradient matrix.
+
+First-order expansion of the smoothed map change around :math:`\delta = 0`:
+:math:`D(I(x_i + \delta + Z), I(x_i)) \approx D(I(x_i + Z), I(x_i)) + g_i^\top \delta` with the rows
+:math:`g_i = \nabla_\delta \frac1m \sum_j D(I(\mathrm{clip}(x_i + \delta + Z_{ij})), I(x_i))|_{\delta=0}`
+(:func:`per_sample_gradient_rows`). The sign-agnostic criterion
+:math:`\sum_i (g_i^\top \delta)^2 - \lambda \sum_i (c_i^\top \delta)^2 = \delta^\top M \delta`, with
+:math:`M = G^\top G - \lambda C^\top C` and :math:`c_i` the input gradient of the cross-entropy ("keep
+the prediction", :math:`\lambda` = ``objective.keep_prediction``), is maximized over the ball by
+:math:`\delta = \pm\varepsilon v_1` (L2) or :math:`\pm\varepsilon\,\mathrm{sign}(v_1)` (Linf), with
+:math:`v_1` the top eigenvector of ``M`` (the top right singular vector of ``G`` when
+:math:`\lambda = 0`). The sign is the one with the larger objective on the **fit** data.
+
+Solvers: ``svd`` accumulates :math:`M` (``d x d``, float64) over mini-batches and takes ``eigh``: exact,
+one pass, memory :math:`8d^2` bytes. ``power`` never holds ``G`` nor ``M``: each pass streams the rows
+once and applies :math:`M` to a small orthonormal block (:math:`\sum_b G_b^\top (G_b Q)`, the power
+iteration's product), then Rayleigh-Ritz picks the next vectors (LOBPCG-style, see
+:func:`_solve_power`); memory :math:`O(d \cdot r)` plus one batch. Each pass recomputes the rows with the
+same noise (the generator is re-seeded), so with a fixed batch order the iteration runs on one fixed
+``M``. Under DDP, ``reduce`` sums one flat tensor per pass across ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from upi_lightning.attacks.objective import UPIObjective
+from upi_lightning.attacks.upi_grad import (
+    Batches,
+    Reduce,
+    UPIFitResult,
+    identity,
+    mean_objective,
+    model_device,
+    passes_over,
+    prepare_batch,
+)
+from upi_lightning.errors import UPIError
+from upi_lightning.perturbation import (
+    Norm,
+    apply_perturbation,
+    check_eps,
+    check_norm,
+    draw_normal,
+    make_generator,
+)
+from upi_lightning.saliency import evaluation_mode, gradients_enabled
+
+Solver = Literal["power", "svd"]
+SOLVERS: tuple[str, ...] = get_args(Solver)
+
+
+def _input_gradient_rows(values: Tensor, delta: Tensor) -> Tensor:
+    """Rows ``(N, d)`` of the gradient of ``values.sum()`` w.r.t. a per-sample ``delta`` ``(N, C, H, W)``."""
+    (grad,) = torch.autograd.grad(values.sum(), delta, allow_unused=True, materialize_grads=True)
+    return grad.flatten(1)
+
+
+def per_sample_gradient_rows(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    objective: UPIObjective,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Rows :math:`g_i` ``(N, d)`` of ``G`` for one batch, in one batched backward pass.
+
+    :math:`g_i = \frac1m\sum_j \nabla_x D(I(x), I(x_i))` at :math:`x = \mathrm{clip}(x_i + Z_{ij})`,
+    :math:`Z_{ij} \sim N(0, \sigma^2 I)`, ``m = objective.n_noise`` (the gradient at
+    :math:`\delta = 0` of :meth:`UPIObjective.dissimilarity_term` with a per-sample ``delta``). Samples
+    are independent in eval mode, so the gradient of the batch sum gives every row at once.
+
+    Raises:
+        UPIError: if ``objective.sigma == 0``: at :math:`Z = 0` every row is exactly 0.
+
+    """
+    if objective.sigma <= 0:
+        raise UPIError(
+            "UPI-PCA needs objective.sigma > 0: the rows are gradients at noisy copies x_i + Z, and at Z = 0 "
+            "they are exactly zero. Set sigma (e.g. 0.1 in pixel units)."
+        )
+    with gradients_enabled():
+        delta = torch.zeros_like(x, requires_grad=True)
+        values = objective.dissimilarity_term(model, x, y, delta, generator=generator)
+        return _input_gradient_rows(values, delta)
+
+
+def prediction_gradient_rows(model: nn.Module, x: Tensor, y: Tensor, objective: UPIObjective) -> Tensor:
+    r"""Rows :math:`c_i = \nabla_x \mathrm{CE}(f(x_i), y_i)` ``(N, d)`` on the objective's network."""
+    net = objective.network(model)
+    with evaluation_mode(net), gradients_enabled():
+        delta = torch.zeros_like(x, requires_grad=True)
+        losses = F.cross_entropy(net(apply_perturbation(x, delta)), y, reduction="none")
+        return _input_gradient_rows(losses, delta)
+
+
+def _row_batches(
+    model: nn.Module,
+    batches: Batches,
+    objective: UPIObjective,
+    device: torch.device,
+    seed: int,
+    desc: str,
+    progress: bool,
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Yield ``(G_b, C_b)`` per batch, rows shaped like ``x`` (``C_b = None`` without keep-prediction).
+
+    The noise generator is seeded afresh, so every pass over the same batches yields the same rows.
+    """
+    generator = make_generator(seed, device)
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        x, y = prepare_batch(batch, device)
+        rows = per_sample_gradient_rows(model, x, y, objective, generator).view_as(x)
+        penalty = prediction_gradient_rows(model, x, y, objective) if objective.keep_prediction > 0 else None
+        yield rows, None if penalty is None else penalty.view_as(x)
+
+
+def _flat(rows: Tensor | None) -> Tensor | None:
+    """Flatten image-shaped rows ``(N, C, H, W)`` to ``(N, d)`` (``None`` stays ``None``)."""
+    return None if rows is None else rows.flatten(1)
+
+
+def _symmetric(matrix: Tensor) -> Tensor:
+    """Return ``(A + A.T) / 2``, removing the rounding asymmetry before ``eigh``."""
+    return (matrix + matrix.T) / 2
+
+
+def _solve_svd(
+    rows: Iterator[tuple[Tensor, Tensor | None]], lam: float, reduce: Reduce, max_bytes: int
+) -> tuple[Tensor, list[float], dict[str, Any]]:
+    r"""Exact solver: accumulate :math:`M = G^\top G - \lambda C^\top C` in float64, reduce, ``eigh``."""
+    gram: Tensor | None = None
+    count = 0
+    for image_rows, image_penalty in rows:
+        batch_rows, penalty, shape = image_rows.flatten(1), _flat(image_penalty), image_rows.shape[1:]
+        if gram is None:
+            dim = batch_rows.shape[1]
+            if 8 * dim * dim > max_bytes:
+                raise UPIError(
+                    f"solver='svd' needs a {dim} x {dim} float64 matrix ({8 * dim * dim / 2**30:.2f} GiB) > "
+                    f"max_bytes={max_bytes / 2**30:.2f} GiB; use solver='power' or raise max_bytes."
+                )
+            gram = batch_rows.new_zeros((dim, dim), dtype=torch.float64)
+        gram += batch_rows.T.double() @ batch_rows.double()
+        if penalty is not None:
+            gram -= lam * (penalty.T.double() @ penalty.double())
+        count += len(batch_rows)
+    if gram is None:
+        raise UPIError("upi_pca: the fit data yielded no batch.")
+    packed = reduce(torch.cat([gram.flatten(), gram.new_tensor([count])]))
+    count_all = packed[-1].item()
+    values, vectors = torch.linalg.eigh(_symmetric(packed[:-1].view_as(gram)))
+    value = values[-1].item() / count_all
+    return vectors[:, -1].float().view(shape), [value], {"eigenvalue": value, "passes": 1}
+
+
+def _solve_power(
+    make_rows: Callable[[int], Iterator[tuple[Tensor, Tensor | None]]],
+    lam: float,
+    reduce: Reduce,
+    n_iter: int,
+    block_size: int,
+    tol: float,
+    seed: int,
+    device: torch.device,
+) -> tuple[Tensor, list[float], dict[str, Any]]:
+    r"""Streaming block eigensolver for the largest algebraic eigenvalue of :math:`M`.
+
+    Pass ``k`` streams the rows from ``make_rows(k)`` once and applies :math:`M` to an orthonormal basis
+    ``Q`` of :math:`[X_k, R_k, X_{k-1}]` (``r = block_size`` current vectors, their residuals and the
+    previous vectors, as in LOBPCG): :math:`MQ = \sum_b G_b^\top (G_b Q) - \lambda C_b^\top (C_b Q)`,
+    reduced across ranks in one call. Rayleigh-Ritz on :math:`Q^\top M Q` gives the next
+    :math:`X_{k+1}`, its residuals :math:`MX - X\Theta` at no extra cost, and the estimate. This is the
+    power iteration :math:`v \leftarrow Mv / \|Mv\|` made much faster by the extra directions, and it
+    finds the largest *algebraic* eigenvalue even when the keep-prediction term makes :math:`M`
+    indefinite. Stops after ``n_iter`` passes or when the relative residual
+    :math:`\|Mv - \theta v\| / \max|\theta_i|` of the estimate drops below ``tol``.
+    """
+    current: Tensor | None = None
+    previous: Tensor | None = None
+    residual: Tensor | None = None
+    history: list[float] = []
+    converged = False
+    for iteration in range(n_iter):
+        basis: Tensor | None = None
+        product: Tensor | None = None
+        count = 0
+        for image_rows, image_penalty in make_rows(iteration):
+            batch_rows, penalty, shape = image_rows.flatten(1), _flat(image_penalty), image_rows.shape[1:]
+            if current is None:
+                dim = batch_rows.shape[1]
+                start = draw_normal((dim, min(block_size, dim)), make_generator(seed + 1, device), device)
+                current = torch.linalg.qr(start).Q
+            if basis is None:
+                blocks = [block for block in (current, residual, previous) if block is not None]
+                basis = torch.linalg.qr(torch.cat(blocks, dim=1)).Q
+            term = batch_rows.T @ (batch_rows @ basis)
+            if penalty is not None:
+                term = term - lam * (penalty.T @ (penalty @ basis))
+            product = term if product is None else product + term
+            count += len(batch_rows)
+        if product is None or basis is None or current is None:
+            raise UPIError("upi_pca: the fit data yielded no batch.")
+        packed = reduce(torch.cat([product.flatten(), product.new_tensor([count])]))
+        product = packed[:-1].view_as(product)
+        values, vectors = torch.linalg.eigh(_symmetric((basis.T @ product).double()))
+        top = vectors[:, -current.shape[1] :].flip(1).to(basis.dtype)
+        theta = values[-current.shape[1] :].flip(0).to(basis.dtype)
+        previous, current = current, basis @ top
+        residual = product @ top - current * theta
+        history.append(theta[0].item() / packed[-1].item())
+        relative_residual = (torch.linalg.vector_norm(residual[:, 0]) / values.abs().max()).item()
+        if relative_residual < tol:
+            converged = True
+            break
+    assert current is not None
+    diagnostics = {"eigenvalue": history[-1], "passes": len(history), "converged": converged}
+    return current[:, 0].view(shape), history, {**diagnostics, "relative_residual": relative_residual}
+
+
+def fit_upi_pca(
+    model: nn.Module,
+    batches: Batches,
+    *,
+    norm: Norm,
+    eps: float,
+    objective: UPIObjective | None = None,
+    solver: Solver = "power",
+    n_iter: int = 20,
+    block_size: int = 4,
+    tol: float = 1e-5,
+    max_bytes: int = 2 * 2**30,
+    reduce: Reduce = identity,
+    seed: int = 0,
+    progress: bool = False,
+) -> UPIFitResult:
+    r"""Fit a UPI as :math:`\pm\varepsilon v_1(M)` (module docstring), sign chosen on the fit data.
+
+    Args:
+        model: the classifier (run in eval mode, its modes restored, parameters untouched).
+        batches: re-iterable of ``(x, y)`` batches of ``[0, 1]`` images; keep a fixed order (no
+            shuffling) for the power solver to iterate on one fixed matrix.
+        norm: ``"l2"`` (:math:`\varepsilon v_1`) or ``"linf"`` (:math:`\varepsilon\,\mathrm{sign}(v_1)`).
+        eps: radius of the ball.
+        objective: the UPI objective; needs ``sigma > 0`` (default: ``UPIObjective(sigma=0.1)``).
+            ``keep_prediction`` is the :math:`\lambda` of :math:`M`.
+        solver: ``power`` (streaming, any ``d``) or ``svd`` (exact, :math:`8d^2` bytes).
+        n_iter: maximum number of power passes over the data.
+        block_size: number of vectors ``r`` iterated together by the power solver (each pass applies
+            :math:`M` to up to ``3r`` vectors, at no extra gradient cost); more vectors converge faster
+            when the top eigenvalues are close.
+        tol: the power solver stops when the relative residual :math:`\|Mv - \theta v\| / \max|\theta_i|`
+            drops below ``tol``.
+        max_bytes: memory limit for the ``svd`` solver's matrix.
+        reduce: sums a flat tensor across ranks (once per pass, and once for the sign).
+        seed: seeds the noise (same noise every pass) and the power iteration's start.
+        progress: show tqdm progress bars.
+
+    Returns:
+        ``history``: per pass, the Rayleigh quotient :math:`v^\top M v / n` of the current estimate;
+        ``info``: solver diagnostics, the objective of both signs and the chosen sign.
+
+    """
+    norm, eps = check_norm(norm), check_eps(eps)
+    objective = UPIObjective(sigma=0.1) if objective is None else objective
+    if solver not in SOLVERS:
+        raise UPIError(f"Unknown UPI-PCA solver {solver!r}: use one of {', '.join(map(repr, SOLVERS))}.")
+    if n_iter < 1 or block_size < 1 or not tol >= 0:
+        raise UPIError(f"UPI-PCA needs n_iter >= 1, block_size >= 1, tol >= 0; got {n_iter}, {block_size}, {tol}.")
+    passes_over(batches, 2 + (n_iter if solver == "power" else 0))
+    device = model_device(model)
+    lam = objective.keep_prediction
+    start = time.perf_counter()
+    with evaluation_mode(model), gradients_enabled():
+
+        def make_rows(iteration: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+            return _row_batches(model, batches, objective, device, seed, f"upi_pca pass {iteration + 1}", progress)
+
+        if solver == "svd":
+            direction, history, diagnostics = _solve_svd(make_rows(0), lam, reduce, max_bytes)
+        else:
+            direction, history, diagnostics = _solve_power(
+                make_rows, lam, reduce, n_iter, block_size, tol, seed, device
+            )
+        delta = eps * (direction if norm == "l2" else direction.sign())
+        plus, minus = mean_objective(
+            model, batches, objective, [delta, -delta], seed=seed, reduce=reduce, progress=progress
+        )
+    if minus > plus:
+        delta = -delta
+    info = {
+        "method": "upi_pca",
+        "norm": norm,
+        "eps": eps,
+        "solver": solver,
+        "n_iter": n_iter,
+        "block_size": block_size,
+        "seed": seed,
+        **diagnostics,
+        "objective_plus": plus,
+        "objective_minus": minus,
+        "sign": 1 if plus >= minus else -1,
+        "objective": objective.settings(),
+    }
+    return UPIFitResult(delta.detach(), history, time.perf_counter() - start, info)
