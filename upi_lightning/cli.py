@@ -1,4 +1,4 @@
-"""LightningCLI wiring shared by ``train.py`` and ``attack.py``.
+"""Command lines: LightningCLI for ``train.py`` and the ``attack.py`` parser.
 
 ``UPILightningCLI`` links the data module's statistics (classes, image shape, mean/std) into the
 model, defaults to a TensorBoard logger under ``runs/`` and always adds a ``ModelCheckpoint``
@@ -8,16 +8,22 @@ as one line instead of a traceback.
 
 from __future__ import annotations
 
+import pickle
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from upi_lightning.attacks.runner import AttackRun, AttackSettings
 from upi_lightning.data import ImageDataModule
-from upi_lightning.errors import UPIError
+from upi_lightning.errors import CheckpointMismatchError, UPIError
+from upi_lightning.models import build_classifier
 from upi_lightning.module import Classifier
 
 T = TypeVar("T")
@@ -83,3 +89,105 @@ def train_cli(args: list[str] | None = None, run: bool = True) -> UPILightningCL
             run=run,
         )
     )
+
+
+def load_classifier(ckpt: str | Path, device: torch.device | str = "cpu") -> Classifier:
+    """Load a :class:`Classifier` checkpoint safely (``weights_only=True``) with clear errors.
+
+    Raises:
+        UPIError: if the file is missing.
+        CheckpointMismatchError: if the file is not a readable Classifier checkpoint (corrupt, another
+            architecture than its hyperparameters say, or holding pickled objects, which are refused).
+    """
+    path = Path(ckpt)
+    if not path.is_file():
+        raise UPIError(
+            f"No checkpoint at {path}; pass --ckpt path/to/last.ckpt (train.py writes runs/.../checkpoints)."
+        )
+    try:
+        return Classifier.load_from_checkpoint(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointMismatchError(
+            f"{path} holds objects that safe (weights_only) loading refuses; only load checkpoints you trust "
+            f"written by train.py. ({str(err).splitlines()[0][:200]})"
+        ) from None
+    except (RuntimeError, KeyError, TypeError, ValueError, EOFError) as err:
+        raise CheckpointMismatchError(
+            f"{path} is not a Classifier checkpoint this version can rebuild (truncated, or weights of another "
+            f"architecture): {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        ) from None
+
+
+def check_model_fits_data(model: Classifier, datamodule: ImageDataModule) -> None:
+    """Refuse a classifier trained on images or classes other than the data's."""
+    trained = (tuple(model.hparams.input_shape), int(model.hparams.num_classes))
+    data = (tuple(datamodule.input_shape), int(datamodule.num_classes))
+    if trained != data:
+        raise CheckpointMismatchError(
+            f"The checkpoint was trained on images {trained[0]} with {trained[1]} classes, but the data has "
+            f"images {data[0]} with {data[1]} classes; attack it with the data it was trained on."
+        )
+
+
+def attack_parser() -> ArgumentParser:
+    """The ``attack.py`` argument parser (YAML config via ``--config``; every option documented)."""
+    parser = ArgumentParser(
+        description="Fit universal perturbations for interpretation (UPI-Grad, UPI-PCA) on a classifier, "
+        "evaluate them beside the baselines on held-out samples, and write report.json, report.md, figures, "
+        "perturbation files and TensorBoard logs into --output.",
+        env_prefix="UPI",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below.")
+    parser.add_argument("--ckpt", type=str | None, default=None, help="Classifier checkpoint written by train.py.")
+    parser.add_argument(
+        "--model",
+        type=str | None,
+        default=None,
+        help="Instead of --ckpt: torchvision.<name> (e.g. torchvision.resnet18).",
+    )
+    parser.add_argument("--pretrained", type=bool, default=False, help="With --model: torchvision's default weights.")
+    parser.add_subclass_arguments(ImageDataModule, "data", required=True, help="The data module (its attack splits).")
+    parser.add_class_arguments(AttackSettings, "attack", help="What to fit and evaluate.")
+    parser.add_argument("--output", type=str, default="runs/attack", help="Output folder.")
+    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--progress", type=bool, default=True, help="Show progress bars and per-method lines.")
+    return parser
+
+
+def attack_main(args: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``attack.py``: parse, load the model, run :class:`AttackRun`, print where the files are."""
+    parser = attack_parser()
+    config = parser.parse_args(args)
+    init = parser.instantiate_classes(config)
+    datamodule: ImageDataModule = init.data
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    )
+    if (config.ckpt is None) == (config.model is None):
+        raise UPIError("Give exactly one of --ckpt (a checkpoint from train.py) or --model torchvision.<name>.")
+    if config.ckpt is not None:
+        model = load_classifier(config.ckpt, device)
+        check_model_fits_data(model, datamodule)
+        description = {"model": str(model.hparams.arch), "ckpt": str(config.ckpt)}
+    else:
+        net = build_classifier(
+            config.model,
+            datamodule.num_classes,
+            datamodule.input_shape,
+            datamodule.mean,
+            datamodule.std,
+            pretrained=config.pretrained,
+        )
+        model = net.to(device)
+        description = {"model": config.model, "pretrained": config.pretrained}
+    description["data"] = type(datamodule).__name__
+    model.eval().requires_grad_(False)
+    run = AttackRun(model, datamodule, init.attack, config.output, description, progress=config.progress)
+    try:
+        report = run.run()
+    except KeyboardInterrupt:
+        print(f"\nInterrupted: no report written; perturbation files in {config.output} are complete.", file=sys.stderr)
+        raise SystemExit(130) from None
+    print(f"Report: {Path(config.output) / 'report.md'} (and report.json, figure_*.png, perturbations/)")
+    print(f"TensorBoard: tensorboard --logdir {Path(config.output) / 'tensorboard'}")
+    return report
