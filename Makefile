@@ -14,11 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
-## demo: train a small CNN on the offline synthetic dataset, then print where logs and checkpoints are
+## demo: train a small CNN on the offline synthetic dataset, attack its saliency maps, print where the outputs are
 demo: install
 	rm -rf $(DEMO_DIR)
 	$(PY) train.py fit --config configs/quickstart.yaml --trainer.logger.init_args.version=demo
-	@echo "Demo done: tensorboard --logdir runs/quickstart"
+	$(PY) attack.py --config configs/attack_quickstart.yaml --ckpt $(DEMO_DIR)/checkpoints/last.ckpt \
+		--output $(DEMO_DIR)/attack
+	@echo "Demo done. Training logs and checkpoints: $(DEMO_DIR); attack report: $(DEMO_DIR)/attack/report.md"
+	@echo "View both: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)"
 
 ## test: the default test suite (slow tests excluded)
 test: install

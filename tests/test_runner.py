@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from upi_lightning.attacks import runner
+from upi_lightning.cli import attack_main
+from upi_lightning.data import SyntheticDataModule
+from upi_lightning.errors import CheckpointMismatchError, UPIError
+from upi_lightning.module import Classifier
+from upi_lightning.perturbation import UniversalPerturbation
+
+DATA = ["--data=upi_lightning.data.SyntheticDataModule", "--data.num_train=512", "--data.num_test=128"]
+SMALL = [
+    "--attack.budgets=[{norm: l2, eps: 1.0}]",
+    "--attack.fit_samples=32",
+    "--attack.eval_samples=32",
+    "--attack.batch_size=16",
+    "--attack.k=20",
+    "--attack.figure_images=3",
+    "--attack.upi_grad.epochs=1",
+    "--attack.upi_pca.n_iter=2",
+    "--attack.baselines.random_draws=2",
+    "--attack.baselines.per_sample_steps=2",
+    "--attack.baselines.uap_epochs=1",
+    "--progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small CNN trained for a few steps on the synthetic data (well above chance)."""
+    pl.seed_everything(0)
+    root = tmp_path_factory.mktemp("ckpt")
+    dm = SyntheticDataModule(num_train=512, num_test=128, batch_size=32)
+    model = Classifier(num_classes=dm.num_classes, input_shape=dm.input_shape, mean=dm.mean, std=dm.std, lr=3e-3)
+    trainer = pl.Trainer(
+        max_epochs=2, default_root_dir=root, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(model, dm)
+    path = root / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_attack_writes_report_figures_perturbations_and_tensorboard(checkpoint: Path, tmp_path: Path) -> None:
+    report = attack_main([f"--ckpt={checkpoint}", *DATA, *SMALL, f"--output={tmp_path}"])
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["complete"] and on_disk["results"] == json.loads(json.dumps(report["results"]))
+    assert [row["method"] for row in report["results"]] == list(runner.ALL_METHODS)
+    for row in report["results"]:
+        metrics = row["metrics"]
+        assert 0 < metrics["n_samples"] <= 32 and 0 <= metrics["topk_intersection"] <= 1
+        assert metrics["delta_l2"] <= 1.0 + 1e-5
+    random_row = next(row for row in report["results"] if row["method"] == "random")
+    assert random_row["metrics"]["n_draws"] == 2 and "relative_l2_std" in random_row["metrics"]
+    table = (tmp_path / "report.md").read_text()
+    assert "## l2 eps = 1" in table and table.count("\n| ") == 7  # header, separator, 5 methods
+    for method in ("upi_grad", "upi_pca", "uap"):
+        perturbation = UniversalPerturbation.load(tmp_path / "perturbations" / f"{method}_l2_eps1.pt", (1, 28, 28))
+        assert perturbation.metadata["ckpt"] == str(checkpoint) and perturbation.norm == "l2"
+    assert (tmp_path / "figure_l2_eps1.png").stat().st_size > 0
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert "l2/relative_l2/upi_grad" in events.Tags()["scalars"]
+    assert events.Scalars("l2/relative_l2/upi_grad")[0].step == 1000  # eps in thousandths
+    assert "figure/l2_eps1" in events.Tags()["images"]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_same_seed_gives_the_same_perturbation(checkpoint: Path, tmp_path: Path) -> None:
+    args = [f"--ckpt={checkpoint}", *DATA, *SMALL, "--attack.methods=[upi_grad]"]
+    attack_main([*args, f"--output={tmp_path / 'a'}"])
+    attack_main([*args, f"--output={tmp_path / 'b'}"])
+    first, second = (
+        UniversalPerturbation.load(tmp_path / run / "perturbations" / "upi_grad_l2_eps1.pt") for run in "ab"
+    )
+    assert torch.equal(first.delta, second.delta)
+
+
+def test_interrupted_attack_leaves_no_report(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fit = runner.fit_method
+    calls = []
+
+    def fit_then_interrupt(method: str, *args: object, **kwargs: object) -> object:
+        calls.append(method)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fit(method, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "fit_method", fit_then_interrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        attack_main(
+            [f"--ckpt={checkpoint}", *DATA, *SMALL, "--attack.methods=[upi_grad, upi_pca]", f"--output={tmp_path}"]
+        )
+    assert exit_info.value.code == 130
+    assert not (tmp_path / "report.json").exists() and not (tmp_path / "report.md").exists()
+    assert [p.name for p in (tmp_path / "perturbations").iterdir()] == ["upi_grad_l2_eps1.pt"]
+    UniversalPerturbation.load(tmp_path / "perturbations" / "upi_grad_l2_eps1.pt")  # complete
+
+
+def test_checkpoint_of_other_data_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+    other = ["--data=upi_lightning.data.SyntheticDataModule", "--data.input_shape=[3, 32, 32]"]
+    with pytest.raises(CheckpointMismatchError, match=r"trained on images \(1, 28, 28\).*\(3, 32, 32\)"):
+        attack_main([f"--ckpt={checkpoint}", *other, *SMALL, f"--output={tmp_path}"])
+
+
+def test_checkpoint_with_weights_of_another_architecture_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+    content = torch.load(checkpoint, weights_only=True)
+    content["hyper_parameters"]["arch"] = "cifar_resnet18"
+    torch.save(content, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointMismatchError, match="another architecture"):
+        attack_main([f"--ckpt={tmp_path / 'other.ckpt'}", *DATA, *SMALL, f"--output={tmp_path}"])
+
+
+class Payload:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("pwned",))
+
+
+def test_pickled_code_in_a_checkpoint_is_refused_not_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "evil.ckpt"
+    path.write_bytes(pickle.dumps({"state_dict": Payload()}))
+    with pytest.raises(CheckpointMismatchError):
+        attack_main([f"--ckpt={path}", *DATA, *SMALL, f"--output={tmp_path}"])
+    assert "pwned" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ckpt=/nonexistent.ckpt"], "No checkpoint at /nonexistent.ckpt"),
+        ([], "exactly one of --ckpt"),
+        (["--model=torchvision.resnet18", "--attack.budgets=[{norm: l3, eps: 1.0}]"], "norm"),
+        (["--model=torchvision.resnet18", "--attack.budgets=[{norm: l2, eps: 0}]"], "eps"),
+        (["--model=torchvision.resnet18", "--attack.methods=[nope]"], "methods"),
+    ],
+    ids=["missing-ckpt", "no-model", "bad-norm", "zero-eps", "unknown-method"],
+)
+def test_bad_attack_arguments_are_clear(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises((UPIError, SystemExit)) as error:
+        attack_main([*DATA, *args, f"--output={tmp_path}"])
+    text = str(error.value) if isinstance(error.value, UPIError) else capsys.readouterr().err
+    assert message in text and "Traceback" not in text
