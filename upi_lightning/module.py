@@ -1,9 +1,15 @@
-"""The :class:`Classifier` LightningModule: any classifier of ``[0, 1]`` images, trained with cross-entropy."""
+"""The :class:`Classifier` LightningModule: any classifier of ``[0, 1]`` images, trained with cross-entropy.
+
+Training modes (double backprop, interpretation regularization, UPI-adversarial, consistency and PGD
+adversarial training) are terms added to the cross-entropy by the objects of
+:mod:`upi_lightning.regularizers`, chosen with ``Classifier(regularizers=[...])`` or in the YAML config.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +19,9 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from upi_lightning.errors import UPIError
+from upi_lightning.errors import CheckpointMismatchError, UPIError
 from upi_lightning.models import Activation, build_classifier
+from upi_lightning.regularizers import CHECKPOINT_KEY, Regularizer, TrainingBatch, build_regularizers, log_keys
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
 ScheduleName = Literal["none", "cosine", "step", "onecycle"]
@@ -23,8 +30,14 @@ ScheduleName = Literal["none", "cosine", "step", "onecycle"]
 class Classifier(LightningModule):
     """Wraps :func:`~upi_lightning.models.build_classifier`; logs loss and accuracy on every stage.
 
-    All constructor arguments are primitives and are saved as hyperparameters, so
-    ``Classifier.load_from_checkpoint(path)`` rebuilds the model with no other input.
+    All constructor arguments are saved as primitive hyperparameters (the regularizers as their
+    ``{"class_path", "init_args"}`` configs), so ``Classifier.load_from_checkpoint(path)`` rebuilds the
+    model, training mode included, with no other input. The regularizers' state (e.g. the UPI
+    ``delta``) travels in the checkpoint entry :data:`~upi_lightning.regularizers.CHECKPOINT_KEY`, never
+    in ``state_dict``, so a plain ``Classifier`` loads the weights of a regularized one strictly.
+
+    Training loss: mean cross-entropy plus the term of every regularizer, logged as ``train/loss``;
+    with regularizers the cross-entropy and each term are also logged (``train/ce``, ``train/<name>``).
 
     Args:
         arch: ``small_cnn``, ``cifar_resnet18`` or ``torchvision.<name>``.
@@ -41,6 +54,8 @@ class Classifier(LightningModule):
         weight_decay: L2 weight decay.
         lr_schedule: ``none``, ``cosine`` (over ``max_epochs``), ``step`` (x0.1 at 50% and 75%) or
             ``onecycle`` (over all training steps).
+        regularizers: training-mode terms (:class:`~upi_lightning.regularizers.Regularizer` objects, or
+            their configs as returned by ``Regularizer.config()``), summed with the cross-entropy.
     """
 
     def __init__(
@@ -58,11 +73,16 @@ class Classifier(LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         lr_schedule: ScheduleName = "cosine",
+        regularizers: Sequence[Regularizer | Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0:
             raise UPIError(f"lr must be > 0, got {lr}.")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["regularizers"])
+        self.regularizers = build_regularizers(regularizers)
+        self.hparams["regularizers"] = [regularizer.config() for regularizer in self.regularizers]
+        self.regularizer_keys = log_keys(self.regularizers)
+        self.needs_input_grad = any(regularizer.needs_input_grad for regularizer in self.regularizers)
         self.net: nn.Sequential = build_classifier(
             arch, num_classes, list(input_shape), list(mean), list(std), activation, softplus_beta, pretrained
         )
@@ -75,21 +95,84 @@ class Classifier(LightningModule):
         """Logits ``(N, num_classes)`` of pixel-space images ``(N, C, H, W)``."""
         return self.net(x)
 
-    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        """Cross-entropy and accuracy of one batch, logged under ``{stage}/loss`` and ``{stage}/acc``."""
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
+    def log_step(self, stage: str, logits: Tensor, y: Tensor, loss: Tensor) -> None:
+        """Log ``{stage}/loss`` and update and log the accuracy ``{stage}/acc`` of one batch."""
         accuracy = self.accuracy[f"{stage}_"]
         accuracy(logits, y)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+
+    def shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        """Cross-entropy and accuracy of one batch, logged under ``{stage}/loss`` and ``{stage}/acc``."""
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log_step(stage, logits, y, loss)
         return loss
 
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "train")
+        """Cross-entropy plus every regularizer's term; input gradients use ``autograd.grad`` (no ``.backward``)."""
+        if not self.regularizers:
+            return self.shared_step(batch, "train")
+        x, y = batch
+        if self.needs_input_grad:
+            x = x.detach().requires_grad_(True)
+        logits = self(x)
+        ce = F.cross_entropy(logits, y, reduction="none")
+        loss = ce.mean()
+        self.log("train/ce", loss, on_step=True, on_epoch=True, sync_dist=True)
+        context = TrainingBatch(self.net, x, y, logits, ce, partial(self.trainer.strategy.reduce, reduce_op="sum"))
+        for key, regularizer in zip(self.regularizer_keys, self.regularizers, strict=True):
+            term = regularizer(context)
+            self.log(key, term, on_step=True, on_epoch=True, sync_dist=True)
+            loss = loss + term
+        self.log_step("train", logits, y, loss)
+        return loss
+
+    @override
+    def on_fit_start(self) -> None:
+        for regularizer in self.regularizers:
+            regularizer.on_fit_start(self)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        for regularizer in self.regularizers:
+            regularizer.on_train_batch_start(self)
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        for regularizer in self.regularizers:
+            regularizer.on_train_epoch_end(self)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.regularizers:
+            checkpoint[CHECKPOINT_KEY] = [
+                {"class_path": regularizer.config()["class_path"], "state": regularizer.state_dict()}
+                for regularizer in self.regularizers
+            ]
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the regularizers' state; a checkpoint without any leaves them fresh.
+
+        Raises:
+            CheckpointMismatchError: if the checkpoint holds the state of other regularizers.
+        """
+        saved = checkpoint.get(CHECKPOINT_KEY) or []
+        if not self.regularizers or not saved:
+            return
+        expected = [regularizer.config()["class_path"] for regularizer in self.regularizers]
+        found = [entry["class_path"] for entry in saved]
+        if found != expected:
+            raise CheckpointMismatchError(
+                f"The checkpoint holds the state of the regularizers {found} but this model trains with "
+                f"{expected}; resume with the configuration the checkpoint was trained with."
+            )
+        for regularizer, entry in zip(self.regularizers, saved, strict=True):
+            regularizer.load_state_dict(entry["state"])
 
     @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -3,6 +3,7 @@
 from upi_lightning.attacks.baselines import fit_classification_uap, fit_per_sample_attack, random_universal
 from upi_lightning.attacks.evaluate import evaluate_draws, evaluate_perturbation
 from upi_lightning.attacks.objective import Dissimilarity, UPIObjective, map_dissimilarity
+from upi_lightning.attacks.pgd import RobustAccuracy, pgd_attack, robust_accuracy
 from upi_lightning.attacks.upi_grad import (
     UPIFitResult,
     default_step_size,
@@ -20,6 +21,7 @@ from upi_lightning.attacks.upi_pca import (
 
 __all__ = [
     "Dissimilarity",
+    "RobustAccuracy",
     "UPIFitResult",
     "UPIObjective",
     "default_step_size",
@@ -34,7 +36,9 @@ __all__ = [
     "map_dissimilarity",
     "mean_objective",
     "per_sample_gradient_rows",
+    "pgd_attack",
     "prediction_gradient_rows",
     "random_universal",
+    "robust_accuracy",
     "step_size_at",
 ]

@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from upi_lightning.attacks.pgd import RobustAccuracy, pgd_attack, robust_accuracy
+from upi_lightning.data import SyntheticDataModule
+from upi_lightning.errors import UPIError
+from upi_lightning.module import Classifier
+from upi_lightning.perturbation import make_generator, perturbation_norm
+
+
+def binary_linear(seed: int = 0) -> nn.Sequential:
+    """Logits ``W x + b`` of 2 classes on 1 x 4 x 4 images."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+
+
+def margin_direction(model: nn.Sequential, y: torch.Tensor) -> torch.Tensor:
+    """``w_y - w_other`` per sample, shaped like the images: CE grows fastest against it."""
+    w = model[1].weight.detach()
+    return (w[y] - w[1 - y]).view(-1, 1, 4, 4)
+
+
+def test_linf_pgd_reaches_the_corner_of_the_linear_optimum() -> None:
+    # for 2 classes the CE is monotone in the margin (w_y - w_o)^T x, so the Linf optimum is the corner
+    # x - eps * sign(w_y - w_o) (x = 0.5 keeps the box [0, 1] inactive)
+    model = binary_linear()
+    x = torch.full((6, 1, 4, 4), 0.5)
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    x_adv = pgd_attack(model, x, y, norm="linf", eps=0.1, steps=10, generator=make_generator(0))
+    expected = x - 0.1 * margin_direction(model, y).sign()
+    torch.testing.assert_close(x_adv, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+def test_l2_pgd_moves_along_the_gradient_to_the_sphere(random_start: bool) -> None:
+    model = binary_linear(1)
+    x = torch.full((4, 1, 4, 4), 0.5)
+    y = torch.tensor([0, 1, 1, 0])
+    direction = margin_direction(model, y)
+    unit = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    x_adv = pgd_attack(
+        model, x, y, norm="l2", eps=0.3, steps=30, step_size=0.3, random_start=random_start, generator=make_generator(0)
+    )
+    # from x itself the first step lands on the optimum; from a random start the component orthogonal to
+    # the gradient shrinks geometrically at every projection onto the sphere
+    torch.testing.assert_close(x_adv, x - 0.3 * unit, rtol=0, atol=1e-5)
+
+
+def separable_batches(count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of 64 images: one of 10 fixed random templates per class, plus a little noise."""
+    templates = torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randint(10, (count,), generator=generator)
+    x = (0.5 + 0.6 * (templates[y] - 0.5) + 0.1 * torch.randn(count, 1, 16, 16, generator=generator)).clamp(0, 1)
+    return list(zip(x.split(64), y.split(64), strict=True))
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[Classifier, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A small CNN trained (plain PyTorch, a few seconds) to high accuracy, and held-out batches."""
+    torch.manual_seed(0)
+    model = Classifier(input_shape=(1, 16, 16), mean=[0.5], std=[0.25])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for x, y in separable_batches(640, seed=1) * 2:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    return model, separable_batches(128, seed=2)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_adversarial_points_stay_in_the_ball_and_the_box_and_leave_the_model_alone(
+    trained: tuple[Classifier, list[tuple[torch.Tensor, torch.Tensor]]], norm: str
+) -> None:
+    model, batches = trained
+    x, y = batches[0]
+    model.train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    eps = 1.0 if norm == "l2" else 0.05
+    x_adv = pgd_attack(model, x, y, norm=norm, eps=eps, steps=5)
+    assert model.training and all(module.training for module in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert not x_adv.requires_grad and x_adv.shape == x.shape
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert bool((perturbation_norm(x_adv - x, norm, per_sample=True) <= eps * (1 + 1e-5)).all())
+    assert bool((x_adv != x).any())
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_the_attack_works_for_callers_without_autograd(
+    trained: tuple[Classifier, list[tuple[torch.Tensor, torch.Tensor]]], context: type
+) -> None:
+    model, batches = trained
+    x, y = batches[0]
+    expected = pgd_attack(model, x, y, norm="linf", eps=0.05, steps=3, generator=make_generator(3))
+    with context():
+        x_adv = pgd_attack(model, x, y, norm="linf", eps=0.05, steps=3, generator=make_generator(3))
+    torch.testing.assert_close(x_adv, expected, rtol=0, atol=0)
+
+
+def test_robust_accuracy_is_at_most_the_clean_accuracy(
+    trained: tuple[Classifier, list[tuple[torch.Tensor, torch.Tensor]]],
+) -> None:
+    model, batches = trained
+    model.eval()
+    with torch.no_grad():
+        clean = sum((model(x).argmax(1) == y).sum().item() for x, y in batches) / sum(len(y) for _, y in batches)
+    weak = robust_accuracy(model, batches, norm="linf", eps=0.01, steps=5)
+    strong = robust_accuracy(model, batches, norm="linf", eps=0.1, steps=10)
+    assert clean > 0.5 and strong <= weak <= clean and strong < clean
+
+
+def test_robust_accuracy_callback_logs_during_fit_and_test(tmp_path: Path) -> None:
+    dm = SyntheticDataModule(num_train=128, num_test=32, batch_size=16)
+    model = Classifier(num_classes=dm.num_classes, input_shape=dm.input_shape, mean=dm.mean, std=dm.std)
+    callback = RobustAccuracy(norm="l2", eps=0.5, steps=2, stages=("val", "test"), max_batches=1)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=2,
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, dm)
+    assert 0 <= trainer.callback_metrics["val/robust_acc_l2_0.5"] <= 1
+    (result,) = trainer.test(model, dm, verbose=False)  # runs under torch.inference_mode
+    assert 0 <= result["test/robust_acc_l2_0.5"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"norm": "l1", "eps": 0.1, "steps": 1}, "Unknown norm"),
+        ({"norm": "l2", "eps": 0.0, "steps": 1}, "eps"),
+        ({"norm": "l2", "eps": 0.1, "steps": 0}, "steps must be"),
+        ({"norm": "l2", "eps": 0.1, "steps": 1, "step_size": -1.0}, "step_size"),
+    ],
+)
+def test_bad_attack_settings_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(UPIError, match=message):
+        pgd_attack(binary_linear(), torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), **kwargs)
+
+
+def test_bad_callback_stages_are_refused() -> None:
+    with pytest.raises(UPIError, match="stages"):
+        RobustAccuracy(stages=("train",))

@@ -1,0 +1,335 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from upi_lightning.errors import UPIError
+from upi_lightning.module import Classifier
+from upi_lightning.perturbation import in_ball
+from upi_lightning.regularizers import (
+    Consistency,
+    InputGradientNorm,
+    InterpretationRegularization,
+    PGDAdversarial,
+    Regularizer,
+    TrainingBatch,
+    UPIAdversarial,
+    build_regularizers,
+    regularizer_from_config,
+    threshold_beyond_one_std,
+)
+from upi_lightning.saliency import input_gradient
+
+SHAPE = (1, 4, 4)
+CLASSES = 3
+
+
+def linear_model(seed: int = 0) -> nn.Sequential:
+    """Logits ``W x + b`` of flattened 1 x 4 x 4 images."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, CLASSES))
+
+
+def softplus_model(seed: int = 0, beta: float = 5.0) -> nn.Sequential:
+    """``W2 softplus_beta(W1 x + b1) + b2``: its input gradient depends on ``x`` (unlike a linear model's)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Softplus(beta=beta), nn.Linear(8, CLASSES))
+
+
+def data(n: int = 6, seed: int = 1) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = 0.2 + 0.6 * torch.rand(n, *SHAPE, generator=generator)
+    return x, torch.randint(CLASSES, (n,), generator=generator)
+
+
+def training_batch(model: nn.Module, x: Tensor, y: Tensor) -> TrainingBatch:
+    """What the classifier builds: the clean training-mode forward pass on images that require grad."""
+    model.train()
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    return TrainingBatch(model, x, y, logits, F.cross_entropy(logits, y, reduction="none"))
+
+
+def loss_and_grads(model: nn.Module, batch: TrainingBatch, regularizer: Regularizer) -> tuple[Tensor, list[Tensor]]:
+    """Total loss ``CE + R`` and its gradient w.r.t. every parameter (None if a parameter is unused)."""
+    loss = batch.ce.mean() + regularizer(batch)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    return loss, list(grads)
+
+
+def plain_ce_grads(model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
+    return list(torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())))
+
+
+def assert_every_parameter_gets_a_gradient(grads: list[Tensor | None]) -> None:
+    assert all(grad is not None and bool(torch.isfinite(grad).all()) for grad in grads)
+
+
+# ---- input-gradient norm ---------------------------------------------------------------------------------
+
+
+def test_input_gradient_norm_matches_the_analytic_gradient_of_a_linear_model() -> None:
+    model, (x, y) = linear_model(), data()
+    batch = training_batch(model, x, y)
+    loss, grads = loss_and_grads(model, batch, InputGradientNorm(weight=0.7))
+    weight, bias = model[1].weight.detach(), model[1].bias.detach()
+    probabilities = (x.flatten(1) @ weight.T + bias).softmax(dim=1)
+    grad_x = (probabilities - F.one_hot(y, CLASSES)) @ weight  # W^T (softmax - onehot), per sample
+    expected = F.cross_entropy(x.flatten(1) @ weight.T + bias, y) + 0.7 / 2 * grad_x.pow(2).sum(1).mean()
+    torch.testing.assert_close(loss, expected)
+    assert_every_parameter_gets_a_gradient(grads)
+
+
+def test_input_gradient_norm_with_zero_weight_is_plain_cross_entropy() -> None:
+    model, (x, y) = linear_model(), data()
+    batch = training_batch(model, x, y)
+    loss, grads = loss_and_grads(model, batch, InputGradientNorm(weight=0.0))
+    torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
+    for grad, expected in zip(grads, plain_ce_grads(model, x, y), strict=True):
+        torch.testing.assert_close(grad, expected)
+
+
+# ---- interpretation regularization -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An (untrained, seeded) small-CNN Classifier checkpoint for 1 x 4 x 4 images."""
+    torch.manual_seed(5)
+    teacher = Classifier(input_shape=SHAPE, num_classes=CLASSES, mean=[0.5], std=[0.25])
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(teacher)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_threshold_keeps_only_entries_beyond_one_std() -> None:
+    attr = torch.tensor([[[[0.0, 1.0], [2.0, 9.0]]]])  # mean 3, std ~4.08: only 9 is beyond
+    expected = torch.tensor([[[[0.0, 0.0], [0.0, 9.0]]]])
+    torch.testing.assert_close(threshold_beyond_one_std(attr), expected)
+
+
+def test_interpretation_regularization_matches_a_hand_computation(teacher_ckpt: Path) -> None:
+    # sigma = 0 makes the SmoothGrad targets the teacher's plain gradient (deterministic); the student is
+    # linear, so its true-class logit gradient is the row W_y
+    model, (x, y) = linear_model(), data()
+    regularizer = InterpretationRegularization(str(teacher_ckpt), l_cs=3.0, l_gm=0.15, n_samples=2, sigma=0.0)
+    batch = training_batch(model, x, y)
+    loss, grads = loss_and_grads(model, batch, regularizer)
+    teacher = Classifier.load_from_checkpoint(teacher_ckpt, weights_only=True)
+    targets = threshold_beyond_one_std(input_gradient(teacher, x, y)).flatten(1)
+    student = model[1].weight.detach()[y]
+    cosine = (student * targets).sum(1) / (student.norm(dim=1) * targets.norm(dim=1))
+    expected = F.cross_entropy(model(x), y) + 3.0 * (1 - cosine.mean()) + 0.15 * student.norm()
+    torch.testing.assert_close(loss, expected)
+    assert_every_parameter_gets_a_gradient(grads)
+    assert regularizer.teacher(x.device).training is False
+    assert not any(p.requires_grad for p in regularizer.teacher(x.device).parameters())
+
+
+def test_interpretation_regularization_with_zero_weights_is_plain_cross_entropy(teacher_ckpt: Path) -> None:
+    model, (x, y) = linear_model(), data()
+    regularizer = InterpretationRegularization(str(teacher_ckpt), l_cs=0.0, l_gm=0.0, n_samples=2)
+    loss, grads = loss_and_grads(model, training_batch(model, x, y), regularizer)
+    torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
+    for grad, expected in zip(grads, plain_ce_grads(model, x, y), strict=True):
+        torch.testing.assert_close(grad, expected)
+
+
+def test_teacher_targets_are_cached_by_image_content(teacher_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = data(8)
+    cached = InterpretationRegularization(str(teacher_ckpt), n_samples=3, sigma=0.0)
+    computed: list[int] = []
+    original = cached.teacher_targets
+    monkeypatch.setattr(cached, "teacher_targets", lambda a, b: computed.append(len(a)) or original(a, b))
+    first = cached.targets(x[:5], y[:5])
+    mixed = cached.targets(x.flip(0), y.flip(0))  # 3 new images, 5 cached ones in another order
+    again = cached.targets(x, y)
+    assert computed == [5, 3]
+    uncached = InterpretationRegularization(str(teacher_ckpt), n_samples=3, sigma=0.0, cache_targets=False)
+    reference = uncached.targets(x, y)
+    torch.testing.assert_close(first, reference[:5])
+    torch.testing.assert_close(mixed, reference.flip(0))
+    torch.testing.assert_close(again, reference)
+
+
+def test_a_missing_teacher_checkpoint_is_reported(tmp_path: Path) -> None:
+    regularizer = InterpretationRegularization(str(tmp_path / "nope.ckpt"))
+    with pytest.raises(UPIError, match=r"teacher checkpoint .* not found"):
+        regularizer.on_fit_start(Classifier(mean=[0.5], std=[0.25]))
+
+
+# ---- UPI-adversarial -------------------------------------------------------------------------------------
+
+
+def softplus_saliency(model: nn.Sequential, x: Tensor, y: Tensor) -> Tensor:
+    """Hand-derived map of the true-class logit: grad_x z_y = W1^T (sigmoid(beta (W1 x + b1)) * W2[y])."""
+    first, activation, last = model[1], model[2], model[3]
+    pre = x.flatten(1) @ first.weight.T + first.bias
+    grad = (torch.sigmoid(activation.beta * pre) * last.weight[y]) @ first.weight
+    heat = grad.abs()
+    return heat / heat.sum(dim=1, keepdim=True)
+
+
+def test_upi_adversarial_term_matches_a_hand_computation() -> None:
+    model, (x, y) = softplus_model(), data()
+    delta = 0.1 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    regularizer = UPIAdversarial(weight=2.0, eps=1.0, every_n_steps=100)
+    regularizer.load_state_dict({"delta": delta, "train_steps": 1, "updates": 1, "last_objective": 0.0})
+    loss, grads = loss_and_grads(model, training_batch(model, x, y), regularizer)
+    with torch.no_grad():
+        perturbed = softplus_saliency(model, (x + delta).clamp(0, 1), y)
+        clean = softplus_saliency(model, x, y)
+        expected = F.cross_entropy(model(x), y) + 2.0 * (perturbed - clean).norm(dim=1).mean()
+    torch.testing.assert_close(loss, expected)
+    assert_every_parameter_gets_a_gradient(grads)
+    assert regularizer.train_steps == 2 and regularizer.updates == 1  # no update off the k-step schedule
+    assert torch.equal(regularizer.delta, delta)
+
+
+def test_upi_adversarial_updates_delta_every_k_steps_inside_the_ball() -> None:
+    model, (x, y) = softplus_model(), data()
+    regularizer = UPIAdversarial(weight=1.0, norm="linf", eps=0.05, every_n_steps=2, ascent_steps=2)
+    deltas = []
+    for _ in range(3):
+        regularizer(training_batch(model, x, y))
+        deltas.append(regularizer.delta.clone())
+    assert regularizer.updates == 2 and regularizer.train_steps == 3  # updated at steps 0 and 2
+    assert torch.equal(deltas[0], deltas[1]) and not torch.equal(deltas[1], deltas[2])
+    assert all(in_ball(delta, "linf", 0.05) for delta in deltas)
+    assert model.training  # the UPI-Grad steps restore the training mode
+    state = regularizer.state_dict()
+    restored = UPIAdversarial(norm="linf", eps=0.05, every_n_steps=2, ascent_steps=2)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.delta, deltas[-1]) and restored.train_steps == 3 and restored.updates == 2
+
+
+def test_upi_adversarial_with_zero_weight_is_plain_cross_entropy() -> None:
+    model, (x, y) = softplus_model(), data()
+    loss, grads = loss_and_grads(model, training_batch(model, x, y), UPIAdversarial(weight=0.0))
+    torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
+    for grad, expected in zip(grads, plain_ce_grads(model, x, y), strict=True):
+        torch.testing.assert_close(grad, expected)
+
+
+def test_upi_adversarial_surrogate_only_drives_the_delta_update() -> None:
+    regularizer = UPIAdversarial(objective={"surrogate_beta": 10.0, "keep_prediction": 1.0})
+    assert regularizer.attack_objective.surrogate_beta == 10.0
+    assert regularizer.train_objective.surrogate_beta is None and regularizer.train_objective.keep_prediction == 0
+    with pytest.raises(UPIError, match="objective"):
+        UPIAdversarial(objective={"no_such_setting": 1})
+
+
+# ---- PGD-based modes -------------------------------------------------------------------------------------
+
+
+def fgsm_point(model: nn.Sequential, x: Tensor, y: Tensor, eps: float) -> Tensor:
+    """One Linf PGD step from x with a step >= eps: x + eps * sign(W^T (softmax - onehot)), clipped."""
+    weight, bias = model[1].weight.detach(), model[1].bias.detach()
+    probabilities = (x.flatten(1) @ weight.T + bias).softmax(dim=1)
+    grad = ((probabilities - F.one_hot(y, CLASSES)) @ weight).view_as(x)
+    return (x + eps * grad.sign()).clamp(0, 1)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
+def test_pgd_adversarial_mixes_clean_and_adversarial_cross_entropy(weight: float) -> None:
+    model, (x, y) = linear_model(), data()
+    regularizer = PGDAdversarial(weight=weight, eps=0.1, steps=1, random_start=False)
+    loss, grads = loss_and_grads(model, training_batch(model, x, y), regularizer)
+    with torch.no_grad():
+        adversarial = F.cross_entropy(model(fgsm_point(model, x, y, 0.1)), y)
+        expected = (1 - weight) * F.cross_entropy(model(x), y) + weight * adversarial
+    torch.testing.assert_close(loss, expected)
+    assert_every_parameter_gets_a_gradient(grads)
+
+
+def test_consistency_matches_a_hand_computation_on_the_penultimate_features() -> None:
+    # layer=None reads the input of the last nn.Linear: for this linear model, the flattened image
+    model, (x, y) = linear_model(), data()
+    regularizer = Consistency(weight=0.3, eps=0.1, steps=1, random_start=False)
+    regularizer.on_train_batch_start(model)
+    loss, grads = loss_and_grads(model, training_batch(model, x, y), regularizer)
+    with torch.no_grad():
+        x_adv = fgsm_point(model, x, y, 0.1)
+        distance = (x - x_adv).flatten(1).pow(2).sum(1).mean()
+        expected = F.cross_entropy(model(x), y) + F.cross_entropy(model(x_adv), y) + 0.3 * distance
+    torch.testing.assert_close(loss, expected)
+    assert_every_parameter_gets_a_gradient(grads)
+    assert not model[1]._forward_pre_hooks  # the hook lives for one step only
+
+
+def test_consistency_reads_a_named_layer_and_both_sides_are_differentiated() -> None:
+    model, (x, y) = softplus_model(), data()
+    regularizer = Consistency(weight=1.0, layer="2", eps=0.1, steps=2)
+    regularizer.on_train_batch_start(model)
+    batch = training_batch(model, x, y)
+    term = regularizer(batch)
+    (grad_x,) = torch.autograd.grad(term, batch.x)  # through phi(x) of the clean pass
+    assert term > 0 and grad_x.abs().sum() > 0
+    assert not model[2]._forward_hooks
+    with pytest.raises(UPIError, match="layer 'nope' not found"):
+        Consistency(layer="nope").on_train_batch_start(model)
+
+
+def test_consistency_without_its_hook_explains_the_problem() -> None:
+    model, (x, y) = linear_model(), data()
+    with pytest.raises(UPIError, match="on_train_batch_start"):
+        Consistency(eps=0.1)(training_batch(model, x, y))
+
+
+# ---- configs ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "regularizer",
+    [
+        InputGradientNorm(0.5),
+        InterpretationRegularization("teacher.ckpt", l_cs=1.0, threshold=False),
+        UPIAdversarial(weight=3.0, norm="linf", eps=0.1, objective={"surrogate_beta": 10.0}),
+        Consistency(weight=0.2, layer="net.1.classifier.2", steps=2),
+        PGDAdversarial(weight=0.5, norm="l2", eps=1.5, steps=7, step_size=0.5),
+    ],
+    ids=lambda regularizer: type(regularizer).__name__,
+)
+def test_configs_are_primitive_and_rebuild_the_regularizer(regularizer: Regularizer) -> None:
+    config = regularizer.config()
+    assert config["class_path"].startswith("upi_lightning.regularizers.")
+    rebuilt = regularizer_from_config(config)
+    assert type(rebuilt) is type(regularizer) and rebuilt.config() == config
+    assert build_regularizers([regularizer, config])[0] is regularizer
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"class_path": "upi_lightning.regularizers.Nope"}, "Cannot import"),
+        ({"class_path": "torch.nn.Linear", "init_args": {}}, "not a subclass"),
+        ({"init_args": {}}, "class_path"),
+    ],
+)
+def test_bad_configs_are_refused(config: dict, message: str) -> None:
+    with pytest.raises(UPIError, match=message):
+        regularizer_from_config(config)
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: InputGradientNorm(-1.0), "weight must be"),
+        (lambda: PGDAdversarial(weight=1.5), r"in \[0, 1\]"),
+        (lambda: PGDAdversarial(steps=0), "steps must be"),
+        (lambda: UPIAdversarial(every_n_steps=0), "every_n_steps"),
+        (lambda: UPIAdversarial(eps=-1.0), "eps"),
+        (lambda: Consistency(norm="l1"), "Unknown norm"),
+        (lambda: InterpretationRegularization("t.ckpt", n_samples=0), "n_samples"),
+    ],
+)
+def test_bad_settings_are_refused(factory: object, message: str) -> None:
+    with pytest.raises(UPIError, match=message):
+        factory()  # type: ignore[operator]
