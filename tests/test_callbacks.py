@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from upi_lightning.callbacks import SaliencyMonitor
+from tests.conftest import REPO
+from upi_lightning.attacks.runner import SaliencySettings, UPIGradSettings, UPIPCASettings
+from upi_lightning.callbacks import SaliencyMonitor, UPIAttack
+from upi_lightning.cli import train_cli
+from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import UPIError
+from upi_lightning.perturbation import UniversalPerturbation
 
 # ----------------------------------------------------------- SaliencyMonitor
 
@@ -161,3 +169,296 @@ def test_saliency_monitor_rejects_unknown_batches(tmp_path: Path) -> None:
         monitor.on_validation_batch_end(trainer, LinearClassifier(), None, {"image": torch.rand(2)}, 0)
     with pytest.raises(UPIError, match="validation epoch"):
         monitor.make_grid(LinearClassifier())
+
+
+# ----------------------------------------------------------- UPIAttack
+
+
+class TinyNet(LightningModule):
+    """Conv(-BN)-ReLU-conv-ReLU-dropout-linear classifier of 1 x 28 x 28 images.
+
+    ``frozen``: the training loss is ``0 * CE``, so the weights never change (every parameter still gets a
+    gradient, as DDP wants) and runs on 1 or 2 processes attack the very same model.
+    """
+
+    def __init__(self, batch_norm: bool = True, frozen: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(1, 4, 3, stride=2, padding=1)]
+        layers += [nn.BatchNorm2d(4)] if batch_norm else []
+        layers += [nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Dropout(0.2)]
+        self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 7 * 7, 10))
+        self.frozen = frozen
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        return 0.0 * loss if self.frozen else loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("test_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def upi_data() -> SyntheticDataModule:
+    """128 training and 64 test images: attack_fit and attack_eval hold 32 each."""
+    return SyntheticDataModule(num_train=128, num_test=64, batch_size=16)
+
+
+def upi_trainer(root: Path, callbacks: list[Callback], devices: int = 1, **kwargs: Any) -> Trainer:
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": devices,
+        "max_epochs": 1,
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": root,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        **({"strategy": "ddp_spawn"} if devices > 1 else {}),
+        **kwargs,
+    }
+    return Trainer(callbacks=callbacks, **options)
+
+
+def small_attack(**kwargs: Any) -> UPIAttack:
+    """One global batch of 16 to fit, one to evaluate; one UPI-Grad pass, three power passes."""
+    options: dict[str, Any] = {
+        "methods": ("upi_grad",),
+        "fit_batches": 1,
+        "eval_batches": 1,
+        "batch_size": 16,
+        "upi_grad": UPIGradSettings(epochs=1),
+        "upi_pca": UPIPCASettings(n_iter=3),
+        "k": 20,
+        "only_correct": False,  # untrained models: evaluate every sample
+        "num_images": 2,
+        **kwargs,
+    }
+    return UPIAttack(**options)
+
+
+class DumpAttack(Callback):
+    """Each rank writes the UPIAttack deltas and counters and its ``upi/`` metrics to ``folder/<name>_rank<r>.pt``."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder, self.name = folder, name
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        (attack,) = [callback for callback in trainer.callbacks if isinstance(callback, UPIAttack)]
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("upi/")}
+        state = {"deltas": attack.deltas, "attacks": attack.attacks, "metrics": metrics}
+        torch.save(state, self.folder / f"{self.name}_rank{trainer.global_rank}.pt")
+
+
+def test_upi_attack_under_two_process_ddp_equals_one_process(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyNet(batch_norm=False, frozen=True)
+    weights = {key: value.clone() for key, value in model.state_dict().items()}
+
+    def attack() -> UPIAttack:  # 2 global batches of 16 fit samples: 8 + 8 per batch on 2 ranks
+        return small_attack(methods=("upi_grad", "upi_pca", "random"), fit_batches=2, eval_batches=2)
+
+    ddp = upi_trainer(tmp_path, [attack(), DumpAttack(tmp_path, "ddp")], devices=2)
+    ddp.fit(model, upi_data())
+    model.load_state_dict(weights)
+    upi_trainer(tmp_path, [attack(), DumpAttack(tmp_path, "one")]).fit(model, upi_data())
+    rank0, rank1, one = (
+        torch.load(tmp_path / name, weights_only=True) for name in ("ddp_rank0.pt", "ddp_rank1.pt", "one_rank0.pt")
+    )
+    assert rank0["attacks"] == rank1["attacks"] == one["attacks"] == 1
+    for method in ("upi_grad", "upi_pca", "random"):  # every rank ends with the bit-identical delta
+        assert torch.equal(rank0["deltas"][method], rank1["deltas"][method])
+    # UPI-Grad (sigma = 0: no noise) and random: the same delta as one process on the same 32 samples
+    assert (rank0["deltas"]["upi_grad"] - one["deltas"]["upi_grad"]).abs().max() < 1e-5
+    assert torch.equal(rank0["deltas"]["random"], one["deltas"]["random"])
+    assert rank0["metrics"] == rank1["metrics"]
+    compared = [key for key in one["metrics"] if key.split("/")[1] in ("upi_grad", "random") and "seconds" not in key]
+    assert len(compared) == 2 * 13 and one["metrics"]["upi/upi_grad/n_samples"] == 32
+    for key in compared:
+        assert rank0["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4, abs=1e-6), key
+    # UPI-PCA smooths with noise drawn per process, so only its norm is compared
+    assert torch.linalg.vector_norm(rank0["deltas"]["upi_pca"]) == pytest.approx(1.0, rel=1e-5)
+
+
+class Snapshot(Callback):
+    """At every training epoch end, record the model's tensors, gradients, modes and the random state.
+
+    ``mix_modes`` first puts the dropout layer in eval mode, so the train/eval flags differ per module.
+    """
+
+    def __init__(self, mix_modes: bool = False) -> None:
+        self.mix_modes = mix_modes
+        self.records: list[dict[str, Any]] = []
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.mix_modes:
+            pl_module.net[-3].eval()
+        self.records.append(
+            {
+                "tensors": {key: value.clone() for key, value in pl_module.state_dict().items()},
+                "grads": [None if p.grad is None else p.grad.clone() for p in pl_module.parameters()],
+                "requires_grad": [p.requires_grad for p in pl_module.parameters()],
+                "modes": [module.training for module in pl_module.modules()],
+                "rng": torch.get_rng_state(),
+                "grad_enabled": torch.is_grad_enabled(),
+            }
+        )
+
+
+def assert_same_records(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert before["tensors"].keys() == after["tensors"].keys()
+    for key, value in before["tensors"].items():  # parameters and BatchNorm statistics, bit for bit
+        assert torch.equal(value, after["tensors"][key]), key
+    assert any(grad is not None for grad in before["grads"])
+    for grad_before, grad_after in zip(before["grads"], after["grads"], strict=True):
+        assert (grad_before is None and grad_after is None) or torch.equal(grad_before, grad_after)
+    for key in ("requires_grad", "modes", "grad_enabled"):
+        assert before[key] == after[key], key
+    assert torch.equal(before["rng"], after["rng"])
+
+
+def test_upi_attack_leaves_the_model_and_training_unchanged(tmp_path: Path) -> None:
+    def train(callbacks: list[Callback]) -> TinyNet:
+        torch.manual_seed(0)
+        model = TinyNet(batch_norm=True)
+        # no validation: the attack runs in on_train_epoch_end, with the model in train mode
+        upi_trainer(tmp_path, callbacks, max_epochs=3, limit_val_batches=0).fit(model, upi_data())
+        return model
+
+    # SmoothGrad maps draw their noise from the global generator: the callback must restore its state
+    saliency = SaliencySettings(method="smoothgrad", n_samples=2)
+    attack = small_attack(methods=("upi_grad", "upi_pca", "random"), every_n_epochs=2, saliency=saliency)
+    before, after = Snapshot(mix_modes=True), Snapshot()
+    trained = train([before, attack, after])
+    assert attack.attacks == 2 and attack.fit_epoch == 2  # after epoch 1 (every 2nd) and epoch 2 (the last)
+    assert sorted(p.name for p in (tmp_path / "upi").iterdir()) == sorted(
+        f"{method}_l2_eps1_fit-epoch{epoch}-step{step}.pt"
+        for method in ("upi_grad", "upi_pca", "random")
+        for epoch, step in ((1, 4), (2, 6))
+    )
+    assert before.records[0]["modes"] != [True] * len(before.records[0]["modes"])
+    for record_before, record_after in zip(before.records, after.records, strict=True):
+        assert_same_records(record_before, record_after)
+    reference = train([Snapshot(mix_modes=True)])  # same seed, no attack: the same weights, bit for bit
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, trained.state_dict()[key]), key
+
+
+class ExpectAttackState(Callback):
+    def __init__(self, attack: UPIAttack, attacks: int, delta: Tensor) -> None:
+        self.attack, self.attacks, self.delta = attack, attacks, delta
+        self.checked = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self.attack.attacks == self.attacks and self.attack.fit_epoch == self.attacks - 1
+        assert torch.equal(self.attack.deltas["upi_grad"], self.delta)
+        self.checked = True
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # no ModelCheckpoint on resume
+def test_upi_attack_state_is_checkpointed_and_restored_on_resume(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyNet(batch_norm=False, frozen=True)
+    attack = small_attack(warm_start=True, num_images=0)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    upi_trainer(tmp_path, [attack, checkpoints], max_epochs=2, enable_checkpointing=True).fit(model, upi_data())
+    assert (attack.attacks, attack.fit_epoch, attack.global_step) == (2, 1, 4)
+    assert set(attack.metrics) == {"upi_grad"} and attack.metrics["upi_grad"]["n_samples"] == 16
+    first = UniversalPerturbation.load(tmp_path / "upi" / "upi_grad_l2_eps1_fit-epoch0-step2.pt")
+    assert first.metadata["metrics"]["n_samples"] == 16 and first.metadata["epoch"] == 0
+    path = tmp_path / "ckpt" / "epoch=0.ckpt"
+    state = torch.load(path, weights_only=True)["callbacks"][attack.state_key]
+    assert (state["attacks"], state["fit_epoch"], state["global_step"]) == (1, 0, 2)
+    assert torch.equal(state["deltas"]["upi_grad"], first.delta)
+    assert not torch.equal(first.delta, attack.deltas["upi_grad"])  # the warm start moved it further
+
+    resumed = small_attack(warm_start=True, num_images=0)
+    expect = ExpectAttackState(resumed, 1, first.delta)
+    trainer = upi_trainer(tmp_path / "resumed", [resumed, expect], max_epochs=2)
+    trainer.fit(TinyNet(batch_norm=False, frozen=True), upi_data(), ckpt_path=path, weights_only=True)
+    assert expect.checked and resumed.attacks == 2
+    # the weights never change, so continuing from the restored delta gives the uninterrupted result
+    assert torch.equal(resumed.deltas["upi_grad"], attack.deltas["upi_grad"])
+
+
+class ExpectInferenceMode(Callback):
+    def __init__(self) -> None:
+        self.modes: list[bool] = []
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.modes.append(torch.is_inference_mode_enabled())
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.modes.append(torch.is_inference_mode_enabled())
+
+
+def test_upi_attack_runs_in_test_and_validate_under_inference_mode(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyNet()
+    attack = small_attack(methods=("upi_grad", "upi_pca", "random"))
+    probe = ExpectInferenceMode()
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    trainer = upi_trainer(tmp_path, [probe, attack], logger=logger, limit_test_batches=1)  # inference_mode=True
+    (tested,) = trainer.test(model, upi_data(), verbose=False)
+    (validated,) = trainer.validate(model, upi_data(), verbose=False)
+    assert probe.modes == [True, True] and attack.attacks == 2
+    for results, stage in ((tested, "test"), (validated, "val")):
+        for method in ("upi_grad", "upi_pca", "random"):
+            assert results[f"{stage}/upi/{method}/relative_l2"] > 0 and results[f"{stage}/upi/{method}/n_seen"] == 16
+    assert not any(delta.is_inference() for delta in attack.deltas.values())
+    for stage in ("test", "validate"):
+        saved = UniversalPerturbation.load(tmp_path / "upi" / f"upi_pca_l2_eps1_{stage}-epoch0-step0.pt")
+        assert saved.metadata["stage"] == stage and torch.equal(saved.delta, attack.deltas["upi_pca"])
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    tags = set(events.Tags()["images"])
+    assert {"test/upi/figure", "val/upi/figure", "test/upi/upi_grad/delta", "val/upi/random/delta"} <= tags
+    assert len(_logged_images(tmp_path, "test/upi/upi_pca/delta")) == 1
+
+
+def test_upi_attack_refuses_data_without_attack_splits(tmp_path: Path) -> None:
+    loader = DataLoader(TensorDataset(torch.rand(8, 1, 28, 28), torch.arange(8) % 10), batch_size=4)
+    trainer = upi_trainer(tmp_path, [small_attack()], limit_val_batches=0)
+    with pytest.raises(UPIError, match="attack_fit_dataloader"):
+        trainer.fit(TinyNet(), loader)
+    trainer = upi_trainer(tmp_path, [small_attack(stages=("test",))], limit_val_batches=0, max_steps=1)
+    trainer.fit(TinyNet(), loader)  # not attacking during fit: any data is fine
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"methods": ("uap",)},
+        {"methods": ()},
+        {"methods": ("upi_grad", "upi_grad")},
+        {"stages": ("predict",)},
+        {"fit_batches": 0},
+        {"batch_size": 0},
+        {"every_n_epochs": -1},
+        {"every_n_epochs": 0, "at_fit_end": False},
+        {"eps": 0.0},
+        {"norm": "l1"},
+    ],
+)
+def test_upi_attack_invalid_arguments(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(UPIError):
+        UPIAttack(**kwargs)
+
+
+def test_upi_attack_config_parses(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli(["fit", "--config", str(REPO / "configs" / "mnist_upi_callback.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "upi_lightning.callbacks.UPIAttack" in printed and "surrogate_beta: 10.0" in printed

@@ -1,18 +1,42 @@
-"""Lightning callbacks: saliency image logging."""
+"""Lightning callbacks: saliency image logging and the UPI attack on the model being trained."""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Mapping, Sequence, Sized
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import Tensor
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
 from torchvision.utils import make_grid
 from typing_extensions import override
 
+from upi_lightning.attacks.baselines import random_universal
+from upi_lightning.attacks.evaluate import evaluate_perturbation
+from upi_lightning.attacks.runner import Budget, SaliencySettings, UPIGradSettings, UPIPCASettings, figure_batch
+from upi_lightning.attacks.upi_grad import Reduce, fit_upi_grad, model_device
+from upi_lightning.attacks.upi_pca import fit_upi_pca
 from upi_lightning.errors import UPIError
-from upi_lightning.saliency import SALIENCY_METHODS, SaliencyMethod, ScoreKind, saliency_map
+from upi_lightning.figures import perturbation_image, saliency_figure
+from upi_lightning.perturbation import Norm, UniversalPerturbation, apply_perturbation
+from upi_lightning.saliency import (
+    SALIENCY_METHODS,
+    SaliencyMethod,
+    ScoreKind,
+    evaluation_mode,
+    gradients_enabled,
+    saliency_map,
+)
+
+T = TypeVar("T")
+Batch = tuple[Tensor, Tensor]
 
 
 class SaliencyMonitor(Callback):
@@ -155,3 +179,392 @@ def _to_rgb(images: Tensor) -> Tensor:
     if images.shape[1] == 3:
         return images
     return images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+
+
+CallbackMethod = Literal["upi_grad", "upi_pca", "random"]
+CALLBACK_METHODS: tuple[str, ...] = get_args(CallbackMethod)
+AttackStage = Literal["fit", "validate", "test"]
+ATTACK_STAGES: tuple[str, ...] = get_args(AttackStage)
+STAGE_PREFIX = {"fit": "", "validate": "val/", "test": "test/"}
+
+
+class UPIAttack(Callback):
+    """Attack the interpretation of the model being trained with universal perturbations, and log the result.
+
+    **When.** During ``trainer.fit``, after every ``every_n_epochs``-th training epoch and after the last
+    one (``at_fit_end``; the last epoch is known from ``max_epochs``/``max_steps`` or a stop requested
+    before the attack). The attack runs in the validation that ends the epoch when there is one (so that
+    epoch's checkpoint holds its result and ``ModelCheckpoint``/``EarlyStopping`` can monitor its
+    metrics), else at the end of the training epoch. It also runs at the end of ``trainer.validate`` and
+    ``trainer.test``; ``stages`` chooses among ``fit``, ``validate`` and ``test``.
+
+    **What.** Each method of ``methods`` (``upi_grad``, ``upi_pca``, and ``random``, a random perturbation
+    on the sphere of the same norm: the baseline to beat) is fitted on the first ``fit_batches`` batches
+    of ``batch_size`` samples of the datamodule's ``attack_fit_dataloader()`` dataset and evaluated with
+    :func:`~upi_lightning.attacks.evaluate.evaluate_perturbation` (maps of the model itself) on the first
+    ``eval_batches`` batches of its ``attack_eval_dataloader()`` dataset (any
+    :class:`~upi_lightning.data.ImageDataModule` has both). Every metric is logged with ``self.log`` as
+    ``upi/<method>/<metric>`` (``val/upi/...`` in ``validate``, ``test/upi/...`` in ``test``), plus the
+    fit time ``fit_seconds``; TensorBoard gets each perturbation as the image ``upi/<method>/delta``
+    and a figure ``upi/figure`` (clean images, clean maps, the maps under each perturbation); global rank
+    0 saves each perturbation (:class:`~upi_lightning.perturbation.UniversalPerturbation`, atomic write,
+    evaluation metrics in its metadata) to
+    ``<trainer.log_dir>/upi/<method>_<norm>_eps<eps>_<stage>-epoch<E>-step<S>.pt``.
+    ``upi`` is ``prefix``: give each instance its own when attacking several budgets.
+
+    **Several processes.** ``batch_size`` is the global batch: process ``r`` of ``W`` takes samples
+    ``r, r + W, ...`` of every global batch (a last batch of fewer than ``W`` samples is dropped), the
+    gradients w.r.t. ``delta``, the power-method products and the metric states are summed over
+    processes (``trainer.strategy.reduce``, torchmetrics), so every process ends with the bit-identical
+    ``delta`` and the same metrics, equal up to float rounding to a one-process run of the same settings
+    (exactly so when the objective draws no noise, ``sigma = 0``). Only drawing and saving are
+    rank-0-only, and they call no collective.
+
+    **No side effects.** The model runs in eval mode (every submodule's train/eval flag restored), the
+    gradients w.r.t. ``delta`` come from ``torch.autograd.grad`` (parameter ``.grad`` untouched), BatchNorm
+    statistics are not updated and the global random state is restored, so training continues exactly
+    as without the callback. It works under ``trainer.validate``/``trainer.test`` with the default
+    ``inference_mode=True``: the attack runs under ``torch.inference_mode(False)`` and
+    ``torch.enable_grad()``, with its data loaded inside.
+
+    **Checkpoints.** The last perturbation of each method, the last metrics and the counters
+    (``attacks``, ``fit_epoch``, ``global_step``) are the callback state (tensors and primitives only:
+    ``weights_only`` loading works) and come back on resume (``ckpt_path=``); with ``warm_start`` UPI-Grad
+    continues from the previous perturbation.
+
+    Args:
+        methods: which of ``upi_grad``, ``upi_pca``, ``random`` to run.
+        norm: ``"l2"`` or ``"linf"``.
+        eps: radius of the perturbation ball, pixel units.
+        every_n_epochs: attack after training epochs ``n - 1, 2n - 1, ...`` (0-based); 0 = only at the end.
+        at_fit_end: also attack after the last training epoch.
+        stages: where to attack: ``fit``, ``validate``, ``test``.
+        fit_batches: global batches of the attack_fit split to fit on.
+        eval_batches: global batches of the attack_eval split to evaluate on.
+        batch_size: global batch size (split over the processes; at least the number of processes).
+        saliency: the maps under attack and evaluated (:class:`~upi_lightning.attacks.runner.SaliencySettings`).
+        upi_grad: UPI-Grad settings (:class:`~upi_lightning.attacks.runner.UPIGradSettings`).
+        upi_pca: UPI-PCA settings (:class:`~upi_lightning.attacks.runner.UPIPCASettings`).
+        k: top-k size of the top-k metrics (and of a ``topk_mass`` objective).
+        only_correct: evaluate only the correctly classified held-out samples.
+        warm_start: start UPI-Grad from its previous perturbation (random start the first time).
+        num_images: held-out images in the TensorBoard figure (0: no figure).
+        save: save the perturbations to the log folder.
+        prefix: first part of every metric, image tag, folder name and of the checkpoint key.
+        seed: seeds the random starts, the smoothing noise and the random baseline (the same every time).
+    """
+
+    def __init__(
+        self,
+        methods: Sequence[CallbackMethod] = ("upi_grad", "random"),
+        norm: Norm = "l2",
+        eps: float = 1.0,
+        every_n_epochs: int = 1,
+        at_fit_end: bool = True,
+        stages: Sequence[AttackStage] = ("fit", "validate", "test"),
+        fit_batches: int = 4,
+        eval_batches: int = 4,
+        batch_size: int = 128,
+        saliency: SaliencySettings | None = None,
+        upi_grad: UPIGradSettings | None = None,
+        upi_pca: UPIPCASettings | None = None,
+        k: int = 100,
+        only_correct: bool = True,
+        warm_start: bool = False,
+        num_images: int = 6,
+        save: bool = True,
+        prefix: str = "upi",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        unknown = [m for m in [*methods, *stages] if m not in CALLBACK_METHODS + ATTACK_STAGES]
+        if unknown or not methods or not stages or len(set(methods)) != len(methods):
+            raise UPIError(
+                f"UPIAttack needs distinct methods from {list(CALLBACK_METHODS)} and stages from "
+                f"{list(ATTACK_STAGES)}; got methods={list(methods)}, stages={list(stages)}."
+            )
+        counts = {"fit_batches": fit_batches, "eval_batches": eval_batches, "batch_size": batch_size, "k": k}
+        if any(value < 1 for value in counts.values()) or every_n_epochs < 0 or num_images < 0:
+            raise UPIError(
+                f"UPIAttack needs fit_batches, eval_batches, batch_size, k >= 1 and every_n_epochs, num_images >= 0; "
+                f"got {counts}, every_n_epochs={every_n_epochs}, num_images={num_images}."
+            )
+        if every_n_epochs == 0 and not at_fit_end and "fit" in stages:
+            raise UPIError("UPIAttack would never attack during fit: set every_n_epochs >= 1 or at_fit_end=true.")
+        self.budget = Budget(norm, eps)
+        self.methods: tuple[CallbackMethod, ...] = tuple(methods)
+        self.stages: tuple[AttackStage, ...] = tuple(stages)
+        self.every_n_epochs, self.at_fit_end = every_n_epochs, at_fit_end
+        self.fit_batches, self.eval_batches, self.batch_size, self.k = fit_batches, eval_batches, batch_size, k
+        self.saliency = _settings(SaliencySettings, saliency)
+        self.upi_grad = _settings(UPIGradSettings, upi_grad)
+        self.upi_pca = _settings(UPIPCASettings, upi_pca)
+        self.only_correct, self.warm_start = only_correct, warm_start
+        self.num_images, self.save, self.prefix, self.seed = num_images, save, prefix, seed
+        self.deltas: dict[str, Tensor] = {}
+        self.metrics: dict[str, dict[str, float]] = {}
+        self.attacks = 0
+        self.fit_epoch = -1
+        self.global_step = -1
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """Checkpoint key; distinct for instances with different prefixes or budgets."""
+        return self._generate_state_key(prefix=self.prefix, norm=self.budget.norm, eps=self.budget.eps)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The last perturbations (CPU tensors), their metrics and the counters."""
+        return {
+            "deltas": dict(self.deltas),
+            "metrics": {method: dict(values) for method, values in self.metrics.items()},
+            "attacks": self.attacks,
+            "fit_epoch": self.fit_epoch,
+            "global_step": self.global_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the perturbations, metrics and counters."""
+        self.deltas = dict(state_dict["deltas"])
+        self.metrics = {method: dict(values) for method, values in state_dict["metrics"].items()}
+        self.attacks = int(state_dict["attacks"])
+        self.fit_epoch = int(state_dict["fit_epoch"])
+        self.global_step = int(state_dict["global_step"])
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Check the data and the batch size before any training, so a bad setting fails at once."""
+        if stage not in self.stages:
+            return
+        self.attack_datasets(trainer)
+        if self.batch_size < trainer.world_size:
+            raise UPIError(
+                f"UPIAttack batch_size={self.batch_size} is the global batch, split over {trainer.world_size} "
+                f"processes; use batch_size >= {trainer.world_size}."
+            )
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """During fit: attack in the validation that ends a due epoch. In ``validate``: attack once."""
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == TrainerFn.FITTING:
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            ends_epoch = progress.is_last_batch or progress.current.ready == trainer.num_training_batches
+            if ends_epoch and self.fit_due(trainer):
+                self.run(trainer, pl_module, "fit")
+        elif trainer.state.fn == TrainerFn.VALIDATING and "validate" in self.stages:
+            self.run(trainer, pl_module, "validate")
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Attack after a due training epoch that no validation ended."""
+        if self.fit_due(trainer):
+            self.run(trainer, pl_module, "fit")
+
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Attack once at the end of ``trainer.test``."""
+        if "test" in self.stages:
+            self.run(trainer, pl_module, "test")
+
+    def fit_due(self, trainer: Trainer) -> bool:
+        """Whether the training epoch that just ended is to be attacked (and was not yet)."""
+        epoch = trainer.current_epoch
+        if "fit" not in self.stages or self.fit_epoch == epoch:
+            return False
+        periodic = self.every_n_epochs > 0 and (epoch + 1) % self.every_n_epochs == 0
+        return periodic or (self.at_fit_end and _last_epoch(trainer))
+
+    def attack_datasets(self, trainer: Trainer) -> tuple[Dataset[Any], Dataset[Any]]:
+        """The map-style datasets to fit on and to evaluate on (override to take them elsewhere).
+
+        Raises:
+            UPIError: if the trainer's datamodule has no ``attack_fit_dataloader``/``attack_eval_dataloader``.
+        """
+        datamodule = trainer.datamodule
+        if not all(hasattr(datamodule, f"attack_{split}_dataloader") for split in ("fit", "eval")):
+            raise UPIError(
+                "UPIAttack takes its samples from the datamodule's attack_fit_dataloader() and "
+                "attack_eval_dataloader(); pass a upi_lightning.data.ImageDataModule as datamodule= to "
+                f"trainer.fit/validate/test (got {type(datamodule).__name__})."
+            )
+        return datamodule.attack_fit_dataloader().dataset, datamodule.attack_eval_dataloader().dataset
+
+    def run(self, trainer: Trainer, pl_module: LightningModule, stage: AttackStage) -> dict[str, dict[str, float]]:
+        """Fit and evaluate every method now, then log, draw and save. Call it on every process.
+
+        Returns:
+            The metrics of each method (the same on every process).
+        """
+        folder = Path(trainer.log_dir or ".") / self.prefix if self.save else None  # a collective: every rank
+        fit_data, eval_data = self.attack_datasets(trainer)
+        reduce = partial(trainer.strategy.reduce, reduce_op="sum")
+        shard = partial(shard_batches, rank=trainer.global_rank, world_size=trainer.world_size)
+        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
+        figure = None
+        with torch.random.fork_rng(devices=cuda), evaluation_mode(pl_module), gradients_enabled():
+            device = pl_module.device
+            fit_batches = shard(fit_data, self.fit_batches, self.batch_size, device=device)
+            eval_batches = shard(eval_data, self.eval_batches, self.batch_size, device=device)
+            results: dict[str, dict[str, float]] = {}
+            for method in self.methods:
+                started = time.perf_counter()
+                delta = self.fit(method, pl_module, fit_batches, reduce)
+                seconds = time.perf_counter() - started
+                results[method] = evaluate_perturbation(
+                    pl_module,
+                    eval_batches,
+                    delta,
+                    method=self.saliency.method,
+                    method_kwargs=self.saliency.method_kwargs(),
+                    score=self.saliency.score,
+                    k=self.k,
+                    only_correct=self.only_correct,
+                )
+                results[method]["fit_seconds"] = seconds
+                self.deltas[method] = delta.detach().cpu()
+            if trainer.is_global_zero and self.num_images > 0:
+                figure = self.figure(pl_module, eval_batches)
+        self.metrics = results
+        self.attacks += 1
+        self.global_step = trainer.global_step
+        if stage == "fit":
+            self.fit_epoch = trainer.current_epoch
+        tag = f"{STAGE_PREFIX[stage]}{self.prefix}"
+        for method, metrics in results.items():
+            for name, value in metrics.items():
+                # identical on every rank (fit_seconds aside): sync_dist only averages away Lightning's warning
+                pl_module.log(f"{tag}/{method}/{name}", value, sync_dist=True)
+        if trainer.is_global_zero:
+            self.write(trainer, pl_module, stage, tag, folder, figure)
+        return results
+
+    def fit(self, method: CallbackMethod, model: nn.Module, batches: list[Batch], reduce: Reduce) -> Tensor:
+        """Fit one method on this process's ``batches`` (sums reduced across processes); return ``delta``."""
+        norm, eps = self.budget.norm, self.budget.eps
+        common = {"norm": norm, "eps": eps, "reduce": reduce, "seed": self.seed}
+        if method == "upi_grad":
+            grad = self.upi_grad
+            previous = self.deltas.get("upi_grad") if self.warm_start else None
+            result = fit_upi_grad(
+                model,
+                batches,
+                objective=grad.objective(self.saliency, self.k),
+                epochs=grad.epochs,
+                step_size=grad.step_size,
+                schedule=grad.schedule,
+                init="random" if previous is None else previous,
+                **common,
+            )
+        elif method == "upi_pca":
+            pca = self.upi_pca
+            objective = pca.objective(self.saliency, self.k)
+            result = fit_upi_pca(model, batches, objective=objective, solver=pca.solver, n_iter=pca.n_iter, **common)
+        else:
+            shape = (*batches[0][0].shape[1:],)
+            return random_universal(shape, norm, eps, 1, self.seed)[0].to(model_device(model))
+        return result.delta
+
+    def figure(self, pl_module: LightningModule, batches: list[Batch]) -> Tensor | None:
+        """The figure of the first ``num_images`` correctly classified held-out images (``None`` if none)."""
+        images, labels = figure_batch(pl_module, batches, self.num_images)  # type: ignore[arg-type]
+        if len(images) == 0:
+            return None
+        kwargs = {"score": self.saliency.score, **self.saliency.method_kwargs()}
+        method = self.saliency.method
+        clean = saliency_map(pl_module, images, labels, method, **kwargs)
+        rows = []
+        for name in self.methods:
+            delta = self.deltas[name]
+            perturbed = apply_perturbation(images, delta.to(images.device))
+            rows.append((name, saliency_map(pl_module, perturbed, labels, method, **kwargs).cpu(), delta))
+        return saliency_figure(images.cpu(), clean.cpu(), rows)
+
+    def write(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        stage: AttackStage,
+        tag: str,
+        folder: Path | None,
+        figure: Tensor | None,
+    ) -> None:
+        """Rank 0: add the images to TensorBoard and save the perturbations (no collective in here)."""
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for method in self.methods:
+                    logger.experiment.add_image(f"{tag}/{method}/delta", perturbation_image(self.deltas[method]), step)
+                if figure is not None:
+                    logger.experiment.add_image(f"{tag}/figure", figure, step)
+        if folder is None:
+            return
+        suffix = f"{stage}-epoch{trainer.current_epoch}-step{step}"
+        for method in self.methods:
+            metadata = {
+                "method": method,
+                "stage": stage,
+                "epoch": trainer.current_epoch,
+                "global_step": step,
+                "model": type(pl_module).__name__,
+                "world_size": trainer.world_size,
+                "fit_batches": self.fit_batches,
+                "batch_size": self.batch_size,
+                "saliency": asdict(self.saliency),
+                "metrics": self.metrics[method],
+            }
+            perturbation = UniversalPerturbation(self.deltas[method], self.budget.norm, self.budget.eps, metadata)
+            perturbation.save(folder / f"{method}_{self.budget.tag}_{suffix}.pt")
+
+
+def shard_batches(
+    dataset: Dataset[Any],
+    num_batches: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> list[Batch]:
+    """This process's part of the first ``num_batches`` global batches of a map-style ``(image, label)`` dataset.
+
+    Global batch ``b`` holds samples ``b * batch_size`` to ``(b + 1) * batch_size - 1``; process ``rank``
+    takes every ``world_size``-th of them from ``rank`` on, so the processes' parts are disjoint, of sizes
+    differing by at most one, and together form the global batch. A last batch with fewer than
+    ``world_size`` samples is dropped, so every process gets the same number of non-empty batches. No
+    global random state is used (unlike iterating a ``DataLoader``).
+
+    Raises:
+        UPIError: if ``dataset`` is not a sized map-style dataset or holds fewer than ``world_size`` samples.
+    """
+    if not isinstance(dataset, Sized) or not hasattr(dataset, "__getitem__"):
+        raise UPIError(f"UPIAttack needs a map-style dataset with a length, got {type(dataset).__name__}.")
+    size = min(len(dataset), num_batches * batch_size)
+    batches = []
+    for start in range(0, size, batch_size):
+        stop = min(start + batch_size, size)
+        if stop - start < world_size:
+            break
+        x, y = default_collate([dataset[index] for index in range(start + rank, stop, world_size)])[:2]
+        batches.append((x.to(device), y.to(device)))
+    if not batches:
+        raise UPIError(f"UPIAttack: the dataset has {len(dataset)} samples, fewer than the {world_size} processes.")
+    return batches
+
+
+def _settings(kind: type[T], value: T | Mapping[str, Any] | None) -> T:
+    """``value`` as a ``kind`` dataclass (``None``: the defaults; a mapping: its fields)."""
+    if value is None:
+        return kind()
+    return kind(**value) if isinstance(value, Mapping) else value
+
+
+def _last_epoch(trainer: Trainer) -> bool:
+    """Whether the training epoch that just ended is the last one (``max_epochs``, ``max_steps`` or a stop)."""
+    loop = trainer.fit_loop
+    max_epochs = loop.max_epochs
+    by_epochs = max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs
+    by_steps = loop.max_steps >= 0 and trainer.global_step >= loop.max_steps
+    return by_epochs or by_steps or trainer.should_stop
