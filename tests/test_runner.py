@@ -150,3 +150,20 @@ def test_bad_attack_arguments_are_clear(
         attack_main([*DATA, *args, f"--output={tmp_path}"])
     text = str(error.value) if isinstance(error.value, UPIError) else capsys.readouterr().err
     assert message in text and "Traceback" not in text
+
+
+def test_step_scale_sets_the_step_per_budget() -> None:
+    assert runner.UPIGradSettings().base_step(0.3) is None  # the fit's own default (eps/4 for L2)
+    assert runner.UPIGradSettings(step_scale=0.5).base_step(0.3) == pytest.approx(0.15)
+    assert runner.UPIGradSettings(step_size=0.2, step_scale=0.5).base_step(0.3) == 0.2
+    with pytest.raises(UPIError, match="step_scale"):
+        runner.UPIGradSettings(step_scale=0.0)
+
+
+def test_fit_method_uses_the_scaled_step(checkpoint: Path) -> None:
+    model = Classifier.load_from_checkpoint(checkpoint, weights_only=True).eval()
+    settings = runner.AttackSettings(upi_grad=runner.UPIGradSettings(epochs=1, step_scale=0.5, surrogate_beta=None))
+    batches = [(torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,)))]
+    result = runner.fit_method("upi_grad", model, batches, runner.Budget("linf", 0.04), settings)
+    assert result.info["step_size"] == pytest.approx(0.02) and result.info["norm"] == "linf"
+    assert result.delta.abs().max() <= 0.04 + 1e-7

@@ -20,9 +20,16 @@ from typing_extensions import override
 
 from upi_lightning.attacks.baselines import random_universal
 from upi_lightning.attacks.evaluate import evaluate_perturbation
-from upi_lightning.attacks.runner import Budget, SaliencySettings, UPIGradSettings, UPIPCASettings, figure_batch
-from upi_lightning.attacks.upi_grad import Reduce, fit_upi_grad, model_device
-from upi_lightning.attacks.upi_pca import fit_upi_pca
+from upi_lightning.attacks.runner import (
+    AttackSettings,
+    Budget,
+    SaliencySettings,
+    UPIGradSettings,
+    UPIPCASettings,
+    figure_batch,
+    fit_method,
+)
+from upi_lightning.attacks.upi_grad import Reduce, model_device
 from upi_lightning.errors import UPIError
 from upi_lightning.figures import perturbation_image, saliency_figure
 from upi_lightning.perturbation import Norm, UniversalPerturbation, apply_perturbation
@@ -444,29 +451,21 @@ class UPIAttack(Callback):
 
     def fit(self, method: CallbackMethod, model: nn.Module, batches: list[Batch], reduce: Reduce) -> Tensor:
         """Fit one method on this process's ``batches`` (sums reduced across processes); return ``delta``."""
-        norm, eps = self.budget.norm, self.budget.eps
-        common = {"norm": norm, "eps": eps, "reduce": reduce, "seed": self.seed}
-        if method == "upi_grad":
-            grad = self.upi_grad
-            previous = self.deltas.get("upi_grad") if self.warm_start else None
-            result = fit_upi_grad(
-                model,
-                batches,
-                objective=grad.objective(self.saliency, self.k),
-                epochs=grad.epochs,
-                step_size=grad.step_size,
-                schedule=grad.schedule,
-                init="random" if previous is None else previous,
-                **common,
-            )
-        elif method == "upi_pca":
-            pca = self.upi_pca
-            objective = pca.objective(self.saliency, self.k)
-            result = fit_upi_pca(model, batches, objective=objective, solver=pca.solver, n_iter=pca.n_iter, **common)
-        else:
+        if method == "random":
             shape = (*batches[0][0].shape[1:],)
-            return random_universal(shape, norm, eps, 1, self.seed)[0].to(model_device(model))
-        return result.delta
+            return random_universal(shape, self.budget.norm, self.budget.eps, 1, self.seed)[0].to(model_device(model))
+        settings = AttackSettings(
+            budgets=[self.budget],
+            methods=[method],
+            saliency=self.saliency,
+            upi_grad=self.upi_grad,
+            upi_pca=self.upi_pca,
+            k=self.k,
+            seed=self.seed,
+        )
+        previous = self.deltas.get(method) if self.warm_start else None
+        init = "random" if previous is None else previous
+        return fit_method(method, model, batches, self.budget, settings, reduce=reduce, init=init).delta
 
     def figure(self, pl_module: LightningModule, batches: list[Batch]) -> Tensor | None:
         """The figure of the first ``num_images`` correctly classified held-out images (``None`` if none)."""

@@ -34,7 +34,16 @@ from torch.utils.tensorboard import SummaryWriter
 from upi_lightning.attacks.baselines import fit_classification_uap, fit_per_sample_attack, random_universal
 from upi_lightning.attacks.evaluate import evaluate_draws, evaluate_perturbation
 from upi_lightning.attacks.objective import Dissimilarity, UPIObjective
-from upi_lightning.attacks.upi_grad import Schedule, UPIFitResult, fit_upi_grad, model_device
+from upi_lightning.attacks.upi_grad import (
+    Batches,
+    Init,
+    Reduce,
+    Schedule,
+    UPIFitResult,
+    fit_upi_grad,
+    identity,
+    model_device,
+)
 from upi_lightning.attacks.upi_pca import fit_upi_pca
 from upi_lightning.errors import UPIError
 from upi_lightning.figures import perturbation_image, saliency_figure, save_png
@@ -129,13 +138,28 @@ class UPIGradSettings(ObjectiveSettings):
 
     Attributes:
         epochs: passes over the fit samples.
-        step_size: base step (``null``: eps/4 for L2, eps/10 for Linf).
+        step_size: base step in pixel units, the same for every budget (``null``: see ``step_scale``).
+        step_scale: with ``step_size: null``, the base step as a multiple of each budget's eps
+            (``null``: eps/4 for L2, eps/10 for Linf). On the MNIST CNN ``step_scale: 1.0`` with 10
+            epochs beat the 2-epoch default at L2 eps 3 and Linf (relative L2 1.36x / 1.10x random
+            instead of 1.30x / 1.04x), and tied it at L2 eps 0.5 and 1.
         schedule: ``constant``, ``cosine`` or ``step``.
     """
 
     epochs: int = 2
     step_size: float | None = None
+    step_scale: float | None = None
     schedule: Schedule = "cosine"
+
+    def __post_init__(self) -> None:
+        if self.step_scale is not None and not self.step_scale > 0:
+            raise UPIError(f"step_scale must be > 0 (or null), got {self.step_scale}.")
+
+    def base_step(self, eps: float) -> float | None:
+        """The base step for a budget of radius ``eps`` (``None``: the fit's eps-dependent default)."""
+        if self.step_size is not None or self.step_scale is None:
+            return self.step_size
+        return self.step_scale * eps
 
 
 @dataclass
@@ -235,29 +259,37 @@ def attack_loaders(datamodule: LightningDataModule, settings: AttackSettings) ->
 def fit_method(
     method: MethodName,
     model: nn.Module,
-    fit_loader: DataLoader,
+    batches: Batches,
     budget: Budget,
     settings: AttackSettings,
-    progress: bool,
+    *,
+    progress: bool = False,
+    reduce: Reduce = identity,
+    init: Init | Tensor = "random",
 ) -> UPIFitResult:
-    """Fit one universal method (``upi_grad``, ``upi_pca`` or ``uap``) in ``budget``."""
-    common = {"norm": budget.norm, "eps": budget.eps, "seed": settings.seed, "progress": progress}
+    """Fit one universal method (``upi_grad``, ``upi_pca`` or ``uap``) in ``budget``.
+
+    ``reduce`` sums the per-process contributions under DDP (identity on one process); ``init`` warm-starts
+    UPI-Grad and the UAP from a previous perturbation.
+    """
+    common = {"norm": budget.norm, "eps": budget.eps, "seed": settings.seed, "progress": progress, "reduce": reduce}
     if method == "upi_grad":
         grad = settings.upi_grad
         return fit_upi_grad(
             model,
-            fit_loader,
+            batches,
             objective=grad.objective(settings.saliency, settings.k),
             epochs=grad.epochs,
-            step_size=grad.step_size,
+            step_size=grad.base_step(budget.eps),
             schedule=grad.schedule,
+            init=init,
             **common,
         )
     if method == "upi_pca":
         pca = settings.upi_pca
         return fit_upi_pca(
             model,
-            fit_loader,
+            batches,
             objective=pca.objective(settings.saliency, settings.k),
             solver=pca.solver,
             n_iter=pca.n_iter,
@@ -265,7 +297,7 @@ def fit_method(
         )
     if method == "uap":
         base = settings.baselines
-        return fit_classification_uap(model, fit_loader, epochs=base.uap_epochs, clamp=base.uap_clamp, **common)
+        return fit_classification_uap(model, batches, epochs=base.uap_epochs, clamp=base.uap_clamp, init=init, **common)
     raise UPIError(f"{method!r} is not a fitted universal method.")
 
 
@@ -392,7 +424,7 @@ class AttackRun:
                 )
                 fit_seconds = time.perf_counter() - started
             else:
-                fitted = fit_method(method, self.model, fit_loader, budget, self.settings, self.progress)
+                fitted = fit_method(method, self.model, fit_loader, budget, self.settings, progress=self.progress)
                 fit_seconds = fitted.seconds
                 deltas[method] = fitted.delta.cpu()
                 path = self.output / "perturbations" / f"{method}_{budget.tag}.pt"
