@@ -262,3 +262,8 @@ def test_mode_configs_parse_and_print(
         train_cli(["fit", "--config", str(REPO / "configs" / config), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "upi_lightning.regularizers." in capsys.readouterr().out
+
+
+def test_nesterov_without_momentum_is_refused() -> None:
+    with pytest.raises(UPIError, match="nesterov needs momentum > 0"):
+        Classifier(optimizer="sgd", momentum=0.0, nesterov=True)

@@ -51,6 +51,7 @@ class Classifier(LightningModule):
         optimizer: ``sgd``, ``adam`` or ``adamw``.
         lr: learning rate.
         momentum: SGD momentum.
+        nesterov: Nesterov momentum for SGD (plain momentum by default, as the IR authors used).
         weight_decay: L2 weight decay.
         lr_schedule: ``none``, ``cosine`` (over ``max_epochs``), ``step`` (x0.1 at 50% and 75%) or
             ``onecycle`` (over all training steps).
@@ -71,6 +72,7 @@ class Classifier(LightningModule):
         optimizer: OptimizerName = "adam",
         lr: float = 1e-3,
         momentum: float = 0.9,
+        nesterov: bool = False,
         weight_decay: float = 0.0,
         lr_schedule: ScheduleName = "cosine",
         regularizers: Sequence[Regularizer | Mapping[str, Any]] | None = None,
@@ -78,6 +80,8 @@ class Classifier(LightningModule):
         super().__init__()
         if lr <= 0:
             raise UPIError(f"lr must be > 0, got {lr}.")
+        if nesterov and momentum <= 0:
+            raise UPIError(f"nesterov needs momentum > 0, got momentum={momentum}; set momentum or nesterov: false.")
         self.save_hyperparameters(ignore=["regularizers"])
         self.regularizers = build_regularizers(regularizers)
         self.hparams["regularizers"] = [regularizer.config() for regularizer in self.regularizers]
@@ -192,7 +196,7 @@ class Classifier(LightningModule):
         params = self.parameters()
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(
-                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.momentum > 0
+                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov
             )
         elif hp.optimizer == "adam":
             optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
