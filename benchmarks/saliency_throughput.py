@@ -17,21 +17,12 @@ show on a GPU, where a one-image call is bound by kernel launches.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from harness import MODELS, benchmark_model, machine_line, median_seconds, set_threads
 from torch import Tensor, nn
 
-from upi_lightning.models import build_classifier
 from upi_lightning.saliency import SALIENCY_METHODS, saliency_map
-
-MODELS = {
-    "small_cnn": ((1, 28, 28), (0.1307,), (0.3081,)),
-    "cifar_resnet18": ((3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,21 +40,6 @@ def parse_args() -> argparse.Namespace:
         help="torch.set_num_threads; 1 keeps CPU timings stable on a shared machine, 0 = torch's default",
     )
     return parser.parse_args()
-
-
-def median_seconds(fn: Callable[[], Tensor], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(
@@ -89,20 +65,15 @@ def measure(
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    print(
-        f"saliency throughput: method={args.method}, batch={args.batch_size}, device={device}, "
-        f"threads={torch.get_num_threads()}, torch {torch.__version__}, "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n"
-    )
+    print(f"saliency throughput: method={args.method}, batch={args.batch_size}, {machine_line(device)}\n")
     print("| model | input | create_graph | batched maps/s | per-sample loop maps/s | ratio |")
     print("|---|---|---|---:|---:|---:|")
     for name in args.models:
-        shape, mean, std = MODELS[name]
-        model = build_classifier(name, 10, shape, mean, std).to(device).eval()
+        model, shape = benchmark_model(name, device)
+        model.eval()
         x = torch.rand(args.batch_size, *shape, device=device)
         target = torch.randint(0, 10, (args.batch_size,), device=device)
         for create_graph in (False, True):

@@ -1,0 +1,57 @@
+"""Pieces shared by the benchmark scripts: the models measured, timing, and the machine line."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from upi_lightning.models import build_classifier
+
+MODELS = {
+    "small_cnn": ((1, 28, 28), (0.1307,), (0.3081,)),
+    "cifar_resnet18": ((3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+"""``name -> (input shape, mean, std)``: the MNIST small CNN and the CIFAR ResNet-18."""
+
+
+def benchmark_model(name: str, device: torch.device) -> tuple[nn.Module, tuple[int, int, int]]:
+    """An untrained 10-class classifier ``name`` of :data:`MODELS` on ``device`` and its input shape."""
+    shape, mean, std = MODELS[name]
+    return build_classifier(name, 10, shape, mean, std).to(device), shape
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one ``fn()`` call (CUDA work synchronized on both sides)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def median_seconds(fn: Callable[[], Tensor], repeats: int, device: torch.device, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed(fn, device) for _ in range(repeats))
+
+
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)``; 0 keeps torch's default."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def machine_line(device: torch.device) -> str:
+    """``device=..., threads=..., torch ..., load average ... on N CPUs`` for a table's header."""
+    return (
+        f"device={device}, threads={torch.get_num_threads()}, torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )

@@ -1,0 +1,160 @@
+"""Cost of one UPI-Grad step against one plain training step (issue 7 target: <= 3.5x).
+
+For each model, on one batch of ``--batch-size`` random ``[0, 1]`` images with random labels, times:
+
+* **train**: one plain training step in train mode: forward, cross-entropy, ``backward``, ``SGD.step``;
+* **UPI-Grad**: the work ``fit_universal`` does for one batch: ``objective.per_sample(...)`` (clean maps
+  of ``x``, then the differentiable maps of ``clip(x + delta)``), ``torch.autograd.grad`` w.r.t.
+  ``delta`` and ``projected_ascent_step``, once through the softplus(beta) surrogate as the attack
+  configs do (``surrogate_beta: 10.0``) and once on the ReLU model itself;
+* **UPI-Grad, clean maps given**: the same step with the clean maps passed in precomputed (what a cache
+  of the clean maps per batch would cost), to show the share of the clean-map pass.
+
+The candidates run in turn (round-robin), ``--warmup`` untimed rounds then ``--repeats`` timed ones (the
+ResNet: ``--resnet-repeats``), so a slowdown of a shared machine hits all of them alike; the table
+shows the median and the minimum of each and their ratios to the training step. The models are
+untrained (timing does not depend on the weights).
+
+    python benchmarks/upi_step_cost.py                         # SmallCNN and CifarResNet18, 2 threads
+    python benchmarks/upi_step_cost.py --models small_cnn --repeats 20
+    python benchmarks/upi_step_cost.py --threads 0 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+from collections.abc import Callable, Hashable
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from harness import MODELS, benchmark_model, machine_line, set_threads, timed
+from torch import Tensor, nn
+
+from upi_lightning.attacks.objective import UPIObjective
+from upi_lightning.perturbation import make_generator, projected_ascent_step, random_in_ball
+
+TARGET = 3.5
+Key = TypeVar("Key", bound=Hashable)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median kept)")
+    parser.add_argument("--resnet-repeats", type=int, default=1, help="timed runs for cifar_resnet18")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
+    parser.add_argument(
+        "--given-models",
+        nargs="*",
+        choices=sorted(MODELS),
+        default=["small_cnn"],
+        help="models also timed with the clean maps precomputed (passed in)",
+    )
+    parser.add_argument("--beta", type=float, default=10.0, help="softplus surrogate beta")
+    parser.add_argument("--norm", choices=("l2", "linf"), default="l2")
+    parser.add_argument("--eps", type=float, default=1.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch.set_num_threads; 0 = torch's default",
+    )
+    return parser.parse_args()
+
+
+def interleaved_seconds(
+    fns: dict[Key, Callable[[], object]], repeats: int, warmup: int, device: torch.device
+) -> dict[Key, list[float]]:
+    """Wall times of every ``fns[key]()``, run in turn (round-robin) ``repeats`` times after ``warmup`` rounds.
+
+    Interleaving makes a slowdown of a shared machine hit every candidate alike, so ratios stay fair.
+    """
+    times: dict[Key, list[float]] = {key: [] for key in fns}
+    for round_index in range(warmup + repeats):
+        for key, fn in fns.items():
+            seconds = timed(fn, device)
+            if round_index >= warmup:
+                times[key].append(seconds)
+    return times
+
+
+def train_step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+    """One plain training step (train mode, CE, backward, SGD step) on ``model``."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def upi_step_fn(
+    model: nn.Module, x: Tensor, y: Tensor, objective: UPIObjective, args: argparse.Namespace, precompute: bool
+) -> Callable[[], Tensor]:
+    """One UPI-Grad step as in ``fit_universal`` (eval mode; clean maps recomputed unless ``precompute``)."""
+    model.eval()
+    generator = make_generator(0, x.device)
+    state = {"delta": random_in_ball(tuple(x.shape[1:]), args.norm, args.eps, generator, x.device)}
+    clean = objective.clean_maps(model, x, y) if precompute else None
+
+    def step() -> Tensor:
+        variable = state["delta"].clone().requires_grad_(True)
+        values = objective.per_sample(model, x, y, variable, clean_maps=clean, generator=generator)
+        (grad,) = torch.autograd.grad(values.sum(), variable, allow_unused=True, materialize_grads=True)
+        state["delta"] = projected_ascent_step(state["delta"], grad / len(values), args.norm, args.eps, args.eps / 4)
+        return values.detach()
+
+    return step
+
+
+def main() -> None:
+    args = parse_args()
+    set_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(
+        f"UPI-Grad step vs training step: batch={args.batch_size}, norm={args.norm}, eps={args.eps}, "
+        f"surrogate beta={args.beta}, gradient maps of the logit, L2 dissimilarity, {machine_line(device)}; "
+        "untrained models, random images\n"
+    )
+    print("| model | input | repeats | step | clean maps | median s | min s | median ratio | min ratio | target |")
+    print("|---|---|---:|---|---|---:|---:|---:|---:|---|")
+    for name in args.models:
+        repeats = args.resnet_repeats if name == "cifar_resnet18" else args.repeats
+        model, shape = benchmark_model(name, device)
+        x = torch.rand(args.batch_size, *shape, device=device)
+        y = torch.randint(0, 10, (args.batch_size,), device=device)
+        # The training step mutates its own copy; the attacked model keeps fixed weights as in a fit.
+        fns: dict[tuple[str, str], Callable[[], object]] = {
+            ("train (SGD)", ""): train_step_fn(copy.deepcopy(model), x, y)
+        }
+        for label, beta in (("UPI softplus surrogate", args.beta), ("UPI ReLU model", None)):
+            for precompute in (False, True) if name in args.given_models else (False,):
+                step = upi_step_fn(model, x, y, UPIObjective(surrogate_beta=beta), args, precompute)
+                fns[(label, "given" if precompute else "recomputed")] = step
+        times = interleaved_seconds(fns, repeats, args.warmup, device)
+        train_median, train_min = statistics.median(times[("train (SGD)", "")]), min(times[("train (SGD)", "")])
+        size = "x".join(map(str, shape))
+        for (label, clean), values in times.items():
+            median, fastest = statistics.median(values), min(values)
+            ratio = median / train_median
+            verdict = "" if not clean else f"<= {TARGET}x: {'met' if ratio <= TARGET else 'not met'}"
+            print(
+                f"| {name} | {size} | {repeats} | {label} | {clean} | {median:.3f} | {fastest:.3f} | "
+                f"{ratio:.2f}x | {fastest / train_min:.2f}x | {verdict} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
