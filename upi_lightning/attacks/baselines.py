@@ -14,19 +14,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import (
+    AscentOptions,
     Batches,
-    Init,
-    Reduce,
     Schedule,
-    StepCallback,
     UPIFitResult,
     check_steps,
     default_step_size,
     fit_universal,
-    identity,
     model_device,
     prepare_batch,
     step_size_at,
@@ -126,23 +124,17 @@ def fit_classification_uap(
     *,
     norm: Norm,
     eps: float,
-    epochs: int = 2,
-    step_size: float | None = None,
-    schedule: Schedule = "cosine",
     clamp: float = 10.0,
-    init: Init | Tensor = "random",
-    reduce: Reduce = identity,
-    seed: int = 0,
-    progress: bool = False,
-    on_step: StepCallback | None = None,
+    **options: Unpack[AscentOptions],
 ) -> UPIFitResult:
     r"""Fit SGD-UAP, a universal perturbation aimed at the predictions.
 
     Projected stochastic ascent of :math:`\frac1n\sum_i \min(\mathrm{CE}(f(\mathrm{clip}(x_i + \delta)),
     y_i), \beta)` with :math:`\beta` = ``clamp``.
     The clamp stops samples that are already misclassified from dominating the gradient. Differentiates
-    the model itself (no surrogate: the cross-entropy gradient does not vanish on ReLU networks). Other
-    arguments are those of :func:`upi_lightning.attacks.upi_grad.fit_universal`.
+    the model itself (no surrogate: the cross-entropy gradient does not vanish on ReLU networks).
+    ``options`` are the ascent options of :func:`upi_lightning.attacks.upi_grad.fit_universal`
+    (:class:`~upi_lightning.attacks.upi_grad.AscentOptions`).
     """
     if not clamp > 0:
         raise UPIError(f"clamp is the cap beta of the clamped cross-entropy and must be > 0, got {clamp}.")
@@ -151,20 +143,7 @@ def fit_classification_uap(
         return F.cross_entropy(model(apply_perturbation(x, delta)), y, reduction="none").clamp(max=clamp)
 
     result = fit_universal(
-        model,
-        batches,
-        clamped_cross_entropy,
-        norm=norm,
-        eps=eps,
-        epochs=epochs,
-        step_size=step_size,
-        schedule=schedule,
-        init=init,
-        reduce=reduce,
-        seed=seed,
-        progress=progress,
-        on_step=on_step,
-        name="classification_uap",
+        model, batches, clamped_cross_entropy, norm=norm, eps=eps, name="classification_uap", **options
     )
     result.info["clamp"] = clamp
     return result

@@ -21,11 +21,12 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypedDict, get_args
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from typing_extensions import Unpack
 
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.errors import UPIError
@@ -50,6 +51,19 @@ PerSampleFn = Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor]
 """``fn(x, y, delta, generator) -> (N,)``: per-sample objective to maximize, differentiable in ``delta``."""
 StepCallback = Callable[[int, Tensor, float], None]
 """``on_step(step, delta, mean_objective)``: called after every update (e.g. for logging)."""
+
+
+class AscentOptions(TypedDict, total=False):
+    """Optional keyword arguments of :func:`fit_universal` that its wrappers pass through unchanged."""
+
+    epochs: int
+    step_size: float | None
+    schedule: Schedule
+    init: Init | Tensor
+    reduce: Reduce
+    seed: int
+    progress: bool
+    on_step: StepCallback | None
 
 
 def identity(tensor: Tensor) -> Tensor:
@@ -282,19 +296,13 @@ def fit_upi_grad(
     norm: Norm,
     eps: float,
     objective: UPIObjective | None = None,
-    epochs: int = 2,
-    step_size: float | None = None,
-    schedule: Schedule = "cosine",
-    init: Init | Tensor = "random",
-    reduce: Reduce = identity,
-    seed: int = 0,
-    progress: bool = False,
-    on_step: StepCallback | None = None,
+    **options: Unpack[AscentOptions],
 ) -> UPIFitResult:
     r"""Fit a UPI by projected stochastic gradient ascent on :math:`\frac1n\sum_i J_i(\delta)`.
 
     ``J`` is :meth:`UPIObjective.per_sample` (default objective: simple-gradient logit maps, L2
-    dissimilarity, no surrogate). All other arguments are those of :func:`fit_universal`. ``info``
+    dissimilarity, no surrogate). ``options`` are the ascent options of :func:`fit_universal`
+    (:class:`AscentOptions`: epochs, step_size, schedule, init, reduce, seed, progress, on_step). ``info``
     also holds the objective settings.
     """
     objective = UPIObjective() if objective is None else objective
@@ -302,22 +310,7 @@ def fit_upi_grad(
     def per_sample(x: Tensor, y: Tensor, delta: Tensor, generator: torch.Generator) -> Tensor:
         return objective.per_sample(model, x, y, delta, generator=generator)
 
-    result = fit_universal(
-        model,
-        batches,
-        per_sample,
-        norm=norm,
-        eps=eps,
-        epochs=epochs,
-        step_size=step_size,
-        schedule=schedule,
-        init=init,
-        reduce=reduce,
-        seed=seed,
-        progress=progress,
-        on_step=on_step,
-        name="upi_grad",
-    )
+    result = fit_universal(model, batches, per_sample, norm=norm, eps=eps, name="upi_grad", **options)
     result.info["objective"] = objective.settings()
     return result
 
