@@ -65,8 +65,12 @@ def run_train(*args: str) -> subprocess.CompletedProcess[str]:
             ],
             "error: MNIST not found under /nonexistent/mnist",
         ),
+        (
+            ["fit", "--data=upi_lightning.data.NpzDataModule", "--data.path=/nonexistent/data.npz"],
+            "error: No .npz file at /nonexistent/data.npz",
+        ),
     ],
-    ids=["unknown-model", "config-typo", "wrong-data-root"],
+    ids=["unknown-model", "config-typo", "wrong-data-root", "missing-npz"],
 )
 def test_bad_input_gives_a_one_line_error(args: list[str], message: str) -> None:
     result = run_train(*args)
@@ -80,3 +84,17 @@ def test_help_and_print_config() -> None:
     assert "--model.arch" in run_train("fit", "--help").stdout
     config = run_train("fit", "--config", "configs/mnist.yaml", "--print_config").stdout
     assert "MNISTDataModule" in config and "arch: small_cnn" in config
+
+
+def test_attack_py_reports_a_data_error_from_init_as_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "attack.py"), "--data=upi_lightning.data.NpzDataModule", "--data.path=/no.npz"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: No .npz file at /no.npz; set data.path to a file with arrays " + (
+        "train_images, train_labels, test_images, test_labels."
+    )

@@ -67,12 +67,29 @@ class UPILightningCLI(LightningCLI):
             print(f"Best checkpoint:  {checkpoint.best_model_path} (val/acc={checkpoint.best_model_score})")
 
 
+def user_error(err: BaseException) -> UPIError | None:
+    """The :class:`UPIError` that caused ``err``, following its cause/context chain (``None`` if none).
+
+    jsonargparse re-raises errors from a class's ``__init__`` (a data module that cannot find its files)
+    as its own ``ValueError``; the user's problem is the original error.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, UPIError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def run_reporting_errors(main: Callable[[], T]) -> T:
-    """Run ``main``; print a :class:`UPIError` as ``error: <message>`` and exit with status 2."""
+    """Run ``main``; print a :class:`UPIError` (even one wrapped by jsonargparse) as one line, exit 2."""
     try:
         return main()
-    except UPIError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
