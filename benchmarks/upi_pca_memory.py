@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from upi_lightning.attacks.objective import UPIObjective
-from upi_lightning.attacks.upi_pca import fit_upi_pca
+from upi_lightning.attacks.upi_pca import fit_upi_pca, svd_bytes
 from upi_lightning.errors import UPIError
 from upi_lightning.models import Normalize, build_classifier
 
@@ -136,7 +136,7 @@ def measure(args: argparse.Namespace, solver: str, n: int, folder: str) -> tuple
 
 
 def refusal_message(args: argparse.Namespace) -> str:
-    """The exact route's error on a matrix over ``max_bytes`` (half the matrix it would need)."""
+    """The exact route's error when ``max_bytes`` is half of what it needs (:func:`svd_bytes`)."""
     shape = tuple(args.input_shape)
     d = shape[0] * shape[1] * shape[2]
     try:
@@ -147,7 +147,7 @@ def refusal_message(args: argparse.Namespace) -> str:
             eps=args.eps,
             objective=objective(),
             solver="svd",
-            max_bytes=8 * d * d // 2,
+            max_bytes=svd_bytes(d) // 2,
         )
     except UPIError as err:
         return f"UPIError: {err}"
@@ -167,8 +167,8 @@ def main() -> None:
         f"UPI-PCA peak memory: {args.model} (untrained), synthetic uniform random images {'x'.join(map(str, shape))} "
         f"(d={d}) generated per batch, batch={args.batch_size}, power n_iter<={args.n_iter}, "
         f"block_size={args.block_size}, tol={args.tol}, sigma=0.1, surrogate beta=10, "
-        f"threads={torch.get_num_threads()}, torch {torch.__version__}; svd matrix 8d^2 = "
-        f"{8 * d * d / 2**20:.1f} MiB, power basis 3*block*d*4 = {3 * args.block_size * d * 4 / 2**20:.2f} MiB\n"
+        f"threads={torch.get_num_threads()}, torch {torch.__version__}; svd matrix and eigh copy 2*8d^2 = "
+        f"{svd_bytes(d) / 2**20:.1f} MiB, power basis 3*block*d*4 = {3 * args.block_size * d * 4 / 2**20:.2f} MiB\n"
     )
     print("| n | solver | peak RSS MiB | before fit MiB | fit increase MiB | seconds | passes | converged | |cos| |")
     print("|---:|---|---:|---:|---:|---:|---:|---|---:|")
@@ -188,7 +188,7 @@ def main() -> None:
                     f"{info.get('converged', '-') if solver == 'power' else '(exact)'} | {cosine:.6f} |",
                     flush=True,
                 )
-    print(f"\nExact route over max_bytes (max_bytes = half of 8d^2): {refusal_message(args)}")
+    print(f"\nExact route over max_bytes (max_bytes = half of 2*8d^2): {refusal_message(args)}")
 
 
 if __name__ == "__main__":

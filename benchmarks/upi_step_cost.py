@@ -3,12 +3,13 @@
 For each model, on one batch of ``--batch-size`` random ``[0, 1]`` images with random labels, times:
 
 * **train**: one plain training step in train mode: forward, cross-entropy, ``backward``, ``SGD.step``;
-* **UPI-Grad**: the work ``fit_universal`` does for one batch: ``objective.per_sample(...)`` (clean maps
-  of ``x``, then the differentiable maps of ``clip(x + delta)``), ``torch.autograd.grad`` w.r.t.
-  ``delta`` and ``projected_ascent_step``, once through the softplus(beta) surrogate as the attack
-  configs do (``surrogate_beta: 10.0``) and once on the ReLU model itself;
-* **UPI-Grad, clean maps given**: the same step with the clean maps passed in precomputed (what a cache
-  of the clean maps per batch would cost), to show the share of the clean-map pass.
+* **UPI-Grad**: one step of a real ``fit_upi_grad`` run (``fit_universal``: batch checks, the maps of
+  ``clip(x + delta)`` built with ``create_graph``, ``torch.autograd.grad`` w.r.t. ``delta``, the packed
+  reduce, the projected step), through the softplus(beta) surrogate as the attack configs do
+  (``surrogate_beta: 10.0``) and on the ReLU model itself. Each round runs a 2-step fit on the batch and
+  times its second step (from ``on_step`` to ``on_step``), once with the clean maps cached (the default:
+  in every epoch after the first they come from the cache) and once with ``cache_clean_maps=False``
+  (recomputed at every step, as in the first epoch).
 
 The candidates run in turn (round-robin), ``--warmup`` untimed rounds then ``--repeats`` timed ones (the
 ResNet: ``--resnet-repeats``), so a slowdown of a shared machine hits all of them alike; the table
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import time
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
@@ -34,7 +36,7 @@ from harness import MODELS, benchmark_model, machine_line, set_threads, timed
 from torch import Tensor, nn
 
 from upi_lightning.attacks.objective import UPIObjective
-from upi_lightning.perturbation import make_generator, projected_ascent_step, random_in_ball
+from upi_lightning.attacks.upi_grad import fit_upi_grad
 
 TARGET = 3.5
 Key = TypeVar("Key", bound=Hashable)
@@ -47,13 +49,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median kept)")
     parser.add_argument("--resnet-repeats", type=int, default=1, help="timed runs for cifar_resnet18")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
-    parser.add_argument(
-        "--given-models",
-        nargs="*",
-        choices=sorted(MODELS),
-        default=["small_cnn"],
-        help="models also timed with the clean maps precomputed (passed in)",
-    )
     parser.add_argument("--beta", type=float, default=10.0, help="softplus surrogate beta")
     parser.add_argument("--norm", choices=("l2", "linf"), default="l2")
     parser.add_argument("--eps", type=float, default=1.0)
@@ -67,24 +62,22 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def interleaved_seconds(
-    fns: dict[Key, Callable[[], object]], repeats: int, warmup: int, device: torch.device
-) -> dict[Key, list[float]]:
-    """Wall times of every ``fns[key]()``, run in turn (round-robin) ``repeats`` times after ``warmup`` rounds.
+def interleaved_seconds(fns: dict[Key, Callable[[], float]], repeats: int, warmup: int) -> dict[Key, list[float]]:
+    """The seconds every ``fns[key]()`` returns, run in turn (round-robin) ``repeats`` times after ``warmup`` rounds.
 
     Interleaving makes a slowdown of a shared machine hit every candidate alike, so ratios stay fair.
     """
     times: dict[Key, list[float]] = {key: [] for key in fns}
     for round_index in range(warmup + repeats):
         for key, fn in fns.items():
-            seconds = timed(fn, device)
+            seconds = fn()
             if round_index >= warmup:
                 times[key].append(seconds)
     return times
 
 
-def train_step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
-    """One plain training step (train mode, CE, backward, SGD step) on ``model``."""
+def train_step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], float]:
+    """Seconds of one plain training step (train mode, CE, backward, SGD step) on ``model``."""
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
@@ -95,26 +88,37 @@ def train_step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor
         optimizer.step()
         return loss.detach()
 
-    return step
+    return lambda: timed(step, x.device)
 
 
 def upi_step_fn(
-    model: nn.Module, x: Tensor, y: Tensor, objective: UPIObjective, args: argparse.Namespace, precompute: bool
-) -> Callable[[], Tensor]:
-    """One UPI-Grad step as in ``fit_universal`` (eval mode; clean maps recomputed unless ``precompute``)."""
-    model.eval()
-    generator = make_generator(0, x.device)
-    state = {"delta": random_in_ball(tuple(x.shape[1:]), args.norm, args.eps, generator, x.device)}
-    clean = objective.clean_maps(model, x, y) if precompute else None
+    model: nn.Module, x: Tensor, y: Tensor, objective: UPIObjective, args: argparse.Namespace, cache: bool
+) -> Callable[[], float]:
+    """Seconds of the second step of a 2-step ``fit_upi_grad`` on ``(x, y)`` (clean maps cached or not)."""
+    device = x.device
 
-    def step() -> Tensor:
-        variable = state["delta"].clone().requires_grad_(True)
-        values = objective.per_sample(model, x, y, variable, clean_maps=clean, generator=generator)
-        (grad,) = torch.autograd.grad(values.sum(), variable, allow_unused=True, materialize_grads=True)
-        state["delta"] = projected_ascent_step(state["delta"], grad / len(values), args.norm, args.eps, args.eps / 4)
-        return values.detach()
+    def second_step() -> float:
+        stamps: list[float] = []
 
-    return step
+        def on_step(step: int, delta: Tensor, value: float) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            stamps.append(time.perf_counter())
+
+        fit_upi_grad(
+            model,
+            [(x, y)],
+            norm=args.norm,
+            eps=args.eps,
+            objective=objective,
+            epochs=2,
+            schedule="constant",
+            cache_clean_maps=cache,
+            on_step=on_step,
+        )
+        return stamps[1] - stamps[0]
+
+    return second_step
 
 
 def main() -> None:
@@ -135,14 +139,14 @@ def main() -> None:
         x = torch.rand(args.batch_size, *shape, device=device)
         y = torch.randint(0, 10, (args.batch_size,), device=device)
         # The training step mutates its own copy; the attacked model keeps fixed weights as in a fit.
-        fns: dict[tuple[str, str], Callable[[], object]] = {
+        fns: dict[tuple[str, str], Callable[[], float]] = {
             ("train (SGD)", ""): train_step_fn(copy.deepcopy(model), x, y)
         }
         for label, beta in (("UPI softplus surrogate", args.beta), ("UPI ReLU model", None)):
-            for precompute in (False, True) if name in args.given_models else (False,):
-                step = upi_step_fn(model, x, y, UPIObjective(surrogate_beta=beta), args, precompute)
-                fns[(label, "given" if precompute else "recomputed")] = step
-        times = interleaved_seconds(fns, repeats, args.warmup, device)
+            objective = UPIObjective(surrogate_beta=beta)
+            for cache in (True, False):
+                fns[(label, "cached" if cache else "recomputed")] = upi_step_fn(model, x, y, objective, args, cache)
+        times = interleaved_seconds(fns, repeats, args.warmup)
         train_median, train_min = statistics.median(times[("train (SGD)", "")]), min(times[("train (SGD)", "")])
         size = "x".join(map(str, shape))
         for (label, clean), values in times.items():

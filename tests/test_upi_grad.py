@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -204,3 +204,49 @@ def test_bad_inputs_are_refused(batches: object, kwargs: dict[str, object], matc
     settings = {"norm": "l2", "eps": EPS, "objective": OBJECTIVE, **kwargs}
     with pytest.raises(UPIError, match=match):
         fit_upi_grad(QuadraticScore(), batches, **settings)  # type: ignore[arg-type]
+
+
+def count_clean_maps(objective: UPIObjective, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the batch size of every map computation without a graph (the clean maps) of ``objective``."""
+    sizes: list[int] = []
+    original = objective.maps
+
+    def counted(model: torch.nn.Module, x: Tensor, y: Tensor, create_graph: bool = False) -> Tensor:
+        if not create_graph:
+            sizes.append(len(x))
+        return original(model, x, y, create_graph)
+
+    monkeypatch.setattr(objective, "maps", counted)
+    return sizes
+
+
+def test_clean_maps_are_computed_once_per_sample_and_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = TinyCNN()
+    batches = make_batches(3, 4, shape=(1, 6, 6))
+    objective = UPIObjective(k=5, surrogate_beta=5.0)
+    sizes = count_clean_maps(objective, monkeypatch)
+    shuffled = [batches, [(x.flip(0), y.flip(0)) for x, y in reversed(batches)]]  # epoch 2 in another order
+    fits = {}
+    for cache in (True, False):
+        sizes.clear()
+        fits[cache] = fit_upi_grad(
+            model, _EpochOrder(shuffled), norm="l2", eps=0.5, objective=objective, epochs=2, cache_clean_maps=cache
+        )
+        assert sum(sizes) == (12 if cache else 24)
+    torch.testing.assert_close(fits[True].delta, fits[False].delta)
+    assert fits[True].history == pytest.approx(fits[False].history)
+
+
+class _EpochOrder:
+    """A re-iterable that yields the batches of ``orders[k]`` on its k-th pass (like a shuffled loader)."""
+
+    def __init__(self, orders: list[list[tuple[Tensor, Tensor]]]) -> None:
+        self.orders, self.passes = orders, 0
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self.orders[self.passes % len(self.orders)]
+        self.passes += 1
+        return iter(order)
+
+    def __len__(self) -> int:
+        return len(self.orders[0])

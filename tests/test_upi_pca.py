@@ -6,10 +6,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tests.test_objective import QuadraticScore, TinyCNN, assert_untouched, make_batches, snapshot
-from tests.test_upi_grad import run_ranks, split_batches
+from tests.test_upi_grad import count_clean_maps, run_ranks, split_batches
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import mean_objective
-from upi_lightning.attacks.upi_pca import fit_upi_pca, per_sample_gradient_rows, prediction_gradient_rows
+from upi_lightning.attacks.upi_pca import (
+    fit_upi_pca,
+    format_bytes,
+    per_sample_gradient_rows,
+    prediction_gradient_rows,
+    svd_bytes,
+)
 from upi_lightning.errors import UPIError
 from upi_lightning.models import softplus_surrogate
 from upi_lightning.perturbation import make_generator
@@ -124,11 +130,46 @@ def test_reduce_hook_two_ranks_equal_one_process() -> None:
 def test_bad_settings_are_refused() -> None:
     batches = make_batches(1, 4)
     objective = UPIObjective(sigma=0.1)
-    with pytest.raises(UPIError, match="max_bytes"):
-        fit_upi_pca(QuadraticScore(), batches, norm="l2", eps=0.1, objective=objective, solver="svd", max_bytes=1000)
+    message = r"two 64 x 64 float64 matrices \(64\.0 KiB\), more than max_bytes=1\.0 KiB; use solver='power'"
+    with pytest.raises(UPIError, match=message):
+        fit_upi_pca(QuadraticScore(), batches, norm="l2", eps=0.1, objective=objective, solver="svd", max_bytes=1024)
     with pytest.raises(UPIError, match="solver"):
         fit_upi_pca(QuadraticScore(), batches, norm="l2", eps=0.1, solver="lanczos")  # type: ignore[arg-type]
     with pytest.raises(UPIError, match="sigma > 0"):
         fit_upi_pca(QuadraticScore(), batches, norm="l2", eps=0.1, objective=UPIObjective())
     with pytest.raises(UPIError, match="one-shot"):
         fit_upi_pca(QuadraticScore(), iter(batches), norm="l2", eps=0.1)
+
+
+@pytest.mark.parametrize("solver", ["power", "svd"])
+def test_cached_clean_maps_are_computed_once_and_change_nothing(solver: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = TinyCNN()
+    batches = make_batches(3, 8, shape=(1, 6, 6), low=0.1, high=0.9)
+    objective = UPIObjective(k=5, sigma=0.05, surrogate_beta=5.0)
+    sizes = count_clean_maps(objective, monkeypatch)
+    fits = {}
+    for cache in (True, False):
+        sizes.clear()
+        fits[cache] = fit_upi_pca(
+            model,
+            batches,
+            norm="l2",
+            eps=1.0,
+            objective=objective,
+            solver=solver,
+            n_iter=3,
+            tol=0.0,
+            cache_clean_maps=cache,
+        )  # type: ignore[arg-type]
+        # clean maps: once (cached) or once per solver pass and for the sign choice; plus the maps of the
+        # 24 samples perturbed by +delta and -delta (sign choice), which are never cached
+        clean = 24 if cache else 24 * (fits[cache].info["passes"] + 1)
+        assert sum(sizes) == clean + 2 * 24
+    torch.testing.assert_close(fits[True].delta, fits[False].delta)
+
+
+def test_format_bytes_picks_a_readable_unit() -> None:
+    assert format_bytes(512) == "0.5 KiB"
+    assert format_bytes(72 * 2**20) == "72.0 MiB"
+    assert format_bytes(1.5 * 2**30) == "1.50 GiB"
+    assert svd_bytes(3072) == 2 * 8 * 3072**2

@@ -34,7 +34,6 @@ stores their :meth:`Regularizer.state_dict` under :data:`CHECKPOINT_KEY` and the
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import math
@@ -56,6 +55,7 @@ from upi_lightning.attacks.upi_grad import Reduce, check_steps, fit_upi_grad, id
 from upi_lightning.errors import UPIError
 from upi_lightning.perturbation import Norm, check_eps, check_norm, perturbation_norm
 from upi_lightning.saliency import attribution
+from upi_lightning.sample_cache import SampleCache
 
 CHECKPOINT_KEY = "upi_regularizers"
 """Checkpoint entry holding ``[{"class_path": ..., "state": ...}, ...]``, one per regularizer."""
@@ -269,7 +269,7 @@ class InterpretationRegularization(Regularizer):
         self.threshold = threshold
         self.cache_targets = cache_targets
         self._teacher: nn.Module | None = None
-        self._cache: dict[bytes, Tensor] = {}
+        self._cache = SampleCache(storage="cpu")
 
     def teacher(self, device: torch.device) -> nn.Module:
         """Return the frozen eval-mode teacher network on ``device`` (loaded on first call).
@@ -309,18 +309,7 @@ class InterpretationRegularization(Regularizer):
         x, y = x.detach(), y.detach()
         if not self.cache_targets:
             return self.teacher_targets(x, y)
-        pixels = x.cpu().flatten(1).numpy()
-        labels = y.cpu().tolist()
-        keys = [
-            hashlib.blake2b(row.tobytes() + label.to_bytes(8, "little"), digest_size=16).digest()
-            for row, label in zip(pixels, labels, strict=True)
-        ]
-        missing = [i for i, key in enumerate(keys) if key not in self._cache]
-        if missing:
-            index = torch.tensor(missing, device=x.device)
-            computed = self.teacher_targets(x[index], y[index]).cpu()
-            self._cache.update(zip([keys[i] for i in missing], computed, strict=True))
-        return torch.stack([self._cache[key] for key in keys]).to(x.device)
+        return self._cache(self.teacher_targets, x, y)
 
     def __call__(self, batch: TrainingBatch) -> Tensor:
         true_logits = batch.logits.gather(1, batch.y[:, None]).sum()

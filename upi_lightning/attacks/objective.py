@@ -40,6 +40,7 @@ from upi_lightning.saliency import (
     gradients_enabled,
     saliency_map,
 )
+from upi_lightning.sample_cache import SampleCache
 
 Dissimilarity = Literal["l2", "topk_mass", "cosine"]
 DISSIMILARITIES: tuple[str, ...] = get_args(Dissimilarity)
@@ -172,9 +173,18 @@ class UPIObjective:
         """Compute maps ``(N, H, W)`` of classes ``y`` on ``x`` with these settings, on ``model`` as given."""
         return saliency_map(model, x, y, self.method, score=self.score, create_graph=create_graph, **self.method_kwargs)
 
-    def clean_maps(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """Compute the detached reference maps :math:`I(x)` ``(N, H, W)`` (on the surrogate if configured)."""
-        return self.maps(self.network(model), x, y).detach()
+    def clean_maps(self, model: nn.Module, x: Tensor, y: Tensor, cache: SampleCache | None = None) -> Tensor:
+        """Compute the detached reference maps :math:`I(x)` ``(N, H, W)`` (on the surrogate if configured).
+
+        With a ``cache``, each distinct sample's map is computed once per cache: use one cache per fit,
+        while the model does not change.
+        """
+        net = self.network(model)
+
+        def compute(images: Tensor, classes: Tensor) -> Tensor:
+            return self.maps(net, images, classes).detach()
+
+        return compute(x, y) if cache is None else cache(compute, x, y)
 
     def dissimilarity_term(
         self,

@@ -41,6 +41,7 @@ from upi_lightning.perturbation import (
     random_in_ball,
 )
 from upi_lightning.saliency import evaluation_mode, gradients_enabled
+from upi_lightning.sample_cache import SampleCache
 
 Schedule = Literal["constant", "cosine", "step"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
@@ -296,6 +297,7 @@ def fit_upi_grad(
     norm: Norm,
     eps: float,
     objective: UPIObjective | None = None,
+    cache_clean_maps: bool = True,
     **options: Unpack[AscentOptions],
 ) -> UPIFitResult:
     r"""Fit a UPI by projected stochastic gradient ascent on :math:`\frac1n\sum_i J_i(\delta)`.
@@ -304,11 +306,17 @@ def fit_upi_grad(
     dissimilarity, no surrogate). ``options`` are the ascent options of :func:`fit_universal`
     (:class:`AscentOptions`: epochs, step_size, schedule, init, reduce, seed, progress, on_step). ``info``
     also holds the objective settings.
+
+    With ``cache_clean_maps`` the clean maps :math:`I(x_i)` are computed once per fit sample (first
+    epoch) and reused by later epochs, in any batch order (:class:`SampleCache`); the cache holds
+    ``H * W`` floats per sample on the model's device. The result is the same either way.
     """
     objective = UPIObjective() if objective is None else objective
+    cache = SampleCache() if cache_clean_maps else None
 
     def per_sample(x: Tensor, y: Tensor, delta: Tensor, generator: torch.Generator) -> Tensor:
-        return objective.per_sample(model, x, y, delta, generator=generator)
+        clean = objective.clean_maps(model, x, y, cache)
+        return objective.per_sample(model, x, y, delta, clean, generator)
 
     result = fit_universal(model, batches, per_sample, norm=norm, eps=eps, name="upi_grad", **options)
     result.info["objective"] = objective.settings()
@@ -324,12 +332,14 @@ def mean_objective(
     seed: int = 0,
     reduce: Reduce = identity,
     progress: bool = False,
+    cache: SampleCache | None = None,
 ) -> list[float]:
     r"""Return the mean objective :math:`\frac1n\sum_i J_i(\delta)` on ``batches`` of each candidate delta.
 
     No gradient w.r.t. ``delta`` is built. Every candidate sees the same smoothing noise (one generator
     per candidate, same seed), so differences between candidates are not noise. ``reduce`` sums
-    ``cat([objective_sums, [count]])`` across ranks.
+    ``cat([objective_sums, [count]])`` across ranks. ``cache`` holds clean maps already computed by
+    the fit (:meth:`UPIObjective.clean_maps`).
     """
     device = model_device(model)
     sums = torch.zeros(len(deltas), device=device, dtype=torch.float64)
@@ -339,7 +349,7 @@ def mean_objective(
         moved = [delta.detach().to(device=device, dtype=torch.float32) for delta in deltas]
         for batch in tqdm(batches, desc="objective", disable=not progress, leave=False):
             x, y = prepare_batch(batch, device, tuple(moved[0].shape))
-            clean = objective.clean_maps(model, x, y)
+            clean = objective.clean_maps(model, x, y, cache)
             for index, (delta, generator) in enumerate(zip(moved, generators, strict=True)):
                 sums[index] += objective.per_sample(model, x, y, delta, clean, generator).sum().double()
             count += len(x)

@@ -52,6 +52,7 @@ from upi_lightning.perturbation import (
     make_generator,
 )
 from upi_lightning.saliency import evaluation_mode, gradients_enabled
+from upi_lightning.sample_cache import SampleCache
 
 Solver = Literal["power", "svd"]
 SOLVERS: tuple[str, ...] = get_args(Solver)
@@ -69,6 +70,7 @@ def per_sample_gradient_rows(
     y: Tensor,
     objective: UPIObjective,
     generator: torch.Generator | None = None,
+    clean_maps: Tensor | None = None,
 ) -> Tensor:
     r"""Rows :math:`g_i` ``(N, d)`` of ``G`` for one batch, in one batched backward pass.
 
@@ -76,6 +78,7 @@ def per_sample_gradient_rows(
     :math:`Z_{ij} \sim N(0, \sigma^2 I)`, ``m = objective.n_noise`` (the gradient at
     :math:`\delta = 0` of :meth:`UPIObjective.dissimilarity_term` with a per-sample ``delta``). Samples
     are independent in eval mode, so the gradient of the batch sum gives every row at once.
+    ``clean_maps``: precomputed :meth:`UPIObjective.clean_maps` of ``x`` (computed when ``None``).
 
     Raises:
         UPIError: if ``objective.sigma == 0``: at :math:`Z = 0` every row is exactly 0.
@@ -88,7 +91,7 @@ def per_sample_gradient_rows(
         )
     with gradients_enabled():
         delta = torch.zeros_like(x, requires_grad=True)
-        values = objective.dissimilarity_term(model, x, y, delta, generator=generator)
+        values = objective.dissimilarity_term(model, x, y, delta, clean_maps, generator)
         return _input_gradient_rows(values, delta)
 
 
@@ -109,15 +112,18 @@ def _row_batches(
     seed: int,
     desc: str,
     progress: bool,
+    cache: SampleCache | None,
 ) -> Iterator[tuple[Tensor, Tensor | None]]:
     """Yield ``(G_b, C_b)`` per batch, rows shaped like ``x`` (``C_b = None`` without keep-prediction).
 
-    The noise generator is seeded afresh, so every pass over the same batches yields the same rows.
+    The noise generator is seeded afresh, so every pass over the same batches yields the same rows;
+    ``cache`` keeps the clean maps from one pass to the next.
     """
     generator = make_generator(seed, device)
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         x, y = prepare_batch(batch, device)
-        rows = per_sample_gradient_rows(model, x, y, objective, generator).view_as(x)
+        clean = objective.clean_maps(model, x, y, cache)
+        rows = per_sample_gradient_rows(model, x, y, objective, generator, clean).view_as(x)
         penalty = prediction_gradient_rows(model, x, y, objective) if objective.keep_prediction > 0 else None
         yield rows, None if penalty is None else penalty.view_as(x)
 
@@ -135,30 +141,59 @@ def _symmetric(matrix: Tensor) -> Tensor:
 def _solve_svd(
     rows: Iterator[tuple[Tensor, Tensor | None]], lam: float, reduce: Reduce, max_bytes: int
 ) -> tuple[Tensor, list[float], dict[str, Any]]:
-    r"""Exact solver: accumulate :math:`M = G^\top G - \lambda C^\top C` in float64, reduce, ``eigh``."""
-    gram: Tensor | None = None
-    count = 0
+    r"""Exact solver: accumulate :math:`M = G^\top G - \lambda C^\top C` in float64, reduce, ``eigh``.
+
+    Memory: the ``d x d`` matrix lives in one flat buffer with the sample count as its last entry (the
+    tensor ``reduce`` sums, no copy), accumulated in place (``addmm_``); ``eigh`` reads its lower
+    triangle and adds its own copy and eigenvectors, so the peak is about ``2 * 8 d^2`` bytes.
+    """
+    buffer: Tensor | None = None
     for image_rows, image_penalty in rows:
-        batch_rows, penalty, shape = image_rows.flatten(1), _flat(image_penalty), image_rows.shape[1:]
-        if gram is None:
-            dim = batch_rows.shape[1]
-            if 8 * dim * dim > max_bytes:
-                raise UPIError(
-                    f"solver='svd' needs a {dim} x {dim} float64 matrix ({8 * dim * dim / 2**30:.2f} GiB) > "
-                    f"max_bytes={max_bytes / 2**30:.2f} GiB; use solver='power' or raise max_bytes."
-                )
-            gram = batch_rows.new_zeros((dim, dim), dtype=torch.float64)
-        gram += batch_rows.T.double() @ batch_rows.double()
+        batch_rows, penalty, shape = image_rows.flatten(1).double(), _flat(image_penalty), image_rows.shape[1:]
+        dim = batch_rows.shape[1]
+        if buffer is None:
+            check_svd_memory(dim, max_bytes)
+            buffer = batch_rows.new_zeros(dim * dim + 1)
+        gram = buffer[:-1].view(dim, dim)
+        gram.addmm_(batch_rows.T, batch_rows)
         if penalty is not None:
-            gram -= lam * (penalty.T.double() @ penalty.double())
-        count += len(batch_rows)
-    if gram is None:
+            penalty = penalty.double()
+            gram.addmm_(penalty.T, penalty, alpha=-lam)
+        buffer[-1] += len(batch_rows)
+    if buffer is None:
         raise UPIError("upi_pca: the fit data yielded no batch.")
-    packed = reduce(torch.cat([gram.flatten(), gram.new_tensor([count])]))
-    count_all = packed[-1].item()
-    values, vectors = torch.linalg.eigh(_symmetric(packed[:-1].view_as(gram)))
+    buffer = reduce(buffer)
+    count_all = buffer[-1].item()
+    values, vectors = torch.linalg.eigh(buffer[:-1].view(dim, dim))  # reads the lower triangle only
     value = values[-1].item() / count_all
     return vectors[:, -1].float().view(shape), [value], {"eigenvalue": value, "passes": 1}
+
+
+def format_bytes(count: float) -> str:
+    """``count`` bytes as ``"1.50 GiB"``, ``"72.0 MiB"`` or ``"12.0 KiB"``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if count >= size:
+            return f"{count / size:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{count / 2**10:.1f} KiB"
+
+
+def svd_bytes(dim: int) -> int:
+    """Peak bytes of the ``svd`` solver for ``d = dim``: the float64 matrix and ``eigh``'s copy of it."""
+    return 2 * 8 * dim * dim
+
+
+def check_svd_memory(dim: int, max_bytes: int) -> None:
+    """Refuse an exact solve whose matrices (:func:`svd_bytes`) exceed ``max_bytes``, naming the way out.
+
+    Raises:
+        UPIError: when ``svd_bytes(dim) > max_bytes``.
+    """
+    needed = svd_bytes(dim)
+    if needed > max_bytes:
+        raise UPIError(
+            f"solver='svd' needs two {dim} x {dim} float64 matrices ({format_bytes(needed)}), more than "
+            f"max_bytes={format_bytes(max_bytes)}; use solver='power' (memory O(d)) or raise max_bytes."
+        )
 
 
 def _solve_power(
@@ -240,6 +275,7 @@ def fit_upi_pca(
     reduce: Reduce = identity,
     seed: int = 0,
     progress: bool = False,
+    cache_clean_maps: bool = True,
 ) -> UPIFitResult:
     r"""Fit a UPI as :math:`\pm\varepsilon v_1(M)` (module docstring), sign chosen on the fit data.
 
@@ -258,10 +294,12 @@ def fit_upi_pca(
             when the top eigenvalues are close.
         tol: the power solver stops when the relative residual :math:`\|Mv - \theta v\| / \max|\theta_i|`
             drops below ``tol``.
-        max_bytes: memory limit for the ``svd`` solver's matrix.
+        max_bytes: memory limit of the ``svd`` solver (:func:`svd_bytes`: its matrix and ``eigh``'s copy).
         reduce: sums a flat tensor across ranks (once per pass, and once for the sign).
         seed: seeds the noise (same noise every pass) and the power iteration's start.
         progress: show tqdm progress bars.
+        cache_clean_maps: compute the clean maps of each fit sample once for all passes and the sign
+            choice (:class:`~upi_lightning.sample_cache.SampleCache`, ``H * W`` floats per sample).
 
     Returns:
         ``history``: per pass, the Rayleigh quotient :math:`v^\top M v / n` of the current estimate;
@@ -277,11 +315,13 @@ def fit_upi_pca(
     passes_over(batches, 2 + (n_iter if solver == "power" else 0))
     device = model_device(model)
     lam = objective.keep_prediction
+    cache = SampleCache() if cache_clean_maps else None
     start = time.perf_counter()
     with evaluation_mode(model), gradients_enabled():
 
         def make_rows(iteration: int) -> Iterator[tuple[Tensor, Tensor | None]]:
-            return _row_batches(model, batches, objective, device, seed, f"upi_pca pass {iteration + 1}", progress)
+            desc = f"upi_pca pass {iteration + 1}"
+            return _row_batches(model, batches, objective, device, seed, desc, progress, cache)
 
         if solver == "svd":
             direction, history, diagnostics = _solve_svd(make_rows(0), lam, reduce, max_bytes)
@@ -291,7 +331,7 @@ def fit_upi_pca(
             )
         delta = eps * (direction if norm == "l2" else direction.sign())
         plus, minus = mean_objective(
-            model, batches, objective, [delta, -delta], seed=seed, reduce=reduce, progress=progress
+            model, batches, objective, [delta, -delta], seed=seed, reduce=reduce, progress=progress, cache=cache
         )
     if minus > plus:
         delta = -delta
