@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tol", type=float, default=1e-5)
     parser.add_argument("--eps", type=float, default=1.0, help="L2 radius")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; 0 = torch's default")
+    parser.add_argument(
+        "--cache-clean-maps", action="store_true", help="fit_upi_pca(cache_clean_maps=True): memory then grows with n"
+    )
     parser.add_argument("--child", choices=SOLVER_NAMES, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -115,6 +118,7 @@ def run_child(args: argparse.Namespace) -> None:
         n_iter=args.n_iter,
         block_size=args.block_size,
         tol=args.tol,
+        cache_clean_maps=args.cache_clean_maps,
     )
     seconds = time.perf_counter() - start
     info = {key: result.info.get(key) for key in ("passes", "converged", "relative_residual", "eigenvalue")}
@@ -129,7 +133,7 @@ def measure(args: argparse.Namespace, solver: str, n: int, folder: str) -> tuple
     command += ["--input-shape", *map(str, args.input_shape), "--model", args.model]
     command += ["--batch-size", str(args.batch_size), "--n-iter", str(args.n_iter)]
     command += ["--block-size", str(args.block_size), "--tol", str(args.tol), "--eps", str(args.eps)]
-    command += ["--threads", str(args.threads)]
+    command += ["--threads", str(args.threads)] + (["--cache-clean-maps"] if args.cache_clean_maps else [])
     subprocess.run(command, check=True)
     saved = torch.load(out)
     return saved["record"], saved["delta"]
@@ -166,7 +170,8 @@ def main() -> None:
     print(
         f"UPI-PCA peak memory: {args.model} (untrained), synthetic uniform random images {'x'.join(map(str, shape))} "
         f"(d={d}) generated per batch, batch={args.batch_size}, power n_iter<={args.n_iter}, "
-        f"block_size={args.block_size}, tol={args.tol}, sigma=0.1, surrogate beta=10, "
+        f"block_size={args.block_size}, tol={args.tol}, cache_clean_maps={args.cache_clean_maps}, "
+        "sigma=0.1, surrogate beta=10, "
         f"threads={torch.get_num_threads()}, torch {torch.__version__}; svd matrix and eigh copy 2*8d^2 = "
         f"{svd_bytes(d) / 2**20:.1f} MiB, power basis 3*block*d*4 = {3 * args.block_size * d * 4 / 2**20:.2f} MiB\n"
     )

@@ -167,3 +167,15 @@ def test_fit_method_uses_the_scaled_step(checkpoint: Path) -> None:
     result = runner.fit_method("upi_grad", model, batches, runner.Budget("linf", 0.04), settings)
     assert result.info["step_size"] == pytest.approx(0.02) and result.info["norm"] == "linf"
     assert result.delta.abs().max() <= 0.04 + 1e-7
+
+
+@pytest.mark.parametrize("fit_split", ["attack_fit", "train"])
+def test_fit_loader_draws_from_the_chosen_split_and_eval_stays_held_out(fit_split: str) -> None:
+    datamodule = SyntheticDataModule(num_train=96, num_test=40, input_shape=(1, 6, 6))
+    settings = runner.AttackSettings(fit_split=fit_split, fit_samples=None, eval_samples=None, batch_size=16)
+    fit, held_out = runner.attack_loaders(datamodule, settings)
+    expected = {"attack_fit": 20, "train": len(datamodule.splits["train"])}[fit_split]
+    assert len(fit.dataset) == expected and len(held_out.dataset) == 20
+    fit_images = {tuple(x.flatten().tolist()) for x, _ in fit.dataset}
+    split_images = {tuple(x.flatten().tolist()) for x, _ in datamodule.splits[fit_split]}
+    assert fit_images == split_images

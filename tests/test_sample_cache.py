@@ -47,4 +47,12 @@ def test_results_are_stored_on_the_storage_device_and_returned_on_the_batch_devi
     x, y = torch.rand(2, 1, 2, 2, dtype=torch.float64), torch.tensor([0, 1])
     out = cache(lambda a, b: a.flatten(1), x, y)
     assert out.device == x.device and out.dtype == torch.float64
-    assert all(value.device.type == "cpu" for value in cache._results.values())
+    assert all(chunk.device.type == "cpu" for chunk in cache._chunks)
+
+
+def test_a_sample_repeated_within_a_batch_is_computed_once() -> None:
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([0, 1, 2])
+    calls: list[int] = []
+    out = SampleCache()(squares(calls), x[[0, 1, 0, 2, 1]], y[[0, 1, 0, 2, 1]])
+    assert calls == [3]
+    torch.testing.assert_close(out, (x.flatten(1).pow(2).sum(1) + y)[[0, 1, 0, 2, 1]])

@@ -39,22 +39,28 @@ class SampleCache:
 
     def __init__(self, storage: torch.device | str | None = None) -> None:
         self.storage = None if storage is None else torch.device(storage)
-        self._results: dict[bytes, Tensor] = {}
+        self._chunks: list[Tensor] = []  # one tensor per compute() call, never a tensor per sample
+        self._where: dict[bytes, tuple[int, int]] = {}  # sample key -> (chunk, row)
 
     def __len__(self) -> int:
-        return len(self._results)
+        return len(self._where)
 
     def __call__(self, compute: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
         """Return ``compute(x, y)`` (on ``x.device``), computing it only for samples not seen before."""
         keys = sample_keys(x, y)
-        missing = [i for i, key in enumerate(keys) if key not in self._results]
+        first_seen: dict[bytes, int] = {}  # new keys -> their first position in the batch
+        for position, key in enumerate(keys):
+            if key not in self._where:
+                first_seen.setdefault(key, position)
+        missing = list(first_seen.values())
         if missing:
             if len(missing) == len(keys):
                 computed = compute(x, y).detach()
             else:
                 index = torch.tensor(missing, device=x.device)
                 computed = compute(x[index], y[index]).detach()
-            if self.storage is not None:
-                computed = computed.to(self.storage)
-            self._results.update(zip([keys[i] for i in missing], computed, strict=True))
-        return torch.stack([self._results[key] for key in keys]).to(x.device)
+            self._chunks.append(computed if self.storage is None else computed.to(self.storage))
+            chunk = len(self._chunks) - 1
+            self._where.update({keys[i]: (chunk, row) for row, i in enumerate(missing)})
+        rows = [self._chunks[chunk][row] for chunk, row in map(self._where.__getitem__, keys)]
+        return torch.stack(rows).to(x.device)

@@ -144,12 +144,15 @@ class UPIGradSettings(ObjectiveSettings):
             epochs beat the 2-epoch default at L2 eps 3 and Linf (relative L2 1.36x / 1.10x random
             instead of 1.30x / 1.04x), and tied it at L2 eps 0.5 and 1.
         schedule: ``constant``, ``cosine`` or ``step``.
+        cache_clean_maps: compute each fit sample's clean map once, not at every epoch (``H * W`` floats
+            per fit sample; same result).
     """
 
     epochs: int = 2
     step_size: float | None = None
     step_scale: float | None = None
     schedule: Schedule = "cosine"
+    cache_clean_maps: bool = True
 
     def __post_init__(self) -> None:
         if self.step_scale is not None and not self.step_scale > 0:
@@ -169,11 +172,14 @@ class UPIPCASettings(ObjectiveSettings):
     Attributes:
         solver: ``power`` (streaming, memory O(d)) or ``svd`` (exact, holds a d x d matrix).
         n_iter: passes of the streaming solver.
+        cache_clean_maps: compute each fit sample's clean map once for all passes (``H * W`` floats per
+            fit sample, so the streaming solver's memory then grows with the fit set; same result).
     """
 
     sigma: float = 0.1
     solver: Literal["power", "svd"] = "power"
     n_iter: int = 20
+    cache_clean_maps: bool = False
 
 
 @dataclass
@@ -204,7 +210,9 @@ class AttackSettings:
         upi_grad: UPI-Grad settings (its objective is also the per-sample attack's).
         upi_pca: UPI-PCA settings.
         baselines: baseline settings.
-        fit_samples: samples of the attack_fit split used to fit (``null`` = all).
+        fit_split: the data module split to fit on: ``attack_fit`` (half of the test set, default) or
+            ``train`` (the training split, for fits larger than the test set allows).
+        fit_samples: samples of the fit split used to fit (``null`` = all).
         eval_samples: held-out samples evaluated (``null`` = all of attack_eval).
         batch_size: batch size of fitting and evaluation.
         k: top-k size of the top-k metrics.
@@ -218,6 +226,7 @@ class AttackSettings:
     upi_grad: UPIGradSettings = field(default_factory=UPIGradSettings)
     upi_pca: UPIPCASettings = field(default_factory=UPIPCASettings)
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
+    fit_split: Literal["attack_fit", "train"] = "attack_fit"
     fit_samples: int | None = 5000
     eval_samples: int | None = 5000
     batch_size: int = 128
@@ -242,12 +251,12 @@ def first_samples(dataset: Dataset[Any], count: int | None) -> Dataset[Any]:
 
 
 def attack_loaders(datamodule: LightningDataModule, settings: AttackSettings) -> tuple[DataLoader, DataLoader]:
-    """Shuffled fit loader (seeded) and ordered held-out loader over the data module's attack splits."""
+    """Shuffled fit loader (seeded) over ``settings.fit_split`` and ordered held-out loader over attack_eval."""
     datamodule.setup("test")
     splits = getattr(datamodule, "splits", {})
     if "attack_fit" not in splits:
         raise UPIError(f"{type(datamodule).__name__} has no attack_fit/attack_eval splits; use an ImageDataModule.")
-    fit = first_samples(splits["attack_fit"], settings.fit_samples)
+    fit = first_samples(splits[settings.fit_split], settings.fit_samples)
     held_out = first_samples(splits["attack_eval"], settings.eval_samples)
     generator = torch.Generator().manual_seed(settings.seed)
     return (
@@ -283,6 +292,7 @@ def fit_method(
             step_size=grad.base_step(budget.eps),
             schedule=grad.schedule,
             init=init,
+            cache_clean_maps=grad.cache_clean_maps,
             **common,
         )
     if method == "upi_pca":
@@ -293,6 +303,7 @@ def fit_method(
             objective=pca.objective(settings.saliency, settings.k),
             solver=pca.solver,
             n_iter=pca.n_iter,
+            cache_clean_maps=pca.cache_clean_maps,
             **common,
         )
     if method == "uap":

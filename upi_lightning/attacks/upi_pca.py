@@ -275,7 +275,7 @@ def fit_upi_pca(
     reduce: Reduce = identity,
     seed: int = 0,
     progress: bool = False,
-    cache_clean_maps: bool = True,
+    cache_clean_maps: bool = False,
 ) -> UPIFitResult:
     r"""Fit a UPI as :math:`\pm\varepsilon v_1(M)` (module docstring), sign chosen on the fit data.
 
@@ -299,7 +299,9 @@ def fit_upi_pca(
         seed: seeds the noise (same noise every pass) and the power iteration's start.
         progress: show tqdm progress bars.
         cache_clean_maps: compute the clean maps of each fit sample once for all passes and the sign
-            choice (:class:`~upi_lightning.sample_cache.SampleCache`, ``H * W`` floats per sample).
+            choice (:class:`~upi_lightning.sample_cache.SampleCache`): each pass is about a quarter
+            cheaper, but memory grows by ``H * W`` floats per fit sample, so it is off by default to keep
+            the streaming solver's memory independent of ``n``.
 
     Returns:
         ``history``: per pass, the Rayleigh quotient :math:`v^\top M v / n` of the current estimate;

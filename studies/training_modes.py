@@ -1,0 +1,237 @@
+"""Train the MNIST small CNN in every training mode, then measure what each mode buys and costs.
+
+For each mode (standard, input-gradient norm, IR, UPI-adversarial, consistency, PGD-AT) this script
+
+1. trains ``configs/mnist[_<mode>].yaml`` for ``--epochs`` epochs (``train.py fit``), timing the fit;
+2. tests the last checkpoint (``train.py test``): clean accuracy on the whole test set and PGD robust
+   accuracy (40 steps, random start) at Linf 0.1/0.2/0.3 and L2 1.5/2.5 on its first ``--robust-samples``;
+3. attacks it (``attack.py`` with ``configs/attack_mnist.yaml``) with UPI-Grad, UPI-PCA and random
+   noise at one fixed budget (L2 ``--upi-eps``), fitted on ``--attack-samples`` and evaluated on as many
+   held-out ones,
+
+and writes ``table.md`` / ``table.json`` under ``--output`` from every mode finished so far. Each step's
+result is saved as it finishes and skipped when present, so an interrupted study resumes where it
+stopped, and several invocations with disjoint ``--modes`` can run side by side. The configs each run used
+(with the study's overrides: epochs, output folder, data root, cheaper PGD-AT and IR teachers when asked)
+are written to ``<output>/configs``.
+
+Run: ``python studies/training_modes.py --data-root data --epochs 2``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from upi_lightning.cli import attack_main, train_cli  # noqa: E402
+from upi_lightning.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+MODES = {
+    "standard": "mnist.yaml",
+    "input_grad": "mnist_input_grad.yaml",
+    "ir": "mnist_ir.yaml",
+    "upi_adv": "mnist_upi_adv.yaml",
+    "consistency": "mnist_consistency.yaml",
+    "pgd": "mnist_pgd.yaml",
+}
+ROBUST_BUDGETS = [("linf", 0.1), ("linf", 0.2), ("linf", 0.3), ("l2", 1.5), ("l2", 2.5)]
+UPI_METHODS = ("upi_grad", "upi_pca", "random")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The study's command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default="data", help="Folder holding MNIST/raw (or where to download it).")
+    parser.add_argument("--output", default="runs/study_training_modes", help="Output folder.")
+    parser.add_argument("--epochs", type=int, default=2, help="Training epochs of every mode.")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="Modes to run.")
+    parser.add_argument("--robust-samples", type=int, default=500, help="Test images attacked by PGD.")
+    parser.add_argument("--attack-samples", type=int, default=1000, help="UPI fit and held-out samples (each).")
+    parser.add_argument("--upi-eps", type=float, default=1.0, help="L2 radius of the UPI attacks.")
+    parser.add_argument("--pgd-train-steps", type=int, default=None, help="PGD-AT steps (None: the config's 40).")
+    parser.add_argument("--ir-samples", type=int, default=None, help="IR teacher SmoothGrad copies (None: 50).")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default).")
+    return parser.parse_args(argv)
+
+
+def robust_callbacks(eval_batch_size: int, robust_samples: int) -> list[dict[str, Any]]:
+    """RobustAccuracy callbacks (test stage) attacking the first ``robust_samples`` test images."""
+    max_batches = max(1, robust_samples // eval_batch_size)
+    return [
+        {
+            "class_path": "upi_lightning.attacks.pgd.RobustAccuracy",
+            "init_args": {"norm": norm, "eps": eps, "steps": 40, "max_batches": max_batches},
+        }
+        for norm, eps in ROBUST_BUDGETS
+    ]
+
+
+def mode_config(mode: str, args: argparse.Namespace, teacher: Path | None) -> Path:
+    """Write the config of ``mode`` with the study's overrides; return its path."""
+    config = yaml.safe_load((REPO / "configs" / MODES[mode]).read_text())
+    trainer = config["trainer"]
+    trainer["max_epochs"] = args.epochs
+    trainer["logger"]["init_args"].update(save_dir=str(Path(args.output)), name=mode, version="fit")
+    data = config["data"]["init_args"]
+    data["root"] = args.data_root
+    trainer["callbacks"] = robust_callbacks(data["eval_batch_size"], args.robust_samples)
+    for regularizer in config["model"].get("regularizers") or []:
+        init = regularizer["init_args"]
+        name = regularizer["class_path"].rsplit(".", 1)[1]
+        if name == "PGDAdversarial" and args.pgd_train_steps is not None:
+            # Same radius, fewer steps: step 2.5 eps / steps (Madry et al.'s rule of thumb).
+            init.update(steps=args.pgd_train_steps, step_size=2.5 * init["eps"] / args.pgd_train_steps)
+        if name == "InterpretationRegularization":
+            if teacher is None:
+                raise SystemExit("IR needs the standard mode's checkpoint as its teacher; run --modes standard ir.")
+            init["teacher_ckpt"] = str(teacher)
+            if args.ir_samples is not None:
+                init["n_samples"] = args.ir_samples
+    path = Path(args.output) / "configs" / f"{mode}.yaml"
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def load_json(path: Path) -> dict[str, Any] | None:
+    """A step's saved result, or ``None`` when the step has not finished yet."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fit(mode: str, config: Path, out: Path) -> dict[str, Any]:
+    """``train.py fit``; its wall time and the last checkpoint (skipped when done before)."""
+    done = load_json(out / "fit.json")
+    if done is not None:
+        return done
+    start = time.perf_counter()
+    cli = train_cli(["fit", "--config", str(config)])
+    seconds = time.perf_counter() - start
+    result = {
+        "seconds": seconds,
+        "epochs": cli.trainer.current_epoch,
+        "ckpt": cli.trainer.checkpoint_callback.last_model_path,
+    }
+    atomic_write_json(out / "fit.json", result)
+    return result
+
+
+def test(config: Path, ckpt: str, out: Path) -> dict[str, float]:
+    """``train.py test``: clean and PGD robust accuracy of the checkpoint."""
+    done = load_json(out / "test.json")
+    if done is not None:
+        return done
+    version = ["--trainer.logger.init_args.version", "test"]
+    cli = train_cli(["test", "--config", str(config), "--ckpt_path", ckpt, *version])
+    metrics = {key: float(value) for key, value in cli.trainer.callback_metrics.items() if key.startswith("test/")}
+    atomic_write_json(out / "test.json", metrics)
+    return metrics
+
+
+def attack(ckpt: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """``attack.py``: UPI-Grad, UPI-PCA and random noise at L2 ``--upi-eps``."""
+    done = load_json(out / "attack" / "report.json")
+    if done is not None:
+        return done
+    return attack_main(
+        [
+            "--config",
+            str(REPO / "configs" / "attack_mnist.yaml"),
+            "--ckpt",
+            ckpt,
+            "--data.init_args.root",
+            args.data_root,
+            "--attack.budgets",
+            json.dumps([{"norm": "l2", "eps": args.upi_eps}]),
+            "--attack.methods",
+            json.dumps(list(UPI_METHODS)),
+            "--attack.fit_samples",
+            str(args.attack_samples),
+            "--attack.eval_samples",
+            str(args.attack_samples),
+            "--output",
+            str(out / "attack"),
+            "--progress",
+            "false",
+        ]
+    )
+
+
+def row_of(mode: str, fit_result: dict[str, Any], metrics: dict[str, float], report: dict[str, Any]) -> dict[str, Any]:
+    """One table row from the fit time, the test metrics and the attack report of a mode."""
+    row: dict[str, Any] = {"mode": mode, "clean_acc": metrics["test/acc"]}
+    for norm, eps in ROBUST_BUDGETS:
+        row[f"robust_{norm}_{eps:g}"] = metrics[f"test/robust_acc_{norm}_{eps:g}"]
+    for result in report["results"]:
+        row[f"{result['method']}_relative_l2"] = result["metrics"]["relative_l2"]
+        row[f"{result['method']}_topk"] = result["metrics"]["topk_intersection"]
+    row["seconds_per_epoch"] = fit_result["seconds"] / max(1, fit_result["epochs"])
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """The table as Markdown, time per epoch also as a multiple of the standard mode's."""
+    standard = next((row["seconds_per_epoch"] for row in rows if row["mode"] == "standard"), None)
+    robust = [f"{norm} {eps:g}" for norm, eps in ROBUST_BUDGETS]
+    upi = [f"{method} {metric}" for method in UPI_METHODS for metric in ("rel. L2", "top-k")]
+    header = ["mode", "clean acc", *robust, *upi, "s / epoch", "x standard"]
+    lines = [
+        f"PGD robust accuracy (40 steps) on the first {args.robust_samples} test images; UPI budget L2 "
+        f"{args.upi_eps:g} (fit on {args.attack_samples}, evaluated on {args.attack_samples} held-out); "
+        f"{args.epochs} epochs per mode.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+    ]
+    for row in rows:
+        cells = [row["mode"], f"{row['clean_acc']:.4f}"]
+        cells += [f"{row[f'robust_{norm}_{eps:g}']:.3f}" for norm, eps in ROBUST_BUDGETS]
+        cells += [f"{row[f'{method}_{key}']:.4f}" for method in UPI_METHODS for key in ("relative_l2", "topk")]
+        cells.append(f"{row['seconds_per_epoch']:.0f}")
+        cells.append(f"{row['seconds_per_epoch'] / standard:.2f}x" if standard else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def finished_rows(output: Path) -> list[dict[str, Any]]:
+    """Table rows of every mode (in :data:`MODES` order) whose fit, test and attack are all saved."""
+    rows = []
+    for mode in MODES:
+        saved = [load_json(output / mode / name) for name in ("fit.json", "test.json", "attack/report.json")]
+        if all(item is not None for item in saved):
+            rows.append(row_of(mode, *saved))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every requested mode (resuming finished steps) and rewrite the table after each."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = Path(args.output)
+    standard_fit = load_json(output / "standard" / "fit.json")
+    teacher = None if standard_fit is None else Path(standard_fit["ckpt"])
+    for mode in args.modes:
+        out = output / mode
+        config = mode_config(mode, args, teacher)
+        fit_result = fit(mode, config, out)
+        if mode == "standard":
+            teacher = Path(fit_result["ckpt"])
+        test(config, fit_result["ckpt"], out)
+        attack(fit_result["ckpt"], args, out)
+        rows = finished_rows(output)
+        atomic_write_json(output / "table.json", rows)
+        atomic_write_text(output / "table.md", markdown(rows, args))
+        print(markdown(rows, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()
