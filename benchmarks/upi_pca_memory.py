@@ -172,7 +172,7 @@ def main() -> None:
         f"(d={d}) generated per batch, batch={args.batch_size}, power n_iter<={args.n_iter}, "
         f"block_size={args.block_size}, tol={args.tol}, cache_clean_maps={args.cache_clean_maps}, "
         "sigma=0.1, surrogate beta=10, "
-        f"threads={torch.get_num_threads()}, torch {torch.__version__}; svd matrix and eigh copy 2*8d^2 = "
+        f"threads={torch.get_num_threads()}, torch {torch.__version__}; svd arrays 5*8d^2 = "
         f"{svd_bytes(d) / 2**20:.1f} MiB, power basis 3*block*d*4 = {3 * args.block_size * d * 4 / 2**20:.2f} MiB\n"
     )
     print("| n | solver | peak RSS MiB | before fit MiB | fit increase MiB | seconds | passes | converged | |cos| |")
@@ -193,7 +193,7 @@ def main() -> None:
                     f"{info.get('converged', '-') if solver == 'power' else '(exact)'} | {cosine:.6f} |",
                     flush=True,
                 )
-    print(f"\nExact route over max_bytes (max_bytes = half of 2*8d^2): {refusal_message(args)}")
+    print(f"\nExact route over max_bytes (max_bytes = half of 5*8d^2): {refusal_message(args)}")
 
 
 if __name__ == "__main__":
