@@ -266,7 +266,10 @@ def test_upi_attack_under_two_process_ddp_equals_one_process(tmp_path: Path) -> 
     weights = {key: value.clone() for key, value in model.state_dict().items()}
 
     def attack() -> UPIAttack:  # 2 global batches of 16 fit samples: 8 + 8 per batch on 2 ranks
-        return small_attack(methods=("upi_grad", "upi_pca", "random"), fit_batches=2, eval_batches=2)
+        # enough power passes to converge: an unconverged iterate amplifies the rounding differences of the
+        # two summation orders (3 passes: max |diff| 2e-3 at |cos| 1.0000; converged: 4e-6)
+        methods = ("upi_grad", "upi_pca", "random")
+        return small_attack(methods=methods, fit_batches=2, eval_batches=2, upi_pca=UPIPCASettings(n_iter=10))
 
     ddp = upi_trainer(tmp_path, [attack(), DumpAttack(tmp_path, "ddp")], devices=2)
     ddp.fit(model, upi_data())
@@ -278,16 +281,17 @@ def test_upi_attack_under_two_process_ddp_equals_one_process(tmp_path: Path) -> 
     assert rank0["attacks"] == rank1["attacks"] == one["attacks"] == 1
     for method in ("upi_grad", "upi_pca", "random"):  # every rank ends with the bit-identical delta
         assert torch.equal(rank0["deltas"][method], rank1["deltas"][method])
-    # UPI-Grad (sigma = 0: no noise) and random: the same delta as one process on the same 32 samples
-    assert (rank0["deltas"]["upi_grad"] - one["deltas"]["upi_grad"]).abs().max() < 1e-5
+    # the same deltas as one process on the same 32 samples; UPI-PCA too, as its smoothing noise is keyed
+    # by sample (the same noise whichever process holds the sample)
+    for method in ("upi_grad", "upi_pca"):
+        assert (rank0["deltas"][method] - one["deltas"][method]).abs().max() < 1e-5, method
     assert torch.equal(rank0["deltas"]["random"], one["deltas"]["random"])
     assert rank0["metrics"] == rank1["metrics"]
-    compared = [key for key in one["metrics"] if key.split("/")[1] in ("upi_grad", "random") and "seconds" not in key]
-    assert len(compared) == 2 * 13 and one["metrics"]["upi/upi_grad/n_samples"] == 32
+    compared = [key for key in one["metrics"] if key.split("/")[1] in ("upi_grad", "upi_pca", "random")]
+    compared = [key for key in compared if "seconds" not in key]
+    assert len(compared) == 3 * 13 and one["metrics"]["upi/upi_grad/n_samples"] == 32
     for key in compared:
         assert rank0["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4, abs=1e-6), key
-    # UPI-PCA smooths with noise drawn per process, so only its norm is compared
-    assert torch.linalg.vector_norm(rank0["deltas"]["upi_pca"]) == pytest.approx(1.0, rel=1e-5)
 
 
 class Snapshot(Callback):

@@ -14,6 +14,7 @@ from upi_lightning.data import (
     SyntheticDataModule,
     UInt8ImageDataset,
     channel_stats,
+    split_sizes,
 )
 from upi_lightning.errors import DatasetNotFoundError, UPIError
 
@@ -115,3 +116,12 @@ def test_bad_split_sizes_and_arrays_are_refused() -> None:
         SyntheticDataModule(num_train=10, val_size=10).setup()
     with pytest.raises(UPIError, match="uint8"):
         UInt8ImageDataset(torch.zeros(2, 1, 3, 3), torch.zeros(2))
+
+
+def test_split_sizes_refuse_a_float_outside_the_open_interval_and_a_one_sample_set() -> None:
+    assert split_sizes(10, 0.3, "val_size") == 3 and split_sizes(10, 3, "val_size") == 3
+    message = r"val_size=1.0 must be a fraction in \(0, 1\) or an integer count between 1 and 9"
+    with pytest.raises(UPIError, match=message):
+        split_sizes(10, 1.0, "val_size")
+    with pytest.raises(UPIError, match="has 1 sample"):
+        split_sizes(1, 0.5, "attack_fit_size")

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from upi_lightning.attacks.objective import UPIObjective, map_dissimilarity
 from upi_lightning.errors import UPIError
-from upi_lightning.perturbation import make_generator, random_on_sphere
+from upi_lightning.perturbation import make_generator, random_on_sphere, sample_normal
 from upi_lightning.saliency import saliency_map
 
 
@@ -165,7 +165,7 @@ def test_smoothing_averages_the_stacked_noise_draws() -> None:
     delta = 0.1 * random_on_sphere((1, 8, 8), "l2", 1.0, make_generator(3))
     objective = UPIObjective(sigma=0.05, n_noise=4)
     values = objective.per_sample(model, x, y, delta, generator=make_generator(5))
-    noise = torch.randn((4, *x.shape), generator=make_generator(5))
+    noise = sample_normal(x, y, 4, make_generator(5))
     clean = saliency_map(model, x, y)
     draws = [(saliency_map(model, (x + delta + 0.05 * z).clamp(0, 1), y) - clean).flatten(1).norm(dim=1) for z in noise]
     assert torch.allclose(values, torch.stack(draws).mean(dim=0), atol=1e-6)

@@ -18,7 +18,7 @@ from upi_lightning.attacks.upi_pca import (
 )
 from upi_lightning.errors import UPIError
 from upi_lightning.models import softplus_surrogate
-from upi_lightning.perturbation import make_generator
+from upi_lightning.perturbation import make_generator, sample_normal
 from upi_lightning.saliency import saliency_map
 
 SMOOTH = UPIObjective(k=5, sigma=0.05, surrogate_beta=5.0)
@@ -56,7 +56,7 @@ def test_rows_are_per_sample_gradients_in_one_batch() -> None:
     x, y = make_batches(1, 5, shape=(1, 6, 6))[0]
     objective = UPIObjective(k=5, sigma=0.05, n_noise=2, surrogate_beta=5.0)
     rows = per_sample_gradient_rows(model, x, y, objective, make_generator(3))
-    noise = torch.randn((2, *x.shape), generator=make_generator(3))
+    noise = sample_normal(x, y, 2, make_generator(3))
     surrogate = softplus_surrogate(model, 5.0)
     for i in range(len(x)):  # one sample at a time, by hand: the batched rows must not mix samples
         xi, yi = x[i : i + 1], y[i : i + 1]
@@ -114,12 +114,13 @@ def test_reduce_hook_two_ranks_equal_one_process() -> None:
     model = TinyCNN()
     batches = make_batches(3, 8, shape=(1, 6, 6), low=0.1, high=0.9)
     shards = split_batches(batches)
-    # no smoothing noise difference between layouts: each rank draws its own noise, so use n_noise draws of
-    # a generator-independent objective by comparing against the single process on the same rank layout
+    # the smoothing noise is keyed by sample, so both ranks together see the noise of the single process
     for solver in ("power", "svd"):
         kwargs = {"norm": "l2", "eps": 1.0, "objective": SMOOTH, "solver": solver}
         ranks = run_ranks(lambda rank, reduce, kw=kwargs: fit_upi_pca(model, shards[rank], reduce=reduce, **kw))  # type: ignore[arg-type]
         assert torch.equal(ranks[0].delta, ranks[1].delta)  # type: ignore[attr-defined]
+        alone = fit_upi_pca(model, batches, **kwargs)  # type: ignore[arg-type]
+        torch.testing.assert_close(ranks[0].delta, alone.delta, atol=1e-5, rtol=0)  # type: ignore[attr-defined]
         rows = torch.cat([gradient_matrix(model, shard, SMOOTH) for shard in shards]).double()
         top = torch.linalg.svd(rows, full_matrices=False).Vh[0]
         assert abs_cosine(ranks[0].delta, top) > 0.99  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from upi_lightning.attacks.runner import AttackRun, AttackSettings
 from upi_lightning.data import ImageDataModule
-from upi_lightning.errors import CheckpointMismatchError, UPIError
+from upi_lightning.errors import CheckpointMismatchError, UPIError, one_line
 from upi_lightning.models import build_classifier
 from upi_lightning.module import Classifier
 
@@ -126,12 +126,12 @@ def load_classifier(ckpt: str | Path, device: torch.device | str = "cpu") -> Cla
     except pickle.UnpicklingError as err:
         raise CheckpointMismatchError(
             f"{path} holds objects that safe (weights_only) loading refuses; only load checkpoints you trust "
-            f"written by train.py. ({str(err).splitlines()[0][:200]})"
+            f"written by train.py. ({one_line(err)})"
         ) from None
     except (RuntimeError, KeyError, TypeError, ValueError, EOFError) as err:
         raise CheckpointMismatchError(
             f"{path} is not a Classifier checkpoint this version can rebuild (truncated, or weights of another "
-            f"architecture): {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            f"architecture): {one_line(err)}"
         ) from None
 
 

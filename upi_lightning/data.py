@@ -66,8 +66,17 @@ def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
 
 
 def split_sizes(total: int, size: float | int, name: str) -> int:
-    """Resolve ``size`` (a fraction in ``(0, 1)`` or a count) against ``total`` samples."""
-    count = round(size * total) if isinstance(size, float) and size < 1 else int(size)
+    """Resolve ``size`` (a float fraction in ``(0, 1)`` or an integer count) against ``total`` samples.
+
+    Raises:
+        UPIError: if ``total < 2`` (nothing to split), ``size`` is a float outside ``(0, 1)`` (``1.0`` is
+            not "all": both parts must be non-empty), or either part would be empty.
+    """
+    if total < 2:
+        raise UPIError(f"{name}: the dataset has {total} sample(s); splitting it needs at least 2.")
+    if isinstance(size, float) and not 0 < size < 1:
+        raise UPIError(f"{name}={size} must be a fraction in (0, 1) or an integer count between 1 and {total - 1}.")
+    count = round(size * total) if isinstance(size, float) else int(size)
     if not 0 < count < total:
         raise UPIError(
             f"{name}={size} leaves an empty split of {total} samples; use a fraction in (0, 1) "

@@ -5,6 +5,8 @@ Every error a user can cause (a wrong name, a missing file, an impossible settin
 single line instead of a traceback.
 """
 
+import re
+
 
 class UPIError(ValueError):
     """A user-facing configuration or input error with a message that says how to fix it."""
@@ -16,3 +18,16 @@ class DatasetNotFoundError(UPIError, FileNotFoundError):
 
 class CheckpointMismatchError(UPIError):
     """A checkpoint or perturbation file does not fit the model or data it is loaded into."""
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """``"Type: first line of the message"`` of a library error, without terminal colour codes.
+
+    For quoting torch's (often multi-line, coloured) errors inside a one-line :class:`UPIError`.
+    """
+    text = _ANSI_ESCAPE.sub("", str(err))
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first[:limit]}"

@@ -13,6 +13,7 @@ The steepest-ascent step of every attack (UPI-Grad, the per-sample attack, the c
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -24,8 +25,9 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from upi_lightning.errors import CheckpointMismatchError, UPIError
+from upi_lightning.errors import CheckpointMismatchError, UPIError, one_line
 from upi_lightning.io import atomic_write
+from upi_lightning.sample_cache import sample_keys
 
 Norm = Literal["l2", "linf"]
 NORMS: tuple[str, ...] = get_args(Norm)
@@ -143,6 +145,24 @@ def draw_normal(
 ) -> Tensor:
     """Draw standard normal float32 samples on the generator's device and return them on ``device``."""
     return _draw(torch.randn, shape, generator, device)
+
+
+def sample_normal(x: Tensor, y: Tensor, draws: int, generator: torch.Generator | None = None) -> Tensor:
+    """Standard normal noise ``(draws, N, C, H, W)`` for the batch ``(x, y)``, keyed by sample.
+
+    Each call draws one integer from ``generator`` (the call's seed); the noise of sample ``i`` is then a
+    function of that seed and the content of ``(x_i, y_i)`` alone (:func:`upi_lightning.sample_cache.
+    sample_keys`), not of the batch it came in, its position there, or how many processes share the
+    data. So a fit on 2 processes (each drawing the same call seeds) smooths with the same noise as on 1.
+    """
+    source = generator.device if generator is not None else x.device
+    call_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=source).item()).to_bytes(8, "little")
+    noise = torch.empty((draws, *x.shape), device=x.device)
+    for index, key in enumerate(sample_keys(x, y)):
+        seed = int.from_bytes(hashlib.blake2b(key + call_seed, digest_size=8).digest(), "little") >> 1
+        sample_generator = torch.Generator(device=x.device).manual_seed(seed)
+        noise[:, index] = torch.randn((draws, *x.shape[1:]), generator=sample_generator, device=x.device)
+    return noise
 
 
 def random_on_sphere(
@@ -317,7 +337,7 @@ class UniversalPerturbation:
         except Exception as err:
             raise CheckpointMismatchError(
                 f"{path} is not a readable perturbation file (truncated, corrupt, or containing objects "
-                f"that weights_only loading refuses): {type(err).__name__}: {str(err)[:300]}"
+                f"that weights_only loading refuses): {one_line(err, 300)}"
             ) from err
         if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
             raise CheckpointMismatchError(

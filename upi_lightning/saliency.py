@@ -207,8 +207,8 @@ def attribution(
             images (one backward pass per chunk), to bound memory; ``None`` = one chunk.
 
     Raises:
-        UPIError: on an unknown method or score, ``n_steps < 1``, ``n_samples < 1``, ``sigma < 0``, a
-            SmoothGrad base method of ``smoothgrad``, a baseline that does not broadcast to ``x``, or a
+        UPIError: on NaN/inf in ``x``, an unknown method or score, ``n_steps < 1``, ``n_samples < 1``,
+            ``sigma < 0``, a SmoothGrad base method of ``smoothgrad``, a baseline that does not broadcast to ``x``, or a
             target of the wrong shape or out of range.
     """
     _check_choice("saliency method", method, SALIENCY_METHODS)
@@ -225,6 +225,8 @@ def attribution(
     if internal_batch_size is not None and internal_batch_size < 1:
         raise UPIError(f"internal_batch_size must be None or >= 1, got {internal_batch_size}.")
 
+    if not bool(torch.isfinite(x).all()):
+        raise UPIError("the images contain NaN or inf values, whose saliency maps are meaningless; check the data.")
     with evaluation_mode(model), gradients_enabled():
         x = _prepare_input(x, create_graph)
         if isinstance(target, Tensor) and target.dim() > 0 and target.shape != (x.shape[0],):

@@ -60,7 +60,7 @@ def evaluate_perturbation(
         the counts ``n_samples`` (evaluated) and ``n_seen``.
 
     Raises:
-        UPIError: if no sample was evaluated, or on bad images/labels/shapes.
+        UPIError: if no sample was evaluated, or on bad images/labels/shapes or a NaN/inf perturbation.
 
     """
     device = model_device(model)
@@ -89,6 +89,8 @@ def evaluate_perturbation(
                     f"perturbation of shape {tuple(batch_delta.shape)} does not fit images of shape "
                     f"{tuple(x.shape)}; give (C, H, W) or one (C, H, W) per sample."
                 )
+            if not bool(torch.isfinite(batch_delta).all()):
+                raise UPIError("the perturbation contains NaN or inf values; refit it or check its file.")
             perturbed = apply_perturbation(x, batch_delta)
             with torch.no_grad():
                 logits_perturbed = model(perturbed)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
 from upi_lightning.models import softplus_surrogate
-from upi_lightning.perturbation import apply_perturbation, draw_normal
+from upi_lightning.perturbation import apply_perturbation, sample_normal
 from upi_lightning.saliency import (
     SALIENCY_METHODS,
     SCORE_KINDS,
@@ -199,7 +199,9 @@ class UPIObjective:
 
         :math:`\frac{1}{m}\sum_j D(I(\mathrm{clip}(x + \delta + Z_j)), I(x))`, ``Z_j ~ N(0, sigma^2 I)``.
         Differentiable w.r.t. ``delta`` when ``delta`` requires grad. The ``n_noise`` noisy copies form
-        one batch of ``N * n_noise`` images (one forward and one backward pass).
+        one batch of ``N * n_noise`` images (one forward and one backward pass). The noise is keyed by
+        sample (:func:`~upi_lightning.perturbation.sample_normal`: one draw from ``generator`` per call),
+        so it does not depend on how the samples are batched or sharded across processes.
         """
         net = self.network(model)
         with evaluation_mode(net), gradients_enabled():
@@ -209,7 +211,7 @@ class UPIObjective:
             shifted = x + delta
             draws = self.n_noise if self.sigma > 0 else 1
             if self.sigma > 0:
-                noise = draw_normal((draws, *shifted.shape), generator, x.device)
+                noise = sample_normal(x, y, draws, generator)
                 shifted = shifted.unsqueeze(0) + self.sigma * noise
             batch = shifted.expand(draws, *x.shape).flatten(0, 1).clamp(0.0, 1.0)
             maps = self.maps(net, batch, y.repeat(draws), create_graph=delta.requires_grad)

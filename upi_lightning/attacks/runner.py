@@ -53,6 +53,8 @@ from upi_lightning.saliency import SaliencyMethod, ScoreKind, saliency_map
 
 MethodName = Literal["upi_grad", "upi_pca", "random", "per_sample", "uap"]
 ALL_METHODS: tuple[MethodName, ...] = ("upi_grad", "upi_pca", "random", "per_sample", "uap")
+FITTED_METHODS: tuple[MethodName, ...] = ("upi_grad", "upi_pca", "uap")
+"""The methods :func:`fit_method` fits (``random`` is drawn, ``per_sample`` is fitted per evaluated batch)."""
 TABLE_METRICS = ("relative_l2", "topk_intersection", "spearman", "kendall", "com_shift", "flip_rate")
 
 
@@ -309,7 +311,7 @@ def fit_method(
     if method == "uap":
         base = settings.baselines
         return fit_classification_uap(model, batches, epochs=base.uap_epochs, clamp=base.uap_clamp, init=init, **common)
-    raise UPIError(f"{method!r} is not a fitted universal method.")
+    raise UPIError(f"{method!r} is not a fitted universal method: use one of {list(FITTED_METHODS)}.")
 
 
 def per_sample_deltas(model: nn.Module, budget: Budget, settings: AttackSettings) -> Callable[[Tensor, Tensor], Tensor]:
