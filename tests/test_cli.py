@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from upi_lightning.cli import train_cli
+from tests.test_runner import checkpoint as checkpoint
+from upi_lightning.cli import attack_main, train_cli
 from upi_lightning.module import Classifier
+from upi_lightning.perturbation import UniversalPerturbation
 
 SYNTHETIC = [
     "--data=upi_lightning.data.SyntheticDataModule",
@@ -88,7 +90,13 @@ def test_help_and_print_config() -> None:
 
 def test_attack_py_reports_a_data_error_from_init_as_one_line() -> None:
     result = subprocess.run(
-        [sys.executable, str(REPO / "attack.py"), "--data=upi_lightning.data.NpzDataModule", "--data.path=/no.npz"],
+        [
+            sys.executable,
+            str(REPO / "attack.py"),
+            "--ckpt=/no.ckpt",
+            "--data=upi_lightning.data.NpzDataModule",
+            "--data.path=/no.npz",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -98,3 +106,36 @@ def test_attack_py_reports_a_data_error_from_init_as_one_line() -> None:
     assert result.stderr.strip() == "error: No .npz file at /no.npz; set data.path to a file with arrays " + (
         "train_images, train_labels, test_images, test_labels."
     )
+
+
+def test_attack_on_two_processes_writes_the_one_process_report(checkpoint: Path, tmp_path: Path) -> None:
+    """``--trainer.devices 2`` (DDP over gloo, spawned): every method's numbers and files equal one process's."""
+    common = [
+        f"--config={REPO / 'configs' / 'attack_quickstart.yaml'}",
+        f"--ckpt={checkpoint}",
+        "--attack.fit_samples=64",
+        "--attack.eval_samples=64",
+        "--attack.batch_size=32",
+        "--attack.upi_pca.solver=svd",  # exact: an unconverged power iterate amplifies summation-order rounding
+        "--progress=false",
+    ]
+    one = attack_main([*common, f"--output={tmp_path / 'one'}"])
+    two = attack_main(
+        [
+            *common,
+            f"--output={tmp_path / 'two'}",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp_spawn",
+        ]
+    )
+    assert one is not None and two is not None and two["machine"].endswith("2 processes")
+    assert [(r["method"], r["norm"]) for r in two["results"]] == [(r["method"], r["norm"]) for r in one["results"]]
+    for single, double in zip(one["results"], two["results"], strict=True):
+        for key, value in single["metrics"].items():
+            assert double["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (single["method"], key)
+    for path in sorted((tmp_path / "one" / "perturbations").glob("*.pt")):
+        alone = UniversalPerturbation.load(path).delta
+        shared = UniversalPerturbation.load(tmp_path / "two" / "perturbations" / path.name).delta
+        torch.testing.assert_close(shared, alone, atol=1e-5, rtol=0)
+    assert (tmp_path / "two" / "report.md").is_file() and list((tmp_path / "two").glob("figure_*.png"))

@@ -11,16 +11,18 @@ from __future__ import annotations
 import pickle
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from lightning.fabric import Fabric
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from upi_lightning.attacks.runner import AttackRun, AttackSettings
+from upi_lightning.attacks.runner import AttackRun, AttackSettings, Processes
 from upi_lightning.data import ImageDataModule
 from upi_lightning.errors import CheckpointMismatchError, UPIError, one_line
 from upi_lightning.models import build_classifier
@@ -166,27 +168,76 @@ def attack_parser() -> ArgumentParser:
     parser.add_subclass_arguments(ImageDataModule, "data", required=True, help="The data module (its attack splits).")
     parser.add_class_arguments(AttackSettings, "attack", help="What to fit and evaluate.")
     parser.add_argument("--output", type=str, default="runs/attack", help="Output folder.")
-    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", type=str, default="auto", help="One process: auto, cpu, cuda, cuda:1, ...")
+    parser.add_class_arguments(
+        DeviceSettings, "trainer", help="Several processes (devices or nodes), as the Trainer's flags of these names."
+    )
     parser.add_argument("--progress", type=bool, default=True, help="Show progress bars and per-method lines.")
     return parser
 
 
-def attack_main(args: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``attack.py``: parse, load the model, run :class:`AttackRun`, print where the files are."""
-    parser = attack_parser()
-    config = parser.parse_args(args)
-    init = parser.instantiate_classes(config)
-    datamodule: ImageDataModule = init.data
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    )
+@dataclass
+class DeviceSettings:
+    """Where ``attack.py`` runs when it uses several processes (Lightning Fabric, the Trainer's launcher).
+
+    With the defaults the attack runs in this process on ``--device``; with more devices or nodes, or a
+    strategy, every process fits and evaluates its share of each global batch and the report is the
+    one-process report (``AttackRun``'s ``processes``).
+
+    Attributes:
+        accelerator: ``auto``, ``cpu``, ``cuda``, ``gpu``...
+        devices: devices per node (an int, a list of indices, or ``auto``).
+        strategy: ``auto``, ``ddp``, ``ddp_spawn``...
+        num_nodes: machines.
+    """
+
+    accelerator: str = "auto"
+    devices: int | str | list[int] = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+
+    def several(self) -> bool:
+        """Whether these settings ask for more than this one process."""
+        return self.devices not in (1, "1") or self.num_nodes != 1 or self.strategy != "auto"
+
+
+def attack_main(args: list[str] | None = None) -> dict[str, Any] | None:
+    """Entry point of ``attack.py``: parse, then attack in this process or in several (``--trainer.*``)."""
+    config = attack_parser().parse_args(args)
     if (config.ckpt is None) == (config.model is None):
         raise UPIError("Give exactly one of --ckpt (a checkpoint from train.py) or --model torchvision.<name>.")
+    devices: DeviceSettings = DeviceSettings(**vars(config.trainer))
+    if not devices.several():
+        device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+        )
+        return attack_process(config, device, Processes())
+    fabric = Fabric(
+        accelerator=devices.accelerator, devices=devices.devices, strategy=devices.strategy, num_nodes=devices.num_nodes
+    )
+    return fabric.launch(attack_with_fabric, config)
+
+
+def attack_with_fabric(fabric: Fabric, config: Namespace) -> dict[str, Any] | None:
+    """One process of a multi-process attack: its rank, its device, sums through ``fabric.all_reduce``."""
+
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        return fabric.all_reduce(tensor, reduce_op="sum")
+
+    report = attack_process(config, fabric.device, Processes(fabric.global_rank, fabric.world_size, reduce))
+    return report if fabric.is_global_zero else None
+
+
+def attack_process(config: Namespace, device: torch.device, processes: Processes) -> dict[str, Any]:
+    """Load the model, run :class:`AttackRun` (this process's part), print where the files are (rank 0)."""
+    init = attack_parser().instantiate_classes(config)
+    datamodule: ImageDataModule = init.data
     if config.ckpt is not None:
         model = load_classifier(config.ckpt, device)
         check_model_fits_data(model, datamodule)
         description = {"model": str(model.hparams.arch), "ckpt": str(config.ckpt)}
     else:
+        torch.manual_seed(init.attack.seed)  # the same weights on every process (and run) without --pretrained
         net = build_classifier(
             config.model,
             datamodule.num_classes,
@@ -199,12 +250,15 @@ def attack_main(args: list[str] | None = None) -> dict[str, Any]:
         description = {"model": config.model, "pretrained": config.pretrained}
     description["data"] = type(datamodule).__name__
     model.eval().requires_grad_(False)
-    run = AttackRun(model, datamodule, init.attack, config.output, description, progress=config.progress)
+    run = AttackRun(
+        model, datamodule, init.attack, config.output, description, progress=config.progress, processes=processes
+    )
     try:
         report = run.run()
     except KeyboardInterrupt:
         print(f"\nInterrupted: no report written; perturbation files in {config.output} are complete.", file=sys.stderr)
         raise SystemExit(130) from None
-    print(f"Report: {Path(config.output) / 'report.md'} (and report.json, figure_*.png, perturbations/)")
-    print(f"TensorBoard: tensorboard --logdir {Path(config.output) / 'tensorboard'}")
+    if processes.is_main:
+        print(f"Report: {Path(config.output) / 'report.md'} (and report.json, figure_*.png, perturbations/)")
+        print(f"TensorBoard: tensorboard --logdir {Path(config.output) / 'tensorboard'}")
     return report

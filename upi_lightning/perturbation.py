@@ -147,22 +147,33 @@ def draw_normal(
     return _draw(torch.randn, shape, generator, device)
 
 
-def sample_normal(x: Tensor, y: Tensor, draws: int, generator: torch.Generator | None = None) -> Tensor:
-    """Standard normal noise ``(draws, N, C, H, W)`` for the batch ``(x, y)``, keyed by sample.
+def sample_generators(x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> list[torch.Generator]:
+    """One generator per sample of ``(x, y)`` (on ``x.device``), keyed by the sample, not by the batch.
 
-    Each call draws one integer from ``generator`` (the call's seed); the noise of sample ``i`` is then a
-    function of that seed and the content of ``(x_i, y_i)`` alone (:func:`upi_lightning.sample_cache.
-    sample_keys`), not of the batch it came in, its position there, or how many processes share the
-    data. So a fit on 2 processes (each drawing the same call seeds) smooths with the same noise as on 1.
+    Each call draws one integer from ``generator`` (the call's seed); the generator of sample ``i`` is
+    seeded from that integer and the content of ``(x_i, y_i)`` (:func:`upi_lightning.sample_cache.
+    sample_keys`), so what it draws does not depend on the batch the sample came in, its position
+    there, or how many processes share the data: processes that draw the same call seeds (same seed,
+    same number of calls) draw the same numbers for a sample as one process does.
     """
     source = generator.device if generator is not None else x.device
     call_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=source).item()).to_bytes(8, "little")
-    noise = torch.empty((draws, *x.shape), device=x.device)
-    for index, key in enumerate(sample_keys(x, y)):
+    generators = []
+    for key in sample_keys(x, y):
         seed = int.from_bytes(hashlib.blake2b(key + call_seed, digest_size=8).digest(), "little") >> 1
-        sample_generator = torch.Generator(device=x.device).manual_seed(seed)
-        noise[:, index] = torch.randn((draws, *x.shape[1:]), generator=sample_generator, device=x.device)
-    return noise
+        generators.append(torch.Generator(device=x.device).manual_seed(seed))
+    return generators
+
+
+def sample_normal(x: Tensor, y: Tensor, draws: int, generator: torch.Generator | None = None) -> Tensor:
+    """Standard normal noise ``(draws, N, C, H, W)`` for the batch ``(x, y)``, keyed by sample.
+
+    The noise of sample ``i`` comes from its :func:`sample_generators` generator, so a fit on 2
+    processes smooths with the same noise as on 1.
+    """
+    shape = (draws, *x.shape[1:])
+    noise = [torch.randn(shape, generator=g, device=x.device) for g in sample_generators(x, y, generator)]
+    return torch.stack(noise, dim=1)
 
 
 def random_on_sphere(

@@ -39,6 +39,7 @@ from upi_lightning.perturbation import (
     projected_ascent_step,
     random_in_ball,
     random_on_sphere,
+    sample_generators,
 )
 from upi_lightning.saliency import evaluation_mode, gradients_enabled
 
@@ -100,7 +101,8 @@ def fit_per_sample_attack(
     with evaluation_mode(model), gradients_enabled():
         x, y = prepare_batch((x, y), device)
         generator = make_generator(seed, device)
-        delta = random_in_ball(tuple(x.shape), norm, eps, generator, device, per_sample=True)
+        starts = sample_generators(x, y, generator)  # keyed by sample: the same start on any number of processes
+        delta = torch.stack([random_in_ball(tuple(x.shape[1:]), norm, eps, g, device) for g in starts])
         clean = objective.clean_maps(model, x, y)
         best_value = torch.full((len(x),), -torch.inf, device=device)
         best_delta = delta.clone()

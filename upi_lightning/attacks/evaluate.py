@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a DataLoader's shuffling
 
 from upi_lightning.attacks.upi_grad import Batches, model_device, prepare_batch
 from upi_lightning.errors import UPIError

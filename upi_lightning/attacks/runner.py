@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -348,6 +349,58 @@ def figure_batch(model: nn.Module, loader: DataLoader, count: int) -> tuple[Tens
     return torch.cat(images)[:count], torch.cat(labels)[:count]
 
 
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands in a multi-process attack (one process: the defaults).
+
+    Attributes:
+        rank: this process's global rank.
+        world_size: number of processes.
+        reduce: sums a tensor over the processes (``fabric.all_reduce(t, reduce_op="sum")``).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    reduce: Reduce = identity
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the files (rank 0)."""
+        return self.rank == 0
+
+
+class ShardedBatches:
+    """This process's part of every global batch of ``loader``: rows ``rank, rank + W, ...`` (``W`` processes).
+
+    Every process iterates the same global batches (same order, same seed), so the processes together
+    see each global batch exactly once per pass, and a sum over processes of per-batch sums equals the
+    single-process sum. A last global batch of fewer than ``W`` samples is skipped (it cannot give every
+    process a sample).
+
+    Raises:
+        UPIError: if the loader's batch size is smaller than ``W``.
+    """
+
+    def __init__(self, loader: DataLoader, rank: int, world_size: int) -> None:
+        batch_size = loader.batch_size or 1
+        if batch_size < world_size:
+            raise UPIError(
+                f"batch_size={batch_size} is the global batch, split over {world_size} processes; "
+                f"use batch_size >= {world_size}."
+            )
+        self.loader, self.rank, self.world_size = loader, rank, world_size
+        samples = len(loader.dataset)  # type: ignore[arg-type]
+        self.length = samples // batch_size + (samples % batch_size >= world_size)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.loader:
+            if len(x) >= self.world_size:
+                yield x[self.rank :: self.world_size], y[self.rank :: self.world_size]
+
+
 class AttackRun:
     """One attack run writing into ``output``: see the module docstring.
 
@@ -358,6 +411,10 @@ class AttackRun:
         output: output folder (created).
         description: provenance stored in the report and in every perturbation file (model, checkpoint...).
         progress: show progress bars.
+        processes: the multi-process context (default: one process). Each process fits and evaluates
+            on its :class:`ShardedBatches`; fits all-reduce through ``processes.reduce`` and the
+            torchmetrics metrics sync when computed, so every process gets the single-process numbers;
+            rank 0 alone writes files and prints.
     """
 
     def __init__(
@@ -368,11 +425,19 @@ class AttackRun:
         output: str | Path,
         description: dict[str, Any] | None = None,
         progress: bool = True,
+        processes: Processes | None = None,
     ) -> None:
         self.model, self.datamodule, self.settings = model, datamodule, settings
         self.output = Path(output)
         self.description = description or {}
-        self.progress = progress
+        self.processes = processes or Processes()
+        self.progress = progress and self.processes.is_main
+        self.image_shape: tuple[int, ...] = ()
+
+    def shard(self, loader: DataLoader) -> DataLoader | ShardedBatches:
+        """``loader`` itself on one process, else this process's :class:`ShardedBatches` of it."""
+        processes = self.processes
+        return loader if processes.world_size == 1 else ShardedBatches(loader, processes.rank, processes.world_size)
 
     def run(self) -> dict[str, Any]:
         """Fit, evaluate and write everything; return the report (also in ``report.json``)."""
@@ -384,13 +449,19 @@ class AttackRun:
             "score": settings.saliency.score,
             "k": settings.k,
         }
-        images, labels = figure_batch(self.model, eval_loader, settings.figure_images)
+        self.image_shape = tuple(fit_loader.dataset[0][0].shape)
+        main = self.processes.is_main
+        if main:
+            images, labels = figure_batch(self.model, eval_loader, settings.figure_images)
+        fit_batches, eval_batches = self.shard(fit_loader), self.shard(eval_loader)
         results: list[dict[str, Any]] = []
         started = time.perf_counter()
-        with SummaryWriter(str(self.output / "tensorboard")) as writer:
+        with SummaryWriter(str(self.output / "tensorboard")) if main else nullcontext() as writer:
             for budget in settings.budgets:
-                budget_results, deltas = self.attack_budget(budget, fit_loader, eval_loader, saliency)
+                budget_results, deltas = self.attack_budget(budget, fit_batches, eval_batches, saliency)
                 results.extend(budget_results)
+                if not main:
+                    continue
                 self.write_figure(budget, images, labels, deltas, writer, saliency)
                 for row in budget_results:
                     for metric, value in row["metrics"].items():
@@ -399,7 +470,7 @@ class AttackRun:
         report = {
             "complete": True,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_description(model_device(self.model)),
+            "machine": machine_description(model_device(self.model), self.processes.world_size),
             "seconds": time.perf_counter() - started,
             "description": self.description,
             "settings": asdict(settings),
@@ -407,12 +478,13 @@ class AttackRun:
             "eval_samples": len(eval_loader.dataset),  # type: ignore[arg-type]
             "results": results,
         }
-        atomic_write_json(self.output / "report.json", report)
-        atomic_write_text(self.output / "report.md", markdown_report(report))
+        if main:
+            atomic_write_json(self.output / "report.json", report)
+            atomic_write_text(self.output / "report.md", markdown_report(report))
         return report
 
     def attack_budget(
-        self, budget: Budget, fit_loader: DataLoader, eval_loader: DataLoader, saliency: dict[str, Any]
+        self, budget: Budget, fit_loader: Batches, eval_loader: Batches, saliency: dict[str, Any]
     ) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
         """Run every method in one budget; return the result rows and the universal deltas by method."""
         rows: list[dict[str, Any]] = []
@@ -422,7 +494,7 @@ class AttackRun:
             started = time.perf_counter()
             if method == "random":
                 draws = random_universal(
-                    tuple(fit_loader.dataset[0][0].shape),
+                    self.image_shape,
                     budget.norm,
                     budget.eps,
                     self.settings.baselines.random_draws,
@@ -437,11 +509,20 @@ class AttackRun:
                 )
                 fit_seconds = time.perf_counter() - started
             else:
-                fitted = fit_method(method, self.model, fit_loader, budget, self.settings, progress=self.progress)
+                fitted = fit_method(
+                    method,
+                    self.model,
+                    fit_loader,
+                    budget,
+                    self.settings,
+                    progress=self.progress,
+                    reduce=self.processes.reduce,
+                )
                 fit_seconds = fitted.seconds
                 deltas[method] = fitted.delta.cpu()
-                path = self.output / "perturbations" / f"{method}_{budget.tag}.pt"
-                fitted.to_perturbation(**self.description, saliency=saliency).save(path)
+                if self.processes.is_main:
+                    path = self.output / "perturbations" / f"{method}_{budget.tag}.pt"
+                    fitted.to_perturbation(**self.description, saliency=saliency).save(path)
                 metrics = evaluate_perturbation(self.model, eval_loader, fitted.delta, **evaluate)
             rows.append(
                 {
@@ -486,9 +567,10 @@ class AttackRun:
         writer.add_image(f"figure/{budget.tag}", figure)
 
 
-def machine_description(device: torch.device) -> str:
-    """Where a result was measured, e.g. ``x86_64, 2 CPUs, torch 2.5.1, cpu``."""
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {device}"
+def machine_description(device: torch.device, processes: int = 1) -> str:
+    """Where a result was measured, e.g. ``x86_64, 2 CPUs, torch 2.5.1, cpu`` (``, 2 processes`` if several)."""
+    several = f", {processes} processes" if processes > 1 else ""
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {device}{several}"
 
 
 def markdown_report(report: dict[str, Any]) -> str:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, get_args
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a DataLoader's shuffling
 from typing_extensions import Unpack
 
 from upi_lightning.attacks.objective import UPIObjective
@@ -144,7 +144,9 @@ def passes_over(batches: Batches, passes: int) -> int | None:
         UPIError: if several passes are needed but ``batches`` is a one-shot iterator.
 
     """
-    if passes > 1 and iter(batches) is batches:
+    # isinstance, not iter(batches) is batches: iter() on a DataLoader draws from its generator and would
+    # shift the shuffling order of the passes that follow
+    if passes > 1 and isinstance(batches, Iterator):
         raise UPIError(
             f"The fit makes {passes} passes over the data but got a one-shot iterator; pass a re-iterable "
             "(a DataLoader or a list of (x, y) batches)."

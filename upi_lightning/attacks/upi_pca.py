@@ -29,7 +29,7 @@ from typing import Any, Literal, get_args
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a DataLoader's shuffling
 
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import (
