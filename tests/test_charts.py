@@ -45,12 +45,12 @@ def test_a_chart_without_finite_points_is_refused() -> None:
 
 def test_heat_map_colours_the_minimum_black_and_the_maximum_white() -> None:
     matrix = torch.tensor([[0.1, 0.5], [0.3, 0.9]])
-    image = heat_map(matrix, ["cnn", "resnet"], ["cnn", "resnet"], "transfer", cell=40)
+    image = heat_map(matrix, ["cnn", "resnet"], ["cnn", "resnet"], "transfer", cell=60)
     assert image.shape[0] == 3
     left, top = 12 + 6 * len("resnet"), 44
     corner = (image * 255).round().int()
     # sample a cell pixel away from the printed value: the cell's top-left corner
     assert corner[:, top + 2, left + 2].tolist() == [0, 0, 0]  # 0.1, the minimum
-    assert corner[:, top + 40 + 2, left + 40 + 2].tolist() == [255, 255, 255]  # 0.9, the maximum
+    assert corner[:, top + 60 + 2, left + 60 + 2].tolist() == [255, 255, 255]  # 0.9, the maximum
     with pytest.raises(ValueError, match="labels"):
         heat_map(matrix, ["a"], ["b", "c"])
