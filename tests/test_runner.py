@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from upi_lightning.attacks import runner
@@ -179,3 +180,30 @@ def test_fit_loader_draws_from_the_chosen_split_and_eval_stays_held_out(fit_spli
     fit_images = {tuple(x.flatten().tolist()) for x, _ in fit.dataset}
     split_images = {tuple(x.flatten().tolist()) for x, _ in datamodule.splits[fit_split]}
     assert fit_images == split_images
+
+
+def test_sweep_charts_and_transfer_rows(checkpoint: Path, tmp_path: Path) -> None:
+    """Two L2 radii give a sweep chart; evaluating on the source checkpoint itself reproduces its own numbers."""
+    args = [f"--ckpt={checkpoint}", *DATA, *SMALL, "--attack.budgets=[{norm: l2, eps: 0.5}, {norm: l2, eps: 1.0}]"]
+    args += ["--attack.methods=[upi_grad, random]", f"--eval-ckpt={checkpoint}", f"--output={tmp_path}"]
+    report = attack_main(args)
+    name = f"small_cnn ({checkpoint})"
+    assert [(row["method"], row["eps"], row["eval_model"]) for row in report["transfer"]] == [
+        (method, eps, name) for eps in (0.5, 1.0) for method in ("upi_grad", "random")
+    ]
+    for row, transferred in zip(report["results"], report["transfer"], strict=True):  # same model: same numbers
+        assert transferred["metrics"] == pytest.approx(row["metrics"], rel=1e-6, abs=1e-7)
+    table = (tmp_path / "report.md").read_text()
+    assert "## Sweep over l2 eps" in table and "![sweep](sweep_l2.png)" in table and f"`{name}`" in table
+    ratio = report["results"][0]["metrics"]["relative_l2"] / report["results"][1]["metrics"]["relative_l2"]
+    assert f"({ratio:.2f}x)" in table
+    assert Image.open(tmp_path / "sweep_l2.png").size == (3 * 480 + 4 * 4, 2 * 320 + 3 * 4)  # 3 x 2 charts
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert "sweep/l2" in events.Tags()["images"]
+
+
+def test_an_eval_checkpoint_of_other_data_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+    data = ["--data=upi_lightning.data.SyntheticDataModule", "--data.num_classes=5"]
+    with pytest.raises(CheckpointMismatchError, match="with 10 classes, but the data has"):
+        attack_main([f"--ckpt={checkpoint}", *DATA, *SMALL, f"--eval-ckpt={checkpoint}", f"--output={tmp_path}", *data])

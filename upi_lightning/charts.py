@@ -89,8 +89,9 @@ def line_chart(
 ) -> Tensor:
     """A line chart of ``{name: [(x, y), ...]}``, one coloured curve with point markers per series.
 
-    Points are joined in order of ``x``; non-finite ``y`` values are skipped. The legend (top left
-    inside the plot) lists the series in the order given, in the colours of :data:`PALETTE`.
+    Points are joined in order of ``x``; non-finite ``y`` values are skipped. The legend (a box at the
+    top left inside the plot, drawn over the curves) lists the series in the order given, in the colours
+    of :data:`PALETTE`.
 
     Raises:
         ValueError: if there is no finite point at all.
@@ -112,13 +113,18 @@ def line_chart(
             text = _label(tick)
             draw.text((left - 4 - CHAR_WIDTH * len(text), row - 6), text, fill="black")
     draw.rectangle([left, top, right, bottom], outline="black")
-    for index, (name, points) in enumerate(series.items()):
+    for index, points in enumerate(series.values()):
         color = PALETTE[index % len(PALETTE)]
         pixels = [axes.pixel(x, y) for x, y in sorted(points) if math.isfinite(y)]
         if len(pixels) > 1:
             draw.line(pixels, fill=color, width=2)
         for column, row in pixels:
             draw.ellipse([column - 3, row - 3, column + 3, row + 3], fill=color)
+    legend_width = 32 + CHAR_WIDTH * max(len(name) for name in series)
+    legend = [left + 4, top + 2, left + 4 + legend_width, top + 6 + 14 * len(series)]
+    draw.rectangle(legend, fill="white", outline="#999999")
+    for index, name in enumerate(series):
+        color = PALETTE[index % len(PALETTE)]
         draw.line([(left + 8, top + 10 + 14 * index), (left + 24, top + 10 + 14 * index)], fill=color, width=3)
         draw.text((left + 28, top + 4 + 14 * index), name, fill="black")
     draw.text(((left + right) / 2 - CHAR_WIDTH * len(title) / 2, 2), title, fill="black")

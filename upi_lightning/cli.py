@@ -165,6 +165,14 @@ def attack_parser() -> ArgumentParser:
         help="Instead of --ckpt: torchvision.<name> (e.g. torchvision.resnet18).",
     )
     parser.add_argument("--pretrained", type=bool, default=False, help="With --model: torchvision's default weights.")
+    parser.add_argument(
+        "--eval-ckpt",
+        type=str,
+        action="append",
+        default=[],
+        help="Also evaluate every universal perturbation on this classifier of the same data (transfer); repeat "
+        "for several.",
+    )
     parser.add_subclass_arguments(ImageDataModule, "data", required=True, help="The data module (its attack splits).")
     parser.add_class_arguments(AttackSettings, "attack", help="What to fit and evaluate.")
     parser.add_argument("--output", type=str, default="runs/attack", help="Output folder.")
@@ -250,8 +258,20 @@ def attack_process(config: Namespace, device: torch.device, processes: Processes
         description = {"model": config.model, "pretrained": config.pretrained}
     description["data"] = type(datamodule).__name__
     model.eval().requires_grad_(False)
+    eval_models = {}
+    for path in config.eval_ckpt:
+        other = load_classifier(path, device)
+        check_model_fits_data(other, datamodule)
+        eval_models[f"{other.hparams.arch} ({path})"] = other.eval().requires_grad_(False)
     run = AttackRun(
-        model, datamodule, init.attack, config.output, description, progress=config.progress, processes=processes
+        model,
+        datamodule,
+        init.attack,
+        config.output,
+        description,
+        progress=config.progress,
+        processes=processes,
+        eval_models=eval_models,
     )
     try:
         report = run.run()

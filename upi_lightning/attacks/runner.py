@@ -31,6 +31,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
 
 from upi_lightning.attacks.baselines import fit_classification_uap, fit_per_sample_attack, random_universal
 from upi_lightning.attacks.evaluate import evaluate_draws, evaluate_perturbation
@@ -46,6 +47,7 @@ from upi_lightning.attacks.upi_grad import (
     model_device,
 )
 from upi_lightning.attacks.upi_pca import fit_upi_pca
+from upi_lightning.charts import line_chart
 from upi_lightning.errors import UPIError
 from upi_lightning.figures import perturbation_image, saliency_figure, save_png
 from upi_lightning.io import atomic_write_json, atomic_write_text
@@ -415,6 +417,8 @@ class AttackRun:
             on its :class:`ShardedBatches`; fits all-reduce through ``processes.reduce`` and the
             torchmetrics metrics sync when computed, so every process gets the single-process numbers;
             rank 0 alone writes files and prints.
+        eval_models: other classifiers of the same data, by name, on which every universal perturbation
+            (and the random draws) is evaluated too: the report's ``transfer`` rows.
     """
 
     def __init__(
@@ -426,13 +430,16 @@ class AttackRun:
         description: dict[str, Any] | None = None,
         progress: bool = True,
         processes: Processes | None = None,
+        eval_models: dict[str, nn.Module] | None = None,
     ) -> None:
         self.model, self.datamodule, self.settings = model, datamodule, settings
+        self.eval_models = eval_models or {}
         self.output = Path(output)
         self.description = description or {}
         self.processes = processes or Processes()
         self.progress = progress and self.processes.is_main
         self.image_shape: tuple[int, ...] = ()
+        self.random_draws: list[Tensor] = []
 
     def shard(self, loader: DataLoader) -> DataLoader | ShardedBatches:
         """``loader`` itself on one process, else this process's :class:`ShardedBatches` of it."""
@@ -455,11 +462,13 @@ class AttackRun:
             images, labels = figure_batch(self.model, eval_loader, settings.figure_images)
         fit_batches, eval_batches = self.shard(fit_loader), self.shard(eval_loader)
         results: list[dict[str, Any]] = []
+        transfer: list[dict[str, Any]] = []
         started = time.perf_counter()
         with SummaryWriter(str(self.output / "tensorboard")) if main else nullcontext() as writer:
             for budget in settings.budgets:
                 budget_results, deltas = self.attack_budget(budget, fit_batches, eval_batches, saliency)
                 results.extend(budget_results)
+                transfer.extend(self.transfer_budget(budget, deltas, eval_batches, saliency))
                 if not main:
                     continue
                 self.write_figure(budget, images, labels, deltas, writer, saliency)
@@ -467,6 +476,8 @@ class AttackRun:
                     for metric, value in row["metrics"].items():
                         step = round(budget.eps * 1000)
                         writer.add_scalar(f"{budget.norm}/{metric}/{row['method']}", value, global_step=step)
+            if main:
+                self.write_sweeps(results, writer)
         report = {
             "complete": True,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -477,6 +488,7 @@ class AttackRun:
             "fit_samples": len(fit_loader.dataset),  # type: ignore[arg-type]
             "eval_samples": len(eval_loader.dataset),  # type: ignore[arg-type]
             "results": results,
+            "transfer": transfer,
         }
         if main:
             atomic_write_json(self.output / "report.json", report)
@@ -502,6 +514,7 @@ class AttackRun:
                 )
                 metrics = evaluate_draws(self.model, eval_loader, draws, **evaluate)
                 deltas[method] = draws[0]
+                self.random_draws = draws
                 fit_seconds = 0.0
             elif method == "per_sample":
                 metrics = evaluate_perturbation(
@@ -542,6 +555,42 @@ class AttackRun:
                     flush=True,
                 )
         return rows, deltas
+
+    def transfer_budget(
+        self, budget: Budget, deltas: dict[str, Tensor], eval_loader: Batches, saliency: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Evaluate this budget's universal perturbations (random: every draw) on each of ``eval_models``."""
+        rows = []
+        evaluate = {**saliency, "progress": self.progress}
+        for name, model in self.eval_models.items():
+            for method, delta in deltas.items():
+                if method == "random":
+                    metrics = evaluate_draws(model, eval_loader, self.random_draws, **evaluate)
+                else:
+                    metrics = evaluate_perturbation(model, eval_loader, delta, **evaluate)
+                rows.append({"method": method, "norm": budget.norm, "eps": budget.eps, "eval_model": name})
+                rows[-1]["metrics"] = metrics
+        return rows
+
+    def write_sweeps(self, results: list[dict[str, Any]], writer: SummaryWriter) -> None:
+        """For each norm attacked at several eps: every table metric against eps, one curve per method.
+
+        Written as ``sweep_<norm>.png`` (a grid of charts) and as the ``sweep/<norm>`` TensorBoard image.
+        """
+        for norm in dict.fromkeys(row["norm"] for row in results):
+            rows = [row for row in results if row["norm"] == norm]
+            if len({row["eps"] for row in rows}) < 2:
+                continue
+            charts = []
+            for metric in TABLE_METRICS:
+                series = {
+                    method: [(row["eps"], row["metrics"][metric]) for row in rows if row["method"] == method]
+                    for method in dict.fromkeys(row["method"] for row in rows)
+                }
+                charts.append(line_chart(series, f"{metric} ({norm})", "eps", metric))
+            grid = make_grid(torch.stack(charts), nrow=3, padding=4, pad_value=1.0)
+            save_png(grid, self.output / f"sweep_{norm}.png")
+            writer.add_image(f"sweep/{norm}", grid)
 
     def write_figure(
         self,
@@ -597,5 +646,51 @@ def markdown_report(report: dict[str, Any]) -> str:
                 cells.append(f"{metrics[name]:.4f}" + (f" ± {std:.4f}" if std is not None else ""))
             ratio = f"{metrics['relative_l2'] / random_l2:.2f}x" if random_l2 else "-"
             lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {ratio} | {row['fit_seconds']:.1f} |")
-    lines += ["", "Per-sample time is the whole per-sample attack on the evaluated samples.", ""]
-    return "\n".join(lines)
+    lines += ["", "Per-sample time is the whole per-sample attack on the evaluated samples."]
+    lines += sweep_tables(report["results"]) + transfer_tables(report.get("transfer", []))
+    return "\n".join([*lines, ""])
+
+
+def relative_to_random(rows: list[dict[str, Any]], row: dict[str, Any]) -> str:
+    """``row``'s relative L2 and its ratio to random's among ``rows`` (same budget and model)."""
+    random_l2 = next((r["metrics"]["relative_l2"] for r in rows if r["method"] == "random"), None)
+    value = row["metrics"]["relative_l2"]
+    return f"{value:.4f}" + (f" ({value / random_l2:.2f}x)" if random_l2 else "")
+
+
+def method_table(rows: list[dict[str, Any]], column: str, values: list[Any], label: Callable[[Any], str]) -> list[str]:
+    """Markdown table: a row per method, a column per value of ``row[column]``.
+
+    Each cell is the relative L2 and its ratio to random's among the rows that share that value.
+    """
+    lines = ["| method | " + " | ".join(map(label, values)) + " |", "|" + " --- |" * (1 + len(values))]
+    for method in dict.fromkeys(row["method"] for row in rows):
+        cells = []
+        for value in values:
+            same = [row for row in rows if row[column] == value]
+            cells += [relative_to_random(same, row) for row in same if row["method"] == method] or ["-"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def sweep_tables(results: list[dict[str, Any]]) -> list[str]:
+    """Markdown: for each norm attacked at several eps, relative L2 (ratio to random) per method and eps."""
+    lines: list[str] = []
+    for norm in dict.fromkeys(row["norm"] for row in results):
+        rows = [row for row in results if row["norm"] == norm]
+        epsilons = list(dict.fromkeys(row["eps"] for row in rows))
+        if len(epsilons) > 1:
+            lines += ["", f"## Sweep over {norm} eps: relative L2 (ratio to random)", "", f"![sweep](sweep_{norm}.png)"]
+            lines += ["", *method_table(rows, "eps", epsilons, lambda eps: f"eps {eps:g}")]
+    return lines
+
+
+def transfer_tables(transfer: list[dict[str, Any]]) -> list[str]:
+    """Markdown: per budget, relative L2 (ratio to random on the same model) of each method on each eval model."""
+    lines: list[str] = []
+    models = list(dict.fromkeys(row["eval_model"] for row in transfer))
+    for norm, eps in dict.fromkeys((row["norm"], row["eps"]) for row in transfer):
+        rows = [row for row in transfer if (row["norm"], row["eps"]) == (norm, eps)]
+        lines += ["", f"## Transfer, {norm} eps = {eps:g}: relative L2 on other models (ratio to random there)", ""]
+        lines += method_table(rows, "eval_model", models, lambda model: f"`{model}`")
+    return lines
