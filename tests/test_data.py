@@ -118,10 +118,12 @@ def test_bad_split_sizes_and_arrays_are_refused() -> None:
         UInt8ImageDataset(torch.zeros(2, 1, 3, 3), torch.zeros(2))
 
 
-def test_split_sizes_refuse_a_float_outside_the_open_interval_and_a_one_sample_set() -> None:
+def test_split_sizes_take_fractions_and_whole_counts_even_as_floats() -> None:
     assert split_sizes(10, 0.3, "val_size") == 3 and split_sizes(10, 3, "val_size") == 3
-    message = r"val_size=1.0 must be a fraction in \(0, 1\) or an integer count between 1 and 9"
-    with pytest.raises(UPIError, match=message):
-        split_sizes(10, 1.0, "val_size")
+    assert split_sizes(10, 3.0, "val_size") == 3 and split_sizes(10, 1.0, "val_size") == 1  # YAML's 3 -> 3.0
+    with pytest.raises(UPIError, match=r"val_size=1.5 must be a fraction in \(0, 1\) or a whole count between 1 and 9"):
+        split_sizes(10, 1.5, "val_size")
+    with pytest.raises(UPIError, match="leaves an empty split of 10 samples"):
+        split_sizes(10, 10.0, "val_size")
     with pytest.raises(UPIError, match="has 1 sample"):
         split_sizes(1, 0.5, "attack_fit_size")

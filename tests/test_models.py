@@ -5,12 +5,12 @@ import torch
 from torch import nn
 
 from upi_lightning.errors import UPIError
-from upi_lightning.models import CifarResNet18, Normalize, SmallCNN, build_classifier, softplus_surrogate
+from upi_lightning.models import MLP, CifarResNet18, Normalize, SmallCNN, build_classifier, softplus_surrogate
 
 
 @pytest.mark.parametrize(
     ("arch", "shape"),
-    [("small_cnn", (1, 28, 28)), ("small_cnn", (3, 32, 32)), ("cifar_resnet18", (3, 32, 32))],
+    [("small_cnn", (1, 28, 28)), ("small_cnn", (3, 32, 32)), ("cifar_resnet18", (3, 32, 32)), ("mlp", (1, 28, 28))],
 )
 def test_classifier_shapes(arch: str, shape: tuple[int, int, int]) -> None:
     model = build_classifier(arch, 7, shape, [0.5] * shape[0], [0.25] * shape[0]).eval()
@@ -65,3 +65,14 @@ def test_bad_model_arguments_are_clear(kwargs: dict, message: str) -> None:
     args = {"arch": "small_cnn", "num_classes": 10, "input_shape": (1, 28, 28), "mean": [0.5], "std": [0.25]}
     with pytest.raises(UPIError, match=message):
         build_classifier(**(args | kwargs))
+
+
+def test_mlp_is_the_composition_of_its_layers() -> None:
+    torch.manual_seed(0)
+    net = MLP((1, 4, 4), 3, hidden=5)
+    x = torch.rand(2, 1, 4, 4)
+    first, second, last = (m for m in net if isinstance(m, nn.Linear))
+    expected = last(torch.relu(second(torch.relu(first(x.flatten(1))))))
+    torch.testing.assert_close(net(x), expected)
+    assert first.in_features == 16 and last.out_features == 3
+    assert sum(isinstance(m, nn.Softplus) for m in MLP(activation="softplus").modules()) == 2

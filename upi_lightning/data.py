@@ -66,17 +66,21 @@ def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
 
 
 def split_sizes(total: int, size: float | int, name: str) -> int:
-    """Resolve ``size`` (a float fraction in ``(0, 1)`` or an integer count) against ``total`` samples.
+    """Resolve ``size`` (a fraction in ``(0, 1)`` or a whole count) against ``total`` samples.
+
+    Whole numbers are counts even as floats (YAML/CLI parsers turn ``5000`` into ``5000.0``), so ``1.0`` is
+    one sample, not "all": both parts of a split must be non-empty.
 
     Raises:
-        UPIError: if ``total < 2`` (nothing to split), ``size`` is a float outside ``(0, 1)`` (``1.0`` is
-            not "all": both parts must be non-empty), or either part would be empty.
+        UPIError: if ``total < 2`` (nothing to split), ``size`` is neither a fraction in ``(0, 1)`` nor a
+            whole number, or either part would be empty.
     """
     if total < 2:
         raise UPIError(f"{name}: the dataset has {total} sample(s); splitting it needs at least 2.")
-    if isinstance(size, float) and not 0 < size < 1:
-        raise UPIError(f"{name}={size} must be a fraction in (0, 1) or an integer count between 1 and {total - 1}.")
-    count = round(size * total) if isinstance(size, float) else int(size)
+    fraction = 0 < size < 1
+    if not fraction and float(size) != int(size):
+        raise UPIError(f"{name}={size} must be a fraction in (0, 1) or a whole count between 1 and {total - 1}.")
+    count = round(size * total) if fraction else int(size)
     if not 0 < count < total:
         raise UPIError(
             f"{name}={size} leaves an empty split of {total} samples; use a fraction in (0, 1) "

@@ -40,7 +40,7 @@ class Classifier(LightningModule):
     with regularizers the cross-entropy and each term are also logged (``train/ce``, ``train/<name>``).
 
     Args:
-        arch: ``small_cnn``, ``cifar_resnet18`` or ``torchvision.<name>``.
+        arch: ``small_cnn``, ``cifar_resnet18``, ``mlp`` or ``torchvision.<name>``.
         num_classes: number of classes (LightningCLI links it from the data).
         input_shape: ``(C, H, W)`` (linked from the data).
         mean: per-channel mean of the data (linked from the data).
