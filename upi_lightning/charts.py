@@ -70,7 +70,7 @@ def chart_axes(series: Mapping[str, Sequence[tuple[float, float]]], size: tuple[
         raise ValueError("line_chart needs at least one finite point.")
     x_range = (min(xs), max(xs)) if max(xs) > min(xs) else (min(xs) - 0.5, min(xs) + 0.5)
     low, high = min(ys), max(ys)
-    pad = 0.05 * (high - low) if high > low else max(abs(low) * 0.1, 0.5)
+    pad = 0.05 * (high - low) if high > low else (0.1 * abs(low) if low else 0.5)
     y_range = (low - pad, high + pad)
     width, height = size
     return Axes(x_range, y_range, (MARGIN_LEFT, MARGIN_TOP, width - MARGIN_RIGHT, height - MARGIN_BOTTOM))

@@ -14,12 +14,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     """Call ``write(stream)`` on a temporary file next to ``path``, fsync it, then ``os.replace`` it.
 
     The temporary file is removed if ``write`` fails or the run is interrupted (``KeyboardInterrupt``),
-    so ``path`` either keeps its previous content or holds the complete new one.
+    so ``path`` either keeps its previous content or holds the complete new one. The file gets the
+    permissions of a plain ``open(path, "w")`` (``0o666`` less the umask), not ``mkstemp``'s ``0o600``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
@@ -29,6 +31,13 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -14,7 +14,8 @@ Layout of the PNG (top to bottom):
   and wrap to a new row when the next one would pass the right edge.
 
 The PNG is as wide as the chart grid, or as the widest image when that is wider; it is as tall as the
-chart grid plus the image rows (each row as tall as its label strip plus its tallest image, plus ``GAP``).
+chart grid plus the image rows, each row ``GAP`` plus its label strip plus its tallest image, plus a final
+``GAP`` below the last row (no image: no image rows and no final gap).
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def export_tensorboard(
     labelled = [(label, image, max(image.width, CHAR_WIDTH * len(label) + 4)) for label, image in tiles]
     width = max([grid_columns * chart_width, *(tile_width for *_, tile_width in labelled)])
     placed: list[tuple[str, Image.Image, int, int]] = []  # label, image, left, top (below the grid)
-    left, top, row_height = 0, 0, 0
+    left, top, row_height = 0, GAP, 0
     for label, image, tile_width in labelled:
         if left > 0 and left + tile_width > width:
             left, top, row_height = 0, top + row_height + GAP, 0
