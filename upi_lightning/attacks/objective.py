@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
-from upi_lightning.metrics import relative_l2_dissimilarity
 from upi_lightning.models import softplus_surrogate
 from upi_lightning.perturbation import apply_perturbation, sample_normal
 from upi_lightning.saliency import (
@@ -43,7 +42,7 @@ from upi_lightning.saliency import (
 )
 from upi_lightning.sample_cache import SampleCache
 
-Dissimilarity = Literal["l2", "relative_l2", "topk_mass", "cosine"]
+Dissimilarity = Literal["l2", "topk_mass", "cosine"]
 DISSIMILARITIES: tuple[str, ...] = get_args(Dissimilarity)
 
 
@@ -53,9 +52,6 @@ def map_dissimilarity(perturbed: Tensor, clean: Tensor, kind: Dissimilarity = "l
     Maps are expected L1-normalized (:func:`upi_lightning.saliency.normalize_map`).
 
     * ``l2``: :math:`\|a - b\|_2`.
-    * ``relative_l2``: :math:`\|a - b\|_2 / \|b\|_2`, the evaluation's relative L2
-      (:func:`~upi_lightning.metrics.relative_l2_dissimilarity`): samples with spread-out clean maps
-      (small :math:`\|b\|_2`) weigh more than with ``l2``.
     * ``topk_mass``: the fraction of the clean top-``k`` mass lost,
       :math:`1 - \sum_{S} a / \sum_{S} b` with ``S`` the ``k`` largest pixels of the clean map ``b``
       (``<= 1``; negative when the perturbed map puts more mass there).
@@ -64,7 +60,7 @@ def map_dissimilarity(perturbed: Tensor, clean: Tensor, kind: Dissimilarity = "l
     Args:
         perturbed: maps ``a`` of the perturbed images.
         clean: maps ``b`` of the clean images (no gradient flows into them).
-        kind: ``l2``, ``relative_l2``, ``topk_mass`` or ``cosine``.
+        kind: ``l2``, ``topk_mass`` or ``cosine``.
         k: size of the top-k set for ``topk_mass``, ``1 <= k <= H * W``.
 
     """
@@ -75,8 +71,6 @@ def map_dissimilarity(perturbed: Tensor, clean: Tensor, kind: Dissimilarity = "l
     a, b = perturbed.flatten(1), clean.detach().flatten(1)
     if kind == "l2":
         return torch.linalg.vector_norm(a - b, dim=1)
-    if kind == "relative_l2":
-        return relative_l2_dissimilarity(b, a)
     if kind == "cosine":
         return 1 - F.cosine_similarity(a, b, dim=1)
     if not 1 <= k <= b.shape[1]:
@@ -112,7 +106,7 @@ class UPIObjective:
         method_kwargs: extra keyword arguments of :func:`upi_lightning.saliency.attribution`
             (``n_steps``, ``baseline``, ``n_samples``, ``sigma``, ``base_method``...).
         score: ``logit`` or ``probability`` (the class score whose gradient is the map).
-        dissimilarity: ``D``: ``l2``, ``relative_l2``, ``topk_mass`` or ``cosine`` (:func:`map_dissimilarity`).
+        dissimilarity: ``D``: ``l2``, ``topk_mass`` or ``cosine`` (:func:`map_dissimilarity`).
         k: top-k size for ``topk_mass``.
         sigma: std of the Gaussian smoothing noise ``Z`` in pixel units; ``0`` = no smoothing.
         n_noise: draws of ``Z`` per sample (stacked into one batch), used when ``sigma > 0``.

@@ -109,7 +109,7 @@ class ObjectiveSettings:
     """How a UPI objective is differentiated (see :class:`~upi_lightning.attacks.objective.UPIObjective`).
 
     Attributes:
-        dissimilarity: ``l2``, ``relative_l2``, ``topk_mass`` or ``cosine``.
+        dissimilarity: ``l2``, ``topk_mass`` or ``cosine``.
         surrogate_beta: differentiate a softplus(beta) copy of a ReLU model; ``null`` = the model itself.
         sigma: Gaussian smoothing of the objective (pixel units), 0 = off.
         n_noise: smoothing draws per sample.
