@@ -16,6 +16,19 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
+
+@pytest.fixture(autouse=True)
+def fresh_distributed_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts without the rendezvous variables an earlier DDP run left in this process.
+
+    Lightning and Fabric keep ``MASTER_PORT`` in ``os.environ`` after a spawned run; the next run would
+    reuse that port while the previous group may still be closing it.
+    """
+    for name in DISTRIBUTED_ENV:
+        monkeypatch.delenv(name, raising=False)
+
 
 def shared_data_dir() -> Path:
     """``$UPI_SHARED_DATA`` or ``../shared/data`` next to the repository."""
