@@ -438,8 +438,7 @@ class AttackRun:
         self.description = description or {}
         self.processes = processes or Processes()
         self.progress = progress and self.processes.is_main
-        self.image_shape: tuple[int, ...] = ()
-        self.random_draws: list[Tensor] = []
+        self.image_shape: tuple[int, ...] = ()  # set by run() from the data
 
     def shard(self, loader: DataLoader) -> DataLoader | ShardedBatches:
         """``loader`` itself on one process, else this process's :class:`ShardedBatches` of it."""
@@ -505,16 +504,9 @@ class AttackRun:
         for method in self.settings.methods:
             started = time.perf_counter()
             if method == "random":
-                draws = random_universal(
-                    self.image_shape,
-                    budget.norm,
-                    budget.eps,
-                    self.settings.baselines.random_draws,
-                    self.settings.seed,
-                )
+                draws = self.random_draws(budget)
                 metrics = evaluate_draws(self.model, eval_loader, draws, **evaluate)
                 deltas[method] = draws[0]
-                self.random_draws = draws
                 fit_seconds = 0.0
             elif method == "per_sample":
                 metrics = evaluate_perturbation(
@@ -556,6 +548,11 @@ class AttackRun:
                 )
         return rows, deltas
 
+    def random_draws(self, budget: Budget) -> list[Tensor]:
+        """The random baseline's draws in ``budget`` (seeded: the same at every call)."""
+        count, seed = self.settings.baselines.random_draws, self.settings.seed
+        return random_universal(self.image_shape, budget.norm, budget.eps, count, seed)
+
     def transfer_budget(
         self, budget: Budget, deltas: dict[str, Tensor], eval_loader: Batches, saliency: dict[str, Any]
     ) -> list[dict[str, Any]]:
@@ -565,7 +562,7 @@ class AttackRun:
         for name, model in self.eval_models.items():
             for method, delta in deltas.items():
                 if method == "random":
-                    metrics = evaluate_draws(model, eval_loader, self.random_draws, **evaluate)
+                    metrics = evaluate_draws(model, eval_loader, self.random_draws(budget), **evaluate)
                 else:
                     metrics = evaluate_perturbation(model, eval_loader, delta, **evaluate)
                 rows.append({"method": method, "norm": budget.norm, "eps": budget.eps, "eval_model": name})
