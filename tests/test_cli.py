@@ -139,3 +139,24 @@ def test_attack_on_two_processes_writes_the_one_process_report(checkpoint: Path,
         shared = UniversalPerturbation.load(tmp_path / "two" / "perturbations" / path.name).delta
         torch.testing.assert_close(shared, alone, atol=1e-5, rtol=0)
     assert (tmp_path / "two" / "report.md").is_file() and list((tmp_path / "two").glob("figure_*.png"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--trainer.devices=2", "--trainer.strategy=bogus"], "invalid strategy name: `strategy='bogus'`"),
+        (["--trainer.devices=0"], "`Fabric(devices=0)` value is not a valid input"),
+    ],
+)
+def test_bad_device_flags_of_attack_py_are_one_line(flags: list[str], message: str) -> None:
+    data = "--data=upi_lightning.data.SyntheticDataModule"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "attack.py"), "--ckpt=/no.ckpt", data, *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: Invalid --trainer settings") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -220,9 +220,15 @@ def attack_main(args: list[str] | None = None) -> dict[str, Any] | None:
             ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
         )
         return attack_process(config, device, Processes())
-    fabric = Fabric(
-        accelerator=devices.accelerator, devices=devices.devices, strategy=devices.strategy, num_nodes=devices.num_nodes
-    )
+    try:
+        fabric = Fabric(
+            accelerator=devices.accelerator,
+            devices=devices.devices,
+            strategy=devices.strategy,
+            num_nodes=devices.num_nodes,
+        )
+    except (ValueError, TypeError, RuntimeError, ImportError) as err:  # Lightning's own clear messages, one line
+        raise UPIError(f"Invalid --trainer settings {vars(config.trainer)}: {one_line(err, 300)}") from None
     return fabric.launch(attack_with_fabric, config)
 
 
