@@ -1,11 +1,23 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from upi_lightning.errors import UPIError
-from upi_lightning.models import MLP, CifarResNet18, Normalize, SmallCNN, build_classifier, softplus_surrogate
+from upi_lightning.models import (
+    MLP,
+    CifarResNet18,
+    Normalize,
+    SmallCNN,
+    build_classifier,
+    pool_before_activation,
+    replace_relu,
+    softplus_surrogate,
+)
+from upi_lightning.saliency import saliency_map
 
 
 @pytest.mark.parametrize(
@@ -44,6 +56,56 @@ def test_softplus_surrogate_copies_and_approximates() -> None:
     assert not any(p.requires_grad for p in surrogate.parameters())
     x = torch.rand(4, 1, 28, 28)
     torch.testing.assert_close(surrogate(x), model(x), atol=5e-2, rtol=0)
+
+
+def test_surrogate_pools_before_softplus_with_the_same_maps_and_map_gradients() -> None:
+    torch.manual_seed(0)
+    model = build_classifier("small_cnn", 10, (1, 28, 28), [0.5], [0.25]).eval()
+    surrogate = softplus_surrogate(model, beta=10.0).eval()
+    literal = copy.deepcopy(model)  # the oracle: ReLU -> Softplus in place, nothing reordered
+    replace_relu(literal, 10.0)
+    features = [type(m).__name__ for m in surrogate[1].features]
+    assert features == ["Conv2d", "MaxPool2d", "Softplus", "Conv2d", "MaxPool2d", "Softplus"]
+    assert surrogate.state_dict().keys() == model.state_dict().keys()
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    torch.testing.assert_close(surrogate(x), literal(x))
+    clean = saliency_map(literal, x, y, "gradient")
+
+    def map_change_gradient(net: nn.Module) -> torch.Tensor:
+        delta = (0.05 * torch.randn(1, 28, 28, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+        maps = saliency_map(net, (x + delta).clamp(0, 1), y, "gradient", create_graph=True)
+        (grad,) = torch.autograd.grad((maps - clean).flatten(1).norm(dim=1).sum(), delta)
+        return grad
+
+    torch.testing.assert_close(saliency_map(surrogate, x, y, "gradient"), clean)
+    oracle = map_change_gradient(literal)
+    assert oracle.abs().max() > 0
+    torch.testing.assert_close(map_change_gradient(surrogate), oracle)
+
+
+@pytest.mark.parametrize(
+    "pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), nn.AdaptiveMaxPool2d(3)]
+)
+@pytest.mark.parametrize("activation", [nn.ReLU(), nn.Softplus(beta=10.0), nn.Softplus(beta=-2.0)])
+def test_pool_before_activation_computes_the_same_function(pool: nn.Module, activation: nn.Module) -> None:
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), activation, pool, nn.Flatten())
+    swapped = copy.deepcopy(net)
+    assert pool_before_activation(swapped) == 1
+    assert isinstance(swapped[1], type(pool)) and isinstance(swapped[2], type(activation))
+    x = torch.randn(3, 2, 9, 9, requires_grad=True)
+    torch.testing.assert_close(swapped(x), net(x))
+    (expected,) = torch.autograd.grad(net(x).square().sum(), x)
+    (actual,) = torch.autograd.grad(swapped(x).square().sum(), x)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_pool_before_activation_leaves_other_pairs_alone() -> None:
+    net = nn.Sequential(
+        nn.GELU(), nn.MaxPool2d(2), nn.ReLU(), nn.MaxPool2d(2, return_indices=True), nn.ReLU(), nn.AvgPool2d(2)
+    )
+    before = [type(m) for m in net]
+    assert pool_before_activation(net) == 0
+    assert [type(m) for m in net] == before
 
 
 def test_torchvision_model_by_name() -> None:

@@ -9,6 +9,7 @@ dataset. The activation is switchable between ``relu`` and ``softplus`` (with ``
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -213,13 +214,48 @@ def replace_relu(module: nn.Module, beta: float) -> int:
     return replaced
 
 
+MONOTONE_ACTIVATIONS = (nn.ReLU, nn.Softplus)
+"""Elementwise activations that never decrease (``softplus_beta' = sigmoid(beta z) > 0`` for any beta)."""
+
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+def pool_before_activation(module: nn.Module) -> int:
+    r"""Swap, in place, every ``activation, max-pool`` pair of consecutive ``nn.Sequential`` children.
+
+    For a non-decreasing elementwise ``f``, :math:`\max_{j \in W} f(z_j) = f(\max_{j \in W} z_j)` and
+    the gradient reaches the same arg-max, so the network computes the same function with the same
+    derivatives of every order (up to ties inside a pooling window) while ``f`` and its backward passes
+    run on the pooled tensor: ``k`` times fewer elements for a ``k``-element window. This matters for
+    the softplus surrogate, whose saliency maps are differentiated twice. Only ``nn.ReLU`` and
+    ``nn.Softplus`` followed by a max-pool without ``return_indices`` are swapped; the children keep
+    their names, so the ``state_dict`` keys do not change.
+
+    Returns:
+        The number of pairs swapped.
+    """
+    swapped = 0
+    for child in module.modules():
+        if not isinstance(child, nn.Sequential):
+            continue
+        names = list(child._modules)
+        for first, second in itertools.pairwise(names):
+            activation, pool = child._modules[first], child._modules[second]
+            if isinstance(activation, MONOTONE_ACTIVATIONS) and isinstance(pool, MAX_POOLS) and not pool.return_indices:
+                child._modules[first], child._modules[second] = pool, activation
+                swapped += 1
+    return swapped
+
+
 def softplus_surrogate(model: nn.Module, beta: float = 10.0) -> nn.Module:
     r"""Deep copy of ``model`` with every ``nn.ReLU`` replaced by ``nn.Softplus(beta)``.
 
     ``softplus_beta(z) = log(1 + exp(beta z)) / beta`` tends to ReLU as ``beta -> inf`` but has a
     non-zero second derivative, so saliency maps of the copy are differentiable w.r.t. the input
     (Dombrowski et al. 2019). The original model is left untouched; the copy is frozen
-    (``requires_grad=False``) and in the same train/eval mode.
+    (``requires_grad=False``) and in the same train/eval mode. Inside ``nn.Sequential`` containers the
+    copy max-pools before the activation instead of after (:func:`pool_before_activation`: the same
+    function, with a quarter of the softplus work behind a 2x2 pool).
 
     Raises:
         UPIError: if ``beta <= 0`` or the model has no ``nn.ReLU`` module to replace (for example a
@@ -233,6 +269,7 @@ def softplus_surrogate(model: nn.Module, beta: float = 10.0) -> nn.Module:
             f"{type(model).__name__} has no nn.ReLU module to replace with Softplus; the surrogate would "
             "equal the original. Use a model built with nn.ReLU modules, or attack without a surrogate."
         )
+    pool_before_activation(surrogate)
     surrogate.requires_grad_(False)
     return surrogate
 
