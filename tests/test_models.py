@@ -13,6 +13,7 @@ from upi_lightning.models import (
     Normalize,
     SmallCNN,
     build_classifier,
+    fold_batchnorm,
     pool_before_activation,
     replace_relu,
     softplus_surrogate,
@@ -106,6 +107,82 @@ def test_pool_before_activation_leaves_other_pairs_alone() -> None:
     before = [type(m) for m in net]
     assert pool_before_activation(net) == 0
     assert [type(m) for m in net] == before
+
+
+class ConvNormCases(nn.Module):
+    """A conv-BN pair to fold, a conv feeding BN and a skip, a BN after a non-conv, a BN without statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.shared, self.shared_norm = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.pool_norm = nn.BatchNorm2d(4)
+        self.plain, self.stateless = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.conv(x)))
+        s = self.shared(h)
+        h = self.shared_norm(s) + s  # the conv output is used twice: not folded
+        h = self.pool_norm(nn.functional.avg_pool2d(h, 1))  # not after a conv
+        return self.stateless(self.plain(h))  # batch statistics even in eval mode: not folded
+
+
+def randomize_batchnorm(model: nn.Module) -> None:
+    """Give every batch norm non-trivial statistics and affine parameters, as after training."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator))
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator))
+
+
+def test_fold_batchnorm_folds_only_exclusive_conv_norm_pairs() -> None:
+    torch.manual_seed(0)
+    net = ConvNormCases()
+    randomize_batchnorm(net)
+    net.eval()
+    folded = copy.deepcopy(net)
+    assert fold_batchnorm(folded) == 1
+    assert isinstance(folded.norm, nn.Identity) and folded.conv.bias is not None
+    assert all(isinstance(m, nn.BatchNorm2d) for m in (folded.shared_norm, folded.pool_norm, folded.stateless))
+    x = torch.randn(3, 2, 5, 5, requires_grad=True)
+    torch.testing.assert_close(folded(x), net(x))
+    (expected,) = torch.autograd.grad(net(x).square().sum(), x)
+    (actual,) = torch.autograd.grad(folded(x).square().sum(), x)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_fold_batchnorm_leaves_an_untraceable_module_alone() -> None:
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv(x)) if x.sum() > 0 else x
+
+    net = DataDependent().eval()
+    assert fold_batchnorm(net) == 0 and isinstance(net.norm, nn.BatchNorm2d)
+
+
+def test_resnet_surrogate_folds_every_batchnorm_and_keeps_the_eval_mode_function() -> None:
+    torch.manual_seed(0)
+    model = build_classifier("cifar_resnet18", 10, (3, 32, 32), [0.5] * 3, [0.25] * 3)
+    randomize_batchnorm(model)
+    model.train()
+    surrogate = softplus_surrogate(model, beta=10.0)
+    assert model.training and not surrogate.training
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in surrogate.modules())
+    literal = copy.deepcopy(model).eval()
+    replace_relu(literal, 10.0)
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([3, 7])
+    torch.testing.assert_close(surrogate(x), literal(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        saliency_map(surrogate, x, y, "gradient"), saliency_map(literal, x, y, "gradient"), rtol=1e-3, atol=1e-7
+    )
 
 
 def test_torchvision_model_by_name() -> None:
