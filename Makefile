@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 DEMO_DIR := runs/quickstart/demo
 
-.PHONY: demo test test-all lint install
+.PHONY: demo test test-all lint install benchmarks
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,14 @@ test: install
 ## test-all: every test, slow ones included
 test-all: install
 	$(PY) -m pytest
+
+## benchmarks: the performance scripts of docs/RESULTS.md at their default settings (not tests; about 5 minutes on 2 cores)
+benchmarks: install
+	$(PY) benchmarks/upi_step_cost.py
+	$(PY) benchmarks/upi_pca_rows.py
+	$(PY) benchmarks/upi_pca_memory.py
+	$(PY) benchmarks/upi_ddp.py
+	$(PY) benchmarks/saliency_throughput.py
 
 lint: install
 	$(VENV)/bin/ruff check .

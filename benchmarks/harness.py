@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upi_lightning.models import build_classifier
@@ -34,6 +35,21 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def train_step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], float]:
+    """Seconds of one plain training step (train mode, CE, backward, SGD step) on ``model``."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return lambda: timed(step, x.device)
 
 
 def median_seconds(fn: Callable[[], Tensor], repeats: int, device: torch.device, warmup: int = 1) -> float:

@@ -4,7 +4,12 @@ For each model, computes the rows ``g_i`` of ``G`` with
 ``upi_lightning.attacks.upi_pca.per_sample_gradient_rows(model, x, y, objective, generator)`` on a batch
 of ``--batch-size`` random ``[0, 1]`` images at once, and by calling the same function on one image
 at a time (on ``--loop-samples`` images: a loop's rate is the same for any number of images), and
-prints rows per second and their ratio as a Markdown table. The objective is the attack configs' UPI-PCA
+prints rows per second and their ratio as a Markdown table. It also times a plain training step on the
+same batch and prints the cost of one row, batched and looped, in units of a training step's cost per
+sample: a row needs a forward pass, a backward pass that builds the saliency graph and a backward pass
+through it (about 3 training steps of arithmetic, issue 7), so a batched row near 3 units does no wasted
+work, and the ratio can reach 20x only where the loop's row costs about 60 units: where the overhead
+of each call, not its arithmetic, sets the loop's pace. The objective is the attack configs' UPI-PCA
 objective: gradient maps of the logit, L2 dissimilarity, ``sigma=0.1``, one noise draw, softplus(10)
 surrogate (``--beta 0`` differentiates the ReLU model itself). Untrained models.
 
@@ -16,9 +21,11 @@ surrogate (``--beta 0`` differentiates the ReLU model itself). Untrained models.
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 
 import torch
-from harness import MODELS, benchmark_model, machine_line, median_seconds, set_threads
+from harness import MODELS, benchmark_model, machine_line, median_seconds, set_threads, train_step_fn
 from torch import Tensor
 
 from upi_lightning.attacks.objective import UPIObjective
@@ -55,8 +62,11 @@ def main() -> None:
         f"UPI-PCA gradient rows: batch={args.batch_size}, loop over {loop_samples} images, sigma={args.sigma}, "
         f"surrogate beta={args.beta or 'none'}, {machine_line(device)}; untrained models, random images\n"
     )
-    print("| model | input (d) | batched rows/s | per-sample loop rows/s | ratio | target |")
-    print("|---|---|---:|---:|---:|---|")
+    print(
+        "| model | input (d) | batched rows/s | loop rows/s | ratio | training samples/s "
+        "| batched row (training steps) | looped row (training steps) | target |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for name in args.models:
         model, shape = benchmark_model(name, device)
         model.eval()
@@ -77,11 +87,14 @@ def main() -> None:
 
         batched_rate = len(x) / median_seconds(batched, args.repeats, device, args.warmup)
         loop_rate = loop_samples / median_seconds(loop, args.repeats, device, args.warmup)
+        train = train_step_fn(copy.deepcopy(model), x, y)
+        train_rate = len(x) / statistics.median([train() for _ in range(args.warmup + args.repeats)][args.warmup :])
         ratio = batched_rate / loop_rate
         d = x[0].numel()
         print(
             f"| {name} | {'x'.join(map(str, shape))} ({d}) | {batched_rate:,.1f} | {loop_rate:,.1f} | "
-            f"{ratio:.1f}x | >= {TARGET:g}x: {'met' if ratio >= TARGET else 'not met'} |",
+            f"{ratio:.1f}x | {train_rate:,.1f} | {train_rate / batched_rate:.1f} | {train_rate / loop_rate:.1f} | "
+            f">= {TARGET:g}x: {'met' if ratio >= TARGET else 'not met'} |",
             flush=True,
         )
 

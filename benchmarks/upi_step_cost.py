@@ -31,8 +31,7 @@ from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
-from harness import MODELS, benchmark_model, machine_line, set_threads, timed
+from harness import MODELS, benchmark_model, machine_line, set_threads, train_step_fn
 from torch import Tensor, nn
 
 from upi_lightning.attacks.objective import UPIObjective
@@ -74,21 +73,6 @@ def interleaved_seconds(fns: dict[Key, Callable[[], float]], repeats: int, warmu
             if round_index >= warmup:
                 times[key].append(seconds)
     return times
-
-
-def train_step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], float]:
-    """Seconds of one plain training step (train mode, CE, backward, SGD step) on ``model``."""
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step() -> Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    return lambda: timed(step, x.device)
 
 
 def upi_step_fn(
