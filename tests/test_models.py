@@ -100,6 +100,26 @@ def test_pool_before_activation_computes_the_same_function(pool: nn.Module, acti
     torch.testing.assert_close(actual, expected)
 
 
+def test_pool_before_activation_swaps_a_hand_written_stem_but_not_a_shared_activation() -> None:
+    class Stem(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.relu, self.pool = nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2)
+            self.shared, self.shared_pool = nn.ReLU(), nn.MaxPool2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.pool(self.relu(self.conv(x)))  # swapped
+            return self.shared_pool(self.shared(h)) + self.shared(h).mean()  # self.shared runs twice: kept
+
+    net = Stem()
+    swapped = copy.deepcopy(net)
+    assert pool_before_activation(swapped) == 1
+    assert isinstance(swapped.relu, nn.MaxPool2d) and isinstance(swapped.pool, nn.ReLU)
+    assert isinstance(swapped.shared, nn.ReLU) and isinstance(swapped.shared_pool, nn.MaxPool2d)
+    x = torch.randn(2, 1, 10, 10)
+    torch.testing.assert_close(swapped(x), net(x))
+
+
 def test_pool_before_activation_leaves_other_pairs_alone() -> None:
     net = nn.Sequential(
         nn.GELU(), nn.MaxPool2d(2), nn.ReLU(), nn.MaxPool2d(2, return_indices=True), nn.ReLU(), nn.AvgPool2d(2)
@@ -168,17 +188,20 @@ def test_fold_batchnorm_leaves_an_untraceable_module_alone() -> None:
     assert fold_batchnorm(net) == 0 and isinstance(net.norm, nn.BatchNorm2d)
 
 
-def test_resnet_surrogate_folds_every_batchnorm_and_keeps_the_eval_mode_function() -> None:
+@pytest.mark.parametrize(("arch", "size"), [("cifar_resnet18", 32), ("torchvision.resnet18", 64)])
+def test_resnet_surrogate_folds_every_batchnorm_and_keeps_the_eval_mode_function(arch: str, size: int) -> None:
     torch.manual_seed(0)
-    model = build_classifier("cifar_resnet18", 10, (3, 32, 32), [0.5] * 3, [0.25] * 3)
+    model = build_classifier(arch, 10, (3, size, size), [0.5] * 3, [0.25] * 3)
     randomize_batchnorm(model)
     model.train()
     surrogate = softplus_surrogate(model, beta=10.0)
     assert model.training and not surrogate.training
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in surrogate.modules())
+    if arch.startswith("torchvision."):  # the stem's ReLU -> max-pool, a hand-written forward
+        assert isinstance(surrogate[1].relu, nn.MaxPool2d) and isinstance(surrogate[1].maxpool, nn.Softplus)
     literal = copy.deepcopy(model).eval()
     replace_relu(literal, 10.0)
-    x, y = torch.rand(2, 3, 32, 32), torch.tensor([3, 7])
+    x, y = torch.rand(2, 3, size, size), torch.tensor([3, 7])
     torch.testing.assert_close(surrogate(x), literal(x), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(
         saliency_map(surrogate, x, y, "gradient"), saliency_map(literal, x, y, "gradient"), rtol=1e-3, atol=1e-7

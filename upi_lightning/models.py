@@ -9,7 +9,6 @@ dataset. The activation is switchable between ``relu`` and ``softplus`` (with ``
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -217,6 +216,34 @@ def replace_relu(module: nn.Module, beta: float) -> int:
     return replaced
 
 
+def exclusive_module_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """Return ``(first, second)`` submodule names where ``second`` is applied to ``first``'s output alone.
+
+    Read from the ``torch.fx`` graph of ``module``: ``second(first(...))`` with no other argument, the
+    output of ``first`` used nowhere else, and each of the two modules called once in ``forward``, so
+    that swapping or replacing them changes exactly this one composition. Empty for a module that
+    ``torch.fx`` cannot trace (data-dependent control flow).
+    """
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception:  # tracing fails in many ways on dynamic models, and the callers are only speed-ups
+        return []
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        (source,) = node.args
+        if (
+            isinstance(source, torch.fx.Node)
+            and source.op == "call_module"
+            and len(source.users) == 1
+            and calls[source.target] == calls[node.target] == 1
+        ):
+            pairs.append((str(source.target), str(node.target)))
+    return pairs
+
+
 MONOTONE_ACTIVATIONS = (nn.ReLU, nn.Softplus)
 """Elementwise activations that never decrease (``softplus_beta' = sigmoid(beta z) > 0`` for any beta)."""
 
@@ -224,29 +251,28 @@ MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.
 
 
 def pool_before_activation(module: nn.Module) -> int:
-    r"""Swap, in place, every ``activation, max-pool`` pair of consecutive ``nn.Sequential`` children.
+    r"""Swap, in place, every activation that feeds a max-pool with that max-pool.
 
     For a non-decreasing elementwise ``f``, :math:`\max_{j \in W} f(z_j) = f(\max_{j \in W} z_j)` and
     the gradient reaches the same arg-max, so the network computes the same function with the same
     derivatives of every order (up to ties inside a pooling window) while ``f`` and its backward passes
     run on the pooled tensor: ``k`` times fewer elements for a ``k``-element window. This matters for
-    the softplus surrogate, whose saliency maps are differentiated twice. Only ``nn.ReLU`` and
-    ``nn.Softplus`` followed by a max-pool without ``return_indices`` are swapped; the children keep
-    their names, so the ``state_dict`` keys do not change.
+    the softplus surrogate, whose saliency maps are differentiated twice. Swapped: an ``nn.ReLU`` or
+    ``nn.Softplus`` followed by a max-pool without ``return_indices``, found by
+    :func:`exclusive_module_pairs` (in ``nn.Sequential`` containers and in hand-written ``forward``
+    methods alike). The two modules trade places under their names, so the ``state_dict`` keys do not
+    change.
 
     Returns:
-        The number of pairs swapped.
+        The number of pairs swapped (0 for a module ``torch.fx`` cannot trace).
     """
     swapped = 0
-    for child in module.modules():
-        if not isinstance(child, nn.Sequential):
-            continue
-        names = list(child._modules)
-        for first, second in itertools.pairwise(names):
-            activation, pool = child._modules[first], child._modules[second]
-            if isinstance(activation, MONOTONE_ACTIVATIONS) and isinstance(pool, MAX_POOLS) and not pool.return_indices:
-                child._modules[first], child._modules[second] = pool, activation
-                swapped += 1
+    for first, second in exclusive_module_pairs(module):
+        activation, pool = module.get_submodule(first), module.get_submodule(second)
+        if isinstance(activation, MONOTONE_ACTIVATIONS) and isinstance(pool, MAX_POOLS) and not pool.return_indices:
+            module.set_submodule(first, pool)
+            module.set_submodule(second, activation)
+            swapped += 1
     return swapped
 
 
@@ -261,36 +287,24 @@ def fold_batchnorm(module: nn.Module) -> int:
     is one convolution with rescaled weights and a new bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``),
     so the folded network computes the same function up to float rounding, without the normalization's
     forward and backward passes (and, for saliency maps differentiated twice, its double backward).
-    The pairs are found on the ``torch.fx`` graph of ``module``: a ``BatchNorm{1,2,3}d`` with running
-    statistics whose input is the output of a ``Conv{1,2,3}d`` of the same dimension, neither called
-    anywhere else. The convolution is replaced by the folded one and the batch norm by ``nn.Identity``;
-    the module keeps its classes and ``forward``. A module that ``torch.fx`` cannot trace (data-dependent
-    control flow) is left as it is.
+    Folded: a ``BatchNorm{1,2,3}d`` with running statistics applied to the output of a ``Conv{1,2,3}d``
+    of the same dimension (:func:`exclusive_module_pairs`). The convolution is replaced by the folded
+    one and the batch norm by ``nn.Identity``; the module keeps its classes and ``forward``.
 
     Only valid while the result is used in eval mode; the caller puts ``module`` in eval mode first.
 
     Returns:
-        The number of batch norms folded (0 for an untraceable module).
+        The number of batch norms folded (0 for a module ``torch.fx`` cannot trace).
     """
-    try:
-        graph = torch.fx.symbolic_trace(module).graph
-    except Exception:  # tracing fails in many ways on dynamic models, and folding is only a speed-up
-        return 0
-    modules = dict(module.named_modules())
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     folded = 0
-    for node in graph.nodes:
-        source = node.args[0] if node.op == "call_module" and node.args else None
-        if not isinstance(source, torch.fx.Node) or source.op != "call_module":
-            continue
-        layer, norm = modules[str(source.target)], modules[str(node.target)]
-        pair = next((p for p in CONV_NORM_PAIRS if isinstance(layer, p[0]) and isinstance(norm, p[1])), None)
-        if pair is None or len(source.users) != 1 or calls[source.target] != 1 or calls[node.target] != 1:
+    for first, second in exclusive_module_pairs(module):
+        layer, norm = module.get_submodule(first), module.get_submodule(second)
+        if not any(isinstance(layer, conv) and isinstance(norm, bn) for conv, bn in CONV_NORM_PAIRS):
             continue
         if norm.running_mean is None or norm.running_var is None:
             continue
-        module.set_submodule(str(source.target), fuse_conv_bn_eval(layer, norm))
-        module.set_submodule(str(node.target), nn.Identity())
+        module.set_submodule(first, fuse_conv_bn_eval(layer, norm))
+        module.set_submodule(second, nn.Identity())
         folded += 1
     return folded
 
@@ -302,10 +316,10 @@ def softplus_surrogate(model: nn.Module, beta: float = 10.0) -> nn.Module:
     non-zero second derivative, so saliency maps of the copy are differentiable w.r.t. the input
     (Dombrowski et al. 2019). The original model is left untouched; the copy is frozen
     (``requires_grad=False``) and in eval mode, and two rewrites that keep its function make its maps
-    cheaper to differentiate twice: inside ``nn.Sequential`` containers it max-pools before the
-    activation instead of after (:func:`pool_before_activation`: a quarter of the softplus work behind
-    a 2x2 pool), and its batch norms are folded into the convolutions before them
-    (:func:`fold_batchnorm`), so the copy computes the *eval-mode* network and must stay in eval mode.
+    cheaper to differentiate twice: it max-pools before the activation instead of after
+    (:func:`pool_before_activation`: a quarter of the softplus work behind a 2x2 pool), and its batch
+    norms are folded into the convolutions before them (:func:`fold_batchnorm`), so the copy computes
+    the *eval-mode* network and must stay in eval mode.
 
     Raises:
         UPIError: if ``beta <= 0`` or the model has no ``nn.ReLU`` module to replace (for example a
