@@ -15,6 +15,7 @@ from upi_lightning.models import (
     build_classifier,
     fold_batchnorm,
     pool_before_activation,
+    refold_batchnorm,
     replace_relu,
     softplus_surrogate,
 )
@@ -59,6 +60,16 @@ def test_softplus_surrogate_copies_and_approximates() -> None:
     torch.testing.assert_close(surrogate(x), model(x), atol=5e-2, rtol=0)
 
 
+def map_change_gradient(net: nn.Module, reference: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. a universal ``delta`` of the L2 map change of ``net`` (second order in ``net``)."""
+    clean = saliency_map(reference, x, y, "gradient")
+    noise = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(1))
+    delta = (0.05 * noise).requires_grad_(True)
+    maps = saliency_map(net, (x + delta).clamp(0, 1), y, "gradient", create_graph=True)
+    (grad,) = torch.autograd.grad((maps - clean).flatten(1).norm(dim=1).sum(), delta)
+    return grad
+
+
 def test_surrogate_pools_before_softplus_with_the_same_maps_and_map_gradients() -> None:
     torch.manual_seed(0)
     model = build_classifier("small_cnn", 10, (1, 28, 28), [0.5], [0.25]).eval()
@@ -70,18 +81,10 @@ def test_surrogate_pools_before_softplus_with_the_same_maps_and_map_gradients() 
     assert surrogate.state_dict().keys() == model.state_dict().keys()
     x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
     torch.testing.assert_close(surrogate(x), literal(x))
-    clean = saliency_map(literal, x, y, "gradient")
-
-    def map_change_gradient(net: nn.Module) -> torch.Tensor:
-        delta = (0.05 * torch.randn(1, 28, 28, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
-        maps = saliency_map(net, (x + delta).clamp(0, 1), y, "gradient", create_graph=True)
-        (grad,) = torch.autograd.grad((maps - clean).flatten(1).norm(dim=1).sum(), delta)
-        return grad
-
-    torch.testing.assert_close(saliency_map(surrogate, x, y, "gradient"), clean)
-    oracle = map_change_gradient(literal)
+    torch.testing.assert_close(saliency_map(surrogate, x, y, "gradient"), saliency_map(literal, x, y, "gradient"))
+    oracle = map_change_gradient(literal, literal, x, y)
     assert oracle.abs().max() > 0
-    torch.testing.assert_close(map_change_gradient(surrogate), oracle)
+    torch.testing.assert_close(map_change_gradient(surrogate, literal, x, y), oracle)
 
 
 def assert_same_function(rewritten: nn.Module, original: nn.Module, x: torch.Tensor) -> None:
@@ -122,6 +125,39 @@ def test_pool_before_activation_swaps_a_hand_written_stem_but_not_a_shared_activ
     assert isinstance(swapped.relu, nn.MaxPool2d) and isinstance(swapped.pool, nn.ReLU)
     assert isinstance(swapped.shared, nn.ReLU) and isinstance(swapped.shared_pool, nn.MaxPool2d)
     assert_same_function(swapped, net, torch.randn(2, 1, 10, 10))
+
+
+class RewriteTraps(nn.Module):
+    """Pairs that look foldable or swappable but are not: an alias, a hooked conv, in-place and thresholds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2)
+        self.alias = self.conv  # one module under two names: rewriting "conv" would miss "alias"
+        self.spectral, self.spectral_norm = nn.utils.spectral_norm(nn.Conv2d(2, 2, 1)), nn.BatchNorm2d(2)
+        self.inplace, self.pool = nn.ReLU(inplace=True), nn.MaxPool2d(2)
+        self.clipped, self.clipped_pool = nn.Softplus(beta=1.0, threshold=1.0), nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.alias(x))
+        h = self.spectral_norm(self.spectral(h))
+        pooled = self.pool(self.inplace(h))  # the in-place ReLU also changes h, used below
+        return pooled + self.clipped_pool(self.clipped(h))
+
+
+def test_rewrites_skip_aliases_hooks_in_place_activations_and_non_monotone_softplus() -> None:
+    torch.manual_seed(0)
+    net = RewriteTraps()
+    randomize_batchnorm(net)
+    net.eval()
+    rewritten = copy.deepcopy(net)
+    assert pool_before_activation(rewritten) == 0
+    assert fold_batchnorm(rewritten) == []
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(rewritten(x), net(x))
+    # the same module without its traps is rewritten
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Softplus(beta=1.0), nn.MaxPool2d(2)).eval()
+    assert pool_before_activation(plain) == 1 and fold_batchnorm(plain) == [("0", "1")]
 
 
 def test_pool_before_activation_leaves_other_pairs_alone() -> None:
@@ -169,7 +205,7 @@ def test_fold_batchnorm_folds_only_exclusive_conv_norm_pairs() -> None:
     randomize_batchnorm(net)
     net.eval()
     folded = copy.deepcopy(net)
-    assert fold_batchnorm(folded) == 1
+    assert fold_batchnorm(folded) == [("conv", "norm")]
     assert isinstance(folded.norm, nn.Identity) and folded.conv.bias is not None
     assert all(isinstance(m, nn.BatchNorm2d) for m in (folded.shared_norm, folded.pool_norm, folded.stateless))
     assert_same_function(folded, net, torch.randn(3, 2, 5, 5))
@@ -185,7 +221,7 @@ def test_fold_batchnorm_leaves_an_untraceable_module_alone() -> None:
             return self.norm(self.conv(x)) if x.sum() > 0 else x
 
     net = DataDependent().eval()
-    assert fold_batchnorm(net) == 0 and isinstance(net.norm, nn.BatchNorm2d)
+    assert fold_batchnorm(net) == [] and isinstance(net.norm, nn.BatchNorm2d)
 
 
 @pytest.mark.parametrize(("arch", "size"), [("cifar_resnet18", 32), ("torchvision.resnet18", 64)])
@@ -206,6 +242,26 @@ def test_resnet_surrogate_folds_every_batchnorm_and_keeps_the_eval_mode_function
     torch.testing.assert_close(
         saliency_map(surrogate, x, y, "gradient"), saliency_map(literal, x, y, "gradient"), rtol=1e-3, atol=1e-7
     )
+    oracle = map_change_gradient(literal, literal, x, y)
+    actual = map_change_gradient(surrogate, literal, x, y)
+    assert torch.linalg.vector_norm(actual - oracle) <= 1e-3 * torch.linalg.vector_norm(oracle)
+
+
+def test_surrogate_follows_weight_changes_by_refolding() -> None:
+    torch.manual_seed(0)
+    model = build_classifier("cifar_resnet18", 10, (3, 32, 32), [0.5] * 3, [0.25] * 3)
+    randomize_batchnorm(model)
+    surrogate = softplus_surrogate(model, beta=10.0)
+    assert len(surrogate.folded_batchnorms) == 20  # every conv -> BN pair of ResNet-18, shortcuts included
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.rand(4, 3, 32, 32)
+    nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()  # new weights, and train mode moved the running statistics
+    refold_batchnorm(surrogate, model, surrogate.folded_batchnorms)
+    fresh = softplus_surrogate(model, beta=10.0)
+    for name, tensor in fresh.state_dict().items():
+        torch.testing.assert_close(surrogate.state_dict()[name], tensor, msg=name)
 
 
 def test_torchvision_model_by_name() -> None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
-from upi_lightning.models import softplus_surrogate
+from upi_lightning.models import refold_batchnorm, softplus_surrogate
 from upi_lightning.perturbation import apply_perturbation, sample_normal
 from upi_lightning.saliency import (
     SALIENCY_METHODS,
@@ -111,8 +111,9 @@ class UPIObjective:
         sigma: std of the Gaussian smoothing noise ``Z`` in pixel units; ``0`` = no smoothing.
         n_noise: draws of ``Z`` per sample (stacked into one batch), used when ``sigma > 0``.
         surrogate_beta: ``None`` = differentiate the model itself; else differentiate its
-            ``softplus_surrogate(model, beta)`` (eval mode, batch norms folded), built once and rebuilt
-            only when the model's weights change (in-place version counters) or move.
+            ``softplus_surrogate(model, beta)`` (eval mode, batch norms folded), built once, refreshed in
+            place when the model's weights change (in-place version counters) and rebuilt when they are
+            replaced or move.
         keep_prediction: ``lambda >= 0``, weight of the cross-entropy-increase penalty.
 
     """
@@ -160,10 +161,14 @@ class UPIObjective:
         """Return the network the objective differentiates: ``model`` or its cached softplus surrogate."""
         if self.surrogate_beta is None:
             return model
-        key = (_structure_key(model), _values_key(model))
-        if self._cache.get("key") != key:
-            self._cache.update(surrogate=softplus_surrogate(model, self.surrogate_beta), key=key)
-        return self._cache["surrogate"]
+        structure, values = _structure_key(model), _values_key(model)
+        cache = self._cache
+        if cache.get("structure") != structure:
+            cache.update(surrogate=softplus_surrogate(model, self.surrogate_beta), structure=structure)
+        elif cache.get("values") != values:
+            refold_batchnorm(cache["surrogate"], model, cache["surrogate"].folded_batchnorms)
+        cache["values"] = values
+        return cache["surrogate"]
 
     def maps(self, model: nn.Module, x: Tensor, y: Tensor, create_graph: bool = False) -> Tensor:
         """Compute maps ``(N, H, W)`` of classes ``y`` on ``x`` with these settings, on ``model`` as given."""
