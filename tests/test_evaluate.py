@@ -38,6 +38,21 @@ def test_zero_perturbation_is_perfectly_stable() -> None:
     assert results["flip_rate"] == 0.0 and results["delta_l2"] == 0.0
 
 
+def test_smoothgrad_maps_of_clean_and_perturbed_images_share_their_noise() -> None:
+    model = QuadraticScore()
+    batches = half_correct_batches(model)
+    smoothgrad = {"method": "smoothgrad", "method_kwargs": {"n_samples": 4, "sigma": 0.2}, "k": 10}
+    unmoved = evaluate_perturbation(model, batches, torch.zeros(1, 8, 8), **smoothgrad)
+    assert unmoved["relative_l2"] == 0.0 and unmoved["topk_intersection"] == 1.0  # no floor from the draws
+    delta = random_universal((1, 8, 8), "l2", 2.0, n_draws=1, seed=1)[0]
+    moved = evaluate_perturbation(model, batches, delta, **smoothgrad)
+    assert moved["relative_l2"] > 0 and evaluate_perturbation(model, batches, delta, **smoothgrad) == moved
+    regrouped = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]  # one batch
+    assert evaluate_perturbation(model, regrouped, delta, **smoothgrad)["relative_l2"] == pytest.approx(
+        moved["relative_l2"], rel=1e-5
+    )
+
+
 def test_metrics_match_a_hand_computation_on_the_correct_samples() -> None:
     model = QuadraticScore()
     batches = half_correct_batches(model)

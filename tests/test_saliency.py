@@ -14,7 +14,9 @@ from upi_lightning.errors import UPIError
 from upi_lightning.models import CifarResNet18, SmallCNN, build_classifier, softplus_surrogate
 from upi_lightning.saliency import (
     SALIENCY_METHODS,
+    SMOOTHGRAD_SAMPLES,
     attribution,
+    common_noise,
     evaluation_mode,
     gradients_enabled,
     input_gradient,
@@ -349,6 +351,21 @@ def test_normalize_map_sums_to_one_and_keeps_zero_maps_zero() -> None:
     torch.testing.assert_close(maps[0], scaled[0].detach().abs().sum(0) / scaled[0].detach().abs().sum())
 
 
+def test_smoothgrad_takes_given_noise_and_common_noise_is_keyed_by_sample() -> None:
+    model, x = Sine(), _batch(3)
+    target = torch.tensor([1, 2, 0])
+    noise = torch.randn((4, *x.shape), generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+    drawn = attribution(model, x, target, "smoothgrad", n_samples=4, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(attribution(model, x, target, "smoothgrad", n_samples=4, noise=noise), drawn)
+    kwargs = common_noise(x, target, "smoothgrad", {"n_samples": 4, "sigma": 0.2})
+    assert kwargs["noise"].shape == (4, *x.shape) and kwargs["sigma"] == 0.2
+    order = torch.tensor([2, 0, 1])  # another batch order: each sample keeps its own draws
+    permuted = common_noise(x[order], target[order], "smoothgrad", {"n_samples": 4})
+    torch.testing.assert_close(permuted["noise"], kwargs["noise"][:, order])
+    assert common_noise(x, target, "smoothgrad", {})["noise"].shape[0] == SMOOTHGRAD_SAMPLES  # the default
+    assert common_noise(x, target, "integrated_gradients", {"n_steps": 3}) == {"n_steps": 3}
+
+
 # --------------------------------------------------------------- invalid input
 
 
@@ -358,6 +375,7 @@ def test_normalize_map_sums_to_one_and_keeps_zero_maps_zero() -> None:
         ({"method": "smoothgrad", "sigma": -0.1}, "sigma"),
         ({"method": "smoothgrad", "n_samples": 0}, "n_samples"),
         ({"method": "smoothgrad", "base_method": "smoothgrad"}, "base_method"),
+        ({"method": "smoothgrad", "n_samples": 2, "noise": torch.zeros(3, 4, *SHAPE)}, "noise of shape"),
         ({"method": "integrated_gradients", "n_steps": 0}, "n_steps"),
         ({"method": "integrated_gradients", "baseline": torch.zeros(5, 5)}, "baseline"),
         ({"method": "occlusion"}, "saliency method"),

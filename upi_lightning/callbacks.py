@@ -37,6 +37,7 @@ from upi_lightning.saliency import (
     SALIENCY_METHODS,
     SaliencyMethod,
     ScoreKind,
+    common_noise,
     evaluation_mode,
     gradients_enabled,
     saliency_map,
@@ -472,8 +473,8 @@ class UPIAttack(Callback):
         images, labels = figure_batch(pl_module, batches, self.num_images)  # type: ignore[arg-type]
         if len(images) == 0:
             return None
-        kwargs = {"score": self.saliency.score, **self.saliency.method_kwargs()}
         method = self.saliency.method
+        kwargs = common_noise(images, labels, method, {"score": self.saliency.score, **self.saliency.method_kwargs()})
         clean = saliency_map(pl_module, images, labels, method, **kwargs)
         rows = []
         for name in self.methods:

@@ -35,6 +35,10 @@ import torch
 from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
+from upi_lightning.perturbation import sample_normal
+
+SMOOTHGRAD_SAMPLES = 16
+"""Default number of SmoothGrad noisy copies."""
 
 SaliencyMethod = Literal["gradient", "grad_x_input", "integrated_gradients", "smoothgrad"]
 ScoreKind = Literal["logit", "probability"]
@@ -176,10 +180,11 @@ def attribution(
     create_graph: bool = False,
     n_steps: int = 16,
     baseline: Tensor | float | None = None,
-    n_samples: int = 16,
+    n_samples: int = SMOOTHGRAD_SAMPLES,
     sigma: float = 0.15,
     base_method: SaliencyMethod = "gradient",
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
     internal_batch_size: int | None = None,
 ) -> Tensor:
     r"""Raw signed attribution ``(N, C, H, W)`` of a batch by one of the methods of the module docstring.
@@ -203,13 +208,16 @@ def attribution(
         base_method: SmoothGrad: the attribution averaged over the noisy copies (any method but
             ``smoothgrad``).
         generator: SmoothGrad: random generator for the noise (on any device), for reproducible maps.
+        noise: SmoothGrad: the standard-normal draws ``(n_samples, N, C, H, W)`` to use instead of drawing
+            them (``generator`` is then unused); see :func:`common_noise`.
         internal_batch_size: if set, the stacked batch is processed in chunks of at most this many
             images (one backward pass per chunk), to bound memory; ``None`` = one chunk.
 
     Raises:
         UPIError: on NaN/inf in ``x``, an unknown method or score, ``n_steps < 1``, ``n_samples < 1``,
-            ``sigma < 0``, a SmoothGrad base method of ``smoothgrad``, a baseline that does not broadcast to ``x``, or a
-            target of the wrong shape or out of range.
+            ``sigma < 0``, a SmoothGrad base method of ``smoothgrad``, SmoothGrad ``noise`` of another shape
+            than ``(n_samples, N, C, H, W)``, a baseline that does not broadcast to ``x``, or a target of the
+            wrong shape or out of range.
     """
     _check_choice("saliency method", method, SALIENCY_METHODS)
     _check_choice("score", score, SCORE_KINDS)
@@ -241,8 +249,14 @@ def attribution(
         if method == "smoothgrad":
             with torch.no_grad():
                 target = _resolve_target(model(x), target)
-            device = x.device if generator is None else generator.device
-            noise = torch.randn((n_samples, *x.shape), generator=generator, device=device, dtype=x.dtype)
+            if noise is None:
+                device = x.device if generator is None else generator.device
+                noise = torch.randn((n_samples, *x.shape), generator=generator, device=device, dtype=x.dtype)
+            elif noise.shape != (n_samples, *x.shape):
+                raise UPIError(
+                    f"SmoothGrad noise of shape {tuple(noise.shape)} does not fit {n_samples} draws of images "
+                    f"{tuple(x.shape)}; give (n_samples, N, C, H, W) standard-normal draws."
+                )
             noisy = (x + sigma * noise.to(x.device)).flatten(0, 1)
             if full_baseline is not None:
                 full_baseline = full_baseline.expand(n_samples, *x.shape).flatten(0, 1)
@@ -253,6 +267,23 @@ def attribution(
         else:
             attr = _base_attribution(model, grad_fn, x, target, method, full_baseline, n_steps)
     return attr if create_graph else attr.detach()
+
+
+def common_noise(x: Tensor, y: Tensor, method: SaliencyMethod, kwargs: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """Saliency ``kwargs`` that give a batch and its perturbed copies the same SmoothGrad noise.
+
+    Compare the maps of clean images ``x`` with the maps of ``x + delta`` using the returned kwargs for
+    both: SmoothGrad then averages both over the same draws (common random numbers), so a zero
+    perturbation changes no map and a change measures the perturbation rather than the draw. The
+    draws are keyed by each clean sample (:func:`~upi_lightning.perturbation.sample_normal` from a
+    generator seeded with ``seed``), so they do not depend on batching or on the number of processes.
+    Other methods are deterministic: ``kwargs`` is returned unchanged.
+    """
+    if method != "smoothgrad":
+        return kwargs
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    n_samples = kwargs.get("n_samples", SMOOTHGRAD_SAMPLES)
+    return {**kwargs, "noise": sample_normal(x, y, n_samples, generator)}
 
 
 def _full_baseline(x: Tensor, baseline: Tensor | float | None) -> Tensor:

@@ -21,7 +21,14 @@ from upi_lightning.attacks.upi_grad import Batches, model_device, prepare_batch
 from upi_lightning.errors import UPIError
 from upi_lightning.metrics import AttributionStability, PredictionFlipRate
 from upi_lightning.perturbation import apply_perturbation, perturbation_norm
-from upi_lightning.saliency import SaliencyMethod, ScoreKind, evaluation_mode, gradients_enabled, saliency_map
+from upi_lightning.saliency import (
+    SaliencyMethod,
+    ScoreKind,
+    common_noise,
+    evaluation_mode,
+    gradients_enabled,
+    saliency_map,
+)
 
 PerSampleDeltas = Callable[[Tensor, Tensor], Tensor]
 """``fn(x, y) -> (N, C, H, W)``: per-sample perturbations of a batch (e.g. the per-sample attack)."""
@@ -94,8 +101,9 @@ def evaluate_perturbation(
             perturbed = apply_perturbation(x, batch_delta)
             with torch.no_grad():
                 logits_perturbed = model(perturbed)
-            maps_clean = saliency_map(model, x, y, method, score=score, **kwargs)
-            maps_perturbed = saliency_map(model, perturbed, y, method, score=score, **kwargs)
+            paired = common_noise(x, y, method, kwargs)
+            maps_clean = saliency_map(model, x, y, method, score=score, **paired)
+            maps_perturbed = saliency_map(model, perturbed, y, method, score=score, **paired)
             stability.update(maps_clean, maps_perturbed)
             flips.update(logits, logits_perturbed)
             per_sample = batch_delta.expand_as(x)

@@ -52,7 +52,7 @@ from upi_lightning.errors import UPIError
 from upi_lightning.figures import perturbation_image, saliency_figure, save_png
 from upi_lightning.io import atomic_write_json, atomic_write_text
 from upi_lightning.perturbation import Norm, apply_perturbation, check_eps, check_norm
-from upi_lightning.saliency import SaliencyMethod, ScoreKind, saliency_map
+from upi_lightning.saliency import SaliencyMethod, ScoreKind, common_noise, saliency_map
 
 MethodName = Literal["upi_grad", "upi_pca", "random", "per_sample", "uap"]
 ALL_METHODS: tuple[MethodName, ...] = ("upi_grad", "upi_pca", "random", "per_sample", "uap")
@@ -599,8 +599,8 @@ class AttackRun:
         saliency: dict[str, Any],
     ) -> None:
         """PNG and TensorBoard figure of the maps before and after each universal perturbation."""
-        kwargs = {"score": saliency["score"], **saliency["method_kwargs"]}
         method = saliency["method"]
+        kwargs = common_noise(images, labels, method, {"score": saliency["score"], **saliency["method_kwargs"]})
         clean = saliency_map(self.model, images, labels, method, **kwargs)
         perturbed = []
         for name, delta in deltas.items():
