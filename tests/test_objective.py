@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from upi_lightning.attacks.objective import UPIObjective, map_dissimilarity
 from upi_lightning.errors import UPIError
 from upi_lightning.perturbation import make_generator, random_on_sphere, sample_normal
-from upi_lightning.saliency import saliency_map
+from upi_lightning.saliency import common_noise, saliency_map
 
 
 class QuadraticScore(nn.Module):
@@ -169,6 +169,23 @@ def test_smoothing_averages_the_stacked_noise_draws() -> None:
     clean = saliency_map(model, x, y)
     draws = [(saliency_map(model, (x + delta + 0.05 * z).clamp(0, 1), y) - clean).flatten(1).norm(dim=1) for z in noise]
     assert torch.allclose(values, torch.stack(draws).mean(dim=0), atol=1e-6)
+
+
+def test_smoothgrad_objective_shares_each_sample_s_map_noise_across_its_copies() -> None:
+    model = QuadraticScore()
+    x, y = make_batches(1, 3)[0]
+    smoothgrad = {"method": "smoothgrad", "method_kwargs": {"n_samples": 3, "sigma": 0.2}}
+    assert torch.equal(UPIObjective(**smoothgrad).per_sample(model, x, y, torch.zeros(1, 8, 8)), torch.zeros(3))
+    delta = 0.1 * random_on_sphere((1, 8, 8), "l2", 1.0, make_generator(3))
+    objective = UPIObjective(sigma=0.05, n_noise=2, **smoothgrad)
+    values = objective.per_sample(model, x, y, delta, generator=make_generator(5))
+    kwargs = common_noise(x, y, "smoothgrad", smoothgrad["method_kwargs"])  # each copy: its sample's draws
+    clean = saliency_map(model, x, y, "smoothgrad", **kwargs)
+    draws = [
+        (saliency_map(model, (x + delta + 0.05 * z).clamp(0, 1), y, "smoothgrad", **kwargs) - clean).flatten(1)
+        for z in sample_normal(x, y, 2, make_generator(5))
+    ]
+    assert torch.allclose(values, torch.stack([d.norm(dim=1) for d in draws]).mean(dim=0), atol=1e-6)
 
 
 def test_keep_prediction_subtracts_the_cross_entropy_increase() -> None:

@@ -207,14 +207,16 @@ def test_bad_inputs_are_refused(batches: object, kwargs: dict[str, object], matc
 
 
 def count_clean_maps(objective: UPIObjective, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record the batch size of every map computation without a graph (the clean maps) of ``objective``."""
+    """Record the batch size of every map computation of clean images (no ``clean`` reference) of ``objective``."""
     sizes: list[int] = []
     original = objective.maps
 
-    def counted(model: torch.nn.Module, x: Tensor, y: Tensor, create_graph: bool = False) -> Tensor:
-        if not create_graph:
+    def counted(
+        model: torch.nn.Module, x: Tensor, y: Tensor, clean: Tensor | None = None, create_graph: bool = False
+    ) -> Tensor:
+        if clean is None:
             sizes.append(len(x))
-        return original(model, x, y, create_graph)
+        return original(model, x, y, clean, create_graph)
 
     monkeypatch.setattr(objective, "maps", counted)
     return sizes

@@ -36,6 +36,7 @@ from upi_lightning.saliency import (
     SCORE_KINDS,
     SaliencyMethod,
     ScoreKind,
+    common_noise,
     evaluation_mode,
     gradients_enabled,
     saliency_map,
@@ -170,9 +171,20 @@ class UPIObjective:
         cache["values"] = values
         return cache["surrogate"]
 
-    def maps(self, model: nn.Module, x: Tensor, y: Tensor, create_graph: bool = False) -> Tensor:
-        """Compute maps ``(N, H, W)`` of classes ``y`` on ``x`` with these settings, on ``model`` as given."""
-        return saliency_map(model, x, y, self.method, score=self.score, create_graph=create_graph, **self.method_kwargs)
+    def maps(
+        self, model: nn.Module, x: Tensor, y: Tensor, clean: Tensor | None = None, create_graph: bool = False
+    ) -> Tensor:
+        """Compute maps ``(N, H, W)`` of classes ``y`` on ``x`` with these settings, on ``model`` as given.
+
+        ``x`` holds perturbed copies of the ``clean`` images (``None``: ``x`` is clean), ``copies = N /
+        len(clean)`` of them stacked copy-major. SmoothGrad maps use the noise of the clean samples
+        (:func:`~upi_lightning.saliency.common_noise`), so a clean image and its copies share their draws.
+        """
+        reference = x if clean is None else clean
+        kwargs = common_noise(reference, y[: len(reference)], self.method, self.method_kwargs)
+        if "noise" in kwargs:
+            kwargs["noise"] = kwargs["noise"].repeat(1, len(x) // len(reference), 1, 1, 1)
+        return saliency_map(model, x, y, self.method, score=self.score, create_graph=create_graph, **kwargs)
 
     def clean_maps(self, model: nn.Module, x: Tensor, y: Tensor, cache: SampleCache | None = None) -> Tensor:
         """Compute the detached reference maps :math:`I(x)` ``(N, H, W)`` (on the surrogate if configured).
@@ -215,7 +227,7 @@ class UPIObjective:
                 noise = sample_normal(x, y, draws, generator)
                 shifted = shifted.unsqueeze(0) + self.sigma * noise
             batch = shifted.expand(draws, *x.shape).flatten(0, 1).clamp(0.0, 1.0)
-            maps = self.maps(net, batch, y.repeat(draws), create_graph=delta.requires_grad)
+            maps = self.maps(net, batch, y.repeat(draws), clean=x, create_graph=delta.requires_grad)
             references = clean_maps.repeat(draws, 1, 1)
             values = map_dissimilarity(maps, references, self.dissimilarity, self.k)
             return values.view(draws, -1).mean(dim=0)
