@@ -85,6 +85,20 @@ def test_same_seed_gives_the_same_perturbation(checkpoint: Path, tmp_path: Path)
     assert torch.equal(first.delta, second.delta)
 
 
+def test_a_fit_does_not_depend_on_the_methods_and_budgets_run_before_it(checkpoint: Path, tmp_path: Path) -> None:
+    args = [f"--ckpt={checkpoint}", *DATA, *SMALL]
+    attack_main([*args, "--attack.methods=[uap]", f"--output={tmp_path / 'alone'}"])
+    after_others = [
+        "--attack.methods=[upi_grad, uap]",
+        "--attack.budgets=[{norm: linf, eps: 0.1}, {norm: l2, eps: 1.0}]",
+    ]
+    attack_main([*args, *after_others, f"--output={tmp_path / 'after'}"])
+    alone, after = (
+        UniversalPerturbation.load(tmp_path / run / "perturbations" / "uap_l2_eps1.pt") for run in ("alone", "after")
+    )
+    assert torch.equal(alone.delta, after.delta)
+
+
 def test_interrupted_attack_leaves_no_report(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fit = runner.fit_method
     calls = []

@@ -439,6 +439,7 @@ class AttackRun:
         self.processes = processes or Processes()
         self.progress = progress and self.processes.is_main
         self.image_shape: tuple[int, ...] = ()  # set by run() from the data
+        self.fit_shuffling: torch.Generator | None = None  # the fit loader's, set by run()
 
     def shard(self, loader: DataLoader) -> DataLoader | ShardedBatches:
         """``loader`` itself on one process, else this process's :class:`ShardedBatches` of it."""
@@ -456,6 +457,7 @@ class AttackRun:
             "k": settings.k,
         }
         self.image_shape = tuple(fit_loader.dataset[0][0].shape)
+        self.fit_shuffling = fit_loader.generator
         main = self.processes.is_main
         if main:
             images, labels = figure_batch(self.model, eval_loader, settings.figure_images)
@@ -514,6 +516,8 @@ class AttackRun:
                 )
                 fit_seconds = time.perf_counter() - started
             else:
+                if self.fit_shuffling is not None:  # every fit sees the same shuffles, whatever ran before it
+                    self.fit_shuffling.manual_seed(self.settings.seed)
                 fitted = fit_method(
                     method,
                     self.model,
