@@ -100,7 +100,10 @@ def test_saliency_monitor_logs_fixed_images_and_their_maps(tmp_path: Path) -> No
     trainer.fit(model, train, val)
 
     logged = _logged_images(tmp_path)
-    assert [step for step, _ in logged] == [2, 4]  # one grid per epoch, none for the sanity check
+    assert [step for step, _ in logged] == [1, 3]  # one grid per epoch at its last step, none for the sanity check
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [event.step for event in events.Scalars("val_loss")] == [1, 3]  # beside Lightning's epoch metrics
     weight = model.net[2].weight.detach().view(CLASSES, SIDE, SIDE).abs()
     for _, grid in logged:
         assert grid.shape == (2 * CELL + 2, 4 * CELL + 2, 3)
@@ -122,7 +125,7 @@ def test_saliency_monitor_every_n_epochs_and_under_validate(tmp_path: Path) -> N
     )
     trainer = _trainer(tmp_path, monitor, epochs=3)
     trainer.fit(model, train, val)
-    assert [step for step, _ in _logged_images(tmp_path, "maps")] == [4]  # after epoch index 1 only
+    assert [step for step, _ in _logged_images(tmp_path, "maps")] == [3]  # after epoch index 1 only
 
     validate_dir = tmp_path / "validate"
     monitor = SaliencyMonitor(num_images=2, use_labels=False)
@@ -356,6 +359,22 @@ def test_upi_attack_leaves_the_model_and_training_unchanged(tmp_path: Path) -> N
     reference = train([Snapshot(mix_modes=True)])  # same seed, no attack: the same weights, bit for bit
     for key, value in reference.state_dict().items():
         assert torch.equal(value, trained.state_dict()[key]), key
+
+
+def test_upi_attack_images_sit_beside_its_scalars_in_tensorboard(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    logger = TensorBoardLogger(str(tmp_path), name="steps")
+    trainer = upi_trainer(tmp_path, [small_attack(stages=("fit", "test"))], max_epochs=2, logger=logger)
+    model, data = TinyNet(), upi_data()
+    trainer.fit(model, data)
+    trainer.test(model, data)
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    for tag in ("upi", "test/upi"):
+        scalars = [event.step for event in events.Scalars(f"{tag}/upi_grad/relative_l2")]
+        assert scalars == [event.step for event in events.Images(f"{tag}/upi_grad/delta")]
+    assert scalars == [4]  # test: the global step; fit: each epoch's last step, as Lightning's metrics
+    assert [event.step for event in events.Scalars("upi/upi_grad/relative_l2")] == [1, 3]
 
 
 class ExpectAttackState(Callback):

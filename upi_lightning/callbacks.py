@@ -47,6 +47,16 @@ T = TypeVar("T")
 Batch = tuple[Tensor, Tensor]
 
 
+def epoch_metrics_step(trainer: Trainer) -> int:
+    """The TensorBoard step Lightning gives the epoch-level metrics logged now (images go beside them).
+
+    While fitting, Lightning logs what ``on_train_epoch_end`` and the epoch-end validation log at the
+    epoch's last optimizer step, ``global_step - 1``; in ``validate`` and ``test``, at ``global_step``.
+    """
+    fitting = trainer.state.fn == TrainerFn.FITTING
+    return max(trainer.global_step - 1, 0) if fitting else trainer.global_step
+
+
 class SaliencyMonitor(Callback):
     """Log a grid of fixed validation images (top row) and their saliency maps (bottom row) to TensorBoard.
 
@@ -137,7 +147,7 @@ class SaliencyMonitor(Callback):
             return
         grid = self.make_grid(pl_module)
         for logger in loggers:
-            logger.experiment.add_image(self.tag, grid, global_step=trainer.global_step)
+            logger.experiment.add_image(self.tag, grid, global_step=epoch_metrics_step(trainer))
 
     def make_grid(self, pl_module: LightningModule) -> Tensor:
         """Return the ``(3, H', W')`` grid: inputs on the first row, their saliency maps on the second."""
@@ -493,15 +503,16 @@ class UPIAttack(Callback):
         figure: Tensor | None,
     ) -> None:
         """Rank 0: add the images to TensorBoard and save the perturbations (no collective in here)."""
-        step = trainer.global_step
+        shown = epoch_metrics_step(trainer)  # beside the scalars of this attack
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 for method in self.methods:
-                    logger.experiment.add_image(f"{tag}/{method}/delta", perturbation_image(self.deltas[method]), step)
+                    logger.experiment.add_image(f"{tag}/{method}/delta", perturbation_image(self.deltas[method]), shown)
                 if figure is not None:
-                    logger.experiment.add_image(f"{tag}/figure", figure, step)
+                    logger.experiment.add_image(f"{tag}/figure", figure, shown)
         if folder is None:
             return
+        step = trainer.global_step  # optimizer steps taken, as in Lightning's checkpoint names
         suffix = f"{stage}-epoch{trainer.current_epoch}-step{step}"
         for method in self.methods:
             metadata = {
