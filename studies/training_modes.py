@@ -118,7 +118,7 @@ def fit(mode: str, config: Path, out: Path) -> dict[str, Any]:
     result = {
         "seconds": seconds,
         "epochs": cli.trainer.current_epoch,
-        "ckpt": cli.trainer.checkpoint_callback.last_model_path,
+        "ckpt": cli.last_checkpoint_path,
     }
     atomic_write_json(out / "fit.json", result)
     return result

@@ -36,8 +36,9 @@ def test_fit_writes_a_checkpoint_that_reloads_to_the_same_outputs(
             "--trainer.limit_val_batches=1",
         ]
     )
-    last = Path(cli.trainer.checkpoint_callback.last_model_path).resolve()
-    assert last.is_file() and last.parents[2] == (tmp_path / "runs" / "default").resolve()
+    last = Path(cli.last_checkpoint_path).resolve()
+    assert last.name == "last.ckpt" and last.parents[2] == (tmp_path / "runs" / "default").resolve()
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best-epoch00.ckpt", "last.ckpt"]
     assert list((last.parent.parent).glob("events.out.tfevents.*"))
     restored = Classifier.load_from_checkpoint(last, map_location="cpu", weights_only=True)
     assert list(restored.hparams.input_shape) == [1, 28, 28] and restored.hparams.num_classes == 10
@@ -45,6 +46,17 @@ def test_fit_writes_a_checkpoint_that_reloads_to_the_same_outputs(
     cli.model.eval()
     restored.eval()
     torch.testing.assert_close(restored(x), cli.model(x), rtol=0, atol=0)
+
+
+def test_last_checkpoint_follows_its_step_trigger_before_any_validation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = train_cli(["fit", *SYNTHETIC, "--trainer.max_steps=7", "--last_checkpoint.every_n_train_steps=3"])
+    folder = Path(cli.trainer.logger.log_dir) / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]  # no validation ran: no best yet
+    saved = torch.load(folder / "last.ckpt", weights_only=True)
+    assert (saved["global_step"], saved["epoch"]) == (6, 0)  # the last multiple of 3, mid-epoch 0 (of 8 batches)
 
 
 def run_train(*args: str) -> subprocess.CompletedProcess[str]:

@@ -244,7 +244,7 @@ def test_a_training_mode_is_chosen_in_yaml_and_the_checkpoint_rebuilds_it(
         ]
     )
     assert [type(r) for r in cli.model.regularizers] == [UPIAdversarial, PGDAdversarial]
-    last = Path(cli.trainer.checkpoint_callback.last_model_path)
+    last = Path(cli.last_checkpoint_path)
     restored = Classifier.load_from_checkpoint(last, weights_only=True)
     assert restored.hparams.regularizers == cli.model.hparams.regularizers
     assert restored.regularizers[0].attack_objective.dissimilarity == "cosine"

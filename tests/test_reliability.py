@@ -571,8 +571,7 @@ def quickstart_args(save_dir: Path, version: str) -> list[str]:
         f"--trainer.logger.init_args.version={version}",
         f"--data.init_args.num_train={NUM_TRAIN}",
         f"--data.init_args.batch_size={BATCH}",
-        f"--checkpoint.every_n_train_steps={EVERY}",
-        "--checkpoint.save_last=true",
+        f"--last_checkpoint.every_n_train_steps={EVERY}",
     ]
 
 
@@ -589,8 +588,7 @@ def test_train_py_killed_mid_epoch_resumes_from_last_ckpt(tmp_path: Path) -> Non
             cwd=tmp_path,
         )
         try:
-            # The CLI's checkpoint monitors val/acc, so Lightning defers every step checkpoint until the first
-            # validation (end of epoch 0): the first mid-epoch last.ckpt comes EVERY steps into epoch 1.
+            # last.ckpt monitors nothing, so it is written every EVERY steps from the start: kill in epoch 0
             wait_for(proc, lambda: mid_epoch_step(read_checkpoint(last)), log, "a mid-epoch last.ckpt")
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)

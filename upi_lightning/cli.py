@@ -1,9 +1,11 @@
 """Command lines: LightningCLI for ``train.py`` and the ``attack.py`` parser.
 
 ``UPILightningCLI`` links the data module's statistics (classes, image shape, mean/std) into the
-model, defaults to a TensorBoard logger under ``runs/`` and always adds a ``ModelCheckpoint``
-(``last.ckpt`` plus the best by validation accuracy). User errors (:class:`UPIError`) are printed
-as one line instead of a traceback.
+model, defaults to a TensorBoard logger under ``runs/`` and always adds two ``ModelCheckpoint``
+callbacks: ``checkpoint`` keeps the best by validation accuracy, ``last_checkpoint`` keeps the latest
+state as ``last.ckpt`` (every epoch, or every ``--last_checkpoint.every_n_train_steps`` steps, from
+the first step on: it monitors nothing, so it never waits for a validation). User errors
+(:class:`UPIError`) are printed as one line instead of a traceback.
 """
 
 from __future__ import annotations
@@ -45,14 +47,18 @@ class UPILightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for attribute in ("num_classes", "input_shape", "mean", "std"):
             parser.link_arguments(f"data.{attribute}", f"model.{attribute}", apply_on="instantiate")
+        # Lightning defers a monitoring checkpoint's step-triggered saves until its metric exists (the first
+        # validation), so the latest state, which a killed run resumes from, has a callback of its own
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
                 "checkpoint.filename": "best-epoch{epoch:02d}",
                 "checkpoint.auto_insert_metric_name": False,
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.enable_version_counter": False,
             }
         )
 
@@ -61,12 +67,20 @@ class UPILightningCLI(LightningCLI):
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
-        checkpoint = trainer.checkpoint_callback
         if trainer.logger is not None and trainer.logger.log_dir:
             print(f"TensorBoard logs: {trainer.logger.log_dir}  (tensorboard --logdir {trainer.logger.save_dir})")
-        if isinstance(checkpoint, ModelCheckpoint):
-            print(f"Last checkpoint:  {checkpoint.last_model_path}")
-            print(f"Best checkpoint:  {checkpoint.best_model_path} (val/acc={checkpoint.best_model_score})")
+        best = self.instantiated("checkpoint")
+        print(f"Last checkpoint:  {self.last_checkpoint_path}")
+        print(f"Best checkpoint:  {best.best_model_path} ({best.monitor}={best.best_model_score})")
+
+    def instantiated(self, key: str) -> Any:
+        """The object the parser built for ``key`` (with or without a subcommand)."""
+        return (self.config_init[self.subcommand] if self.subcommand else self.config_init)[key]
+
+    @property
+    def last_checkpoint_path(self) -> str:
+        """Path of the latest ``last.ckpt`` the run wrote (``""`` before the first save)."""
+        return self.instantiated("last_checkpoint").best_model_path
 
 
 def user_error(err: BaseException) -> UPIError | None:
