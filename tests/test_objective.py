@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from upi_lightning.attacks.objective import UPIObjective, map_dissimilarity
+from upi_lightning.attacks.objective import OBJECTIVE_NOISE_SEED, UPIObjective, map_dissimilarity
 from upi_lightning.errors import UPIError
 from upi_lightning.perturbation import make_generator, random_on_sphere, sample_normal
 from upi_lightning.saliency import common_noise, saliency_map
@@ -179,13 +179,14 @@ def test_smoothgrad_objective_shares_each_sample_s_map_noise_across_its_copies()
     delta = 0.1 * random_on_sphere((1, 8, 8), "l2", 1.0, make_generator(3))
     objective = UPIObjective(sigma=0.05, n_noise=2, **smoothgrad)
     values = objective.per_sample(model, x, y, delta, generator=make_generator(5))
-    kwargs = common_noise(x, y, "smoothgrad", smoothgrad["method_kwargs"])  # each copy: its sample's draws
+    kwargs = common_noise(x, y, "smoothgrad", smoothgrad["method_kwargs"], OBJECTIVE_NOISE_SEED)  # per sample
     clean = saliency_map(model, x, y, "smoothgrad", **kwargs)
     draws = [
         (saliency_map(model, (x + delta + 0.05 * z).clamp(0, 1), y, "smoothgrad", **kwargs) - clean).flatten(1)
         for z in sample_normal(x, y, 2, make_generator(5))
     ]
     assert torch.allclose(values, torch.stack([d.norm(dim=1) for d in draws]).mean(dim=0), atol=1e-6)
+    assert not torch.equal(kwargs["noise"], common_noise(x, y, "smoothgrad", {"n_samples": 3})["noise"])  # not eval's
 
 
 def test_keep_prediction_subtracts_the_cross_entropy_increase() -> None:

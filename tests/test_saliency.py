@@ -364,6 +364,10 @@ def test_smoothgrad_takes_given_noise_and_common_noise_is_keyed_by_sample() -> N
     torch.testing.assert_close(permuted["noise"], kwargs["noise"][:, order])
     assert common_noise(x, target, "smoothgrad", {})["noise"].shape[0] == SMOOTHGRAD_SAMPLES  # the default
     assert common_noise(x, target, "integrated_gradients", {"n_steps": 3}) == {"n_steps": 3}
+    with pytest.raises(UPIError, match="one class per image"):
+        common_noise(x, 1, "smoothgrad", {})  # type: ignore[arg-type]
+    half = common_noise(x.bfloat16(), target, "smoothgrad", {"n_samples": 2})  # float32 draws, bfloat16 maps
+    assert attribution(Sine().to(torch.bfloat16), x.bfloat16(), target, "smoothgrad", **half).dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------- invalid input

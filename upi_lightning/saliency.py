@@ -257,7 +257,7 @@ def attribution(
                     f"SmoothGrad noise of shape {tuple(noise.shape)} does not fit {n_samples} draws of images "
                     f"{tuple(x.shape)}; give (n_samples, N, C, H, W) standard-normal draws."
                 )
-            noisy = (x + sigma * noise.to(x.device)).flatten(0, 1)
+            noisy = (x + sigma * noise.to(x)).flatten(0, 1)
             if full_baseline is not None:
                 full_baseline = full_baseline.expand(n_samples, *x.shape).flatten(0, 1)
             attr = _base_attribution(
@@ -277,10 +277,16 @@ def common_noise(x: Tensor, y: Tensor, method: SaliencyMethod, kwargs: dict[str,
     perturbation changes no map and a change measures the perturbation rather than the draw. The
     draws are keyed by each clean sample (:func:`~upi_lightning.perturbation.sample_normal` from a
     generator seeded with ``seed``), so they do not depend on batching or on the number of processes.
-    Other methods are deterministic: ``kwargs`` is returned unchanged.
+    Other methods are deterministic: ``kwargs`` is returned unchanged. Evaluations use ``seed=0``;
+    the attack objective uses another seed, so an attack is never scored on the draws it was fitted to.
+
+    Raises:
+        UPIError: if ``y`` is not a tensor of one class per image (the draws are keyed by it).
     """
     if method != "smoothgrad":
         return kwargs
+    if not isinstance(y, Tensor) or y.shape != (len(x),):
+        raise UPIError(f"common_noise needs one class per image, a tensor of shape ({len(x)},); got {y!r}.")
     generator = torch.Generator(device=x.device).manual_seed(seed)
     n_samples = kwargs.get("n_samples", SMOOTHGRAD_SAMPLES)
     return {**kwargs, "noise": sample_normal(x, y, n_samples, generator)}

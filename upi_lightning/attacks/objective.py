@@ -43,6 +43,10 @@ from upi_lightning.saliency import (
 )
 from upi_lightning.sample_cache import SampleCache
 
+OBJECTIVE_NOISE_SEED = 1
+"""Seed of the objective's SmoothGrad draws: not the evaluation's (0), so that an attack fitted on the
+evaluated images (the per-sample baseline) is not scored on the very draws it was fitted to."""
+
 Dissimilarity = Literal["l2", "topk_mass", "cosine"]
 DISSIMILARITIES: tuple[str, ...] = get_args(Dissimilarity)
 
@@ -181,7 +185,7 @@ class UPIObjective:
         (:func:`~upi_lightning.saliency.common_noise`), so a clean image and its copies share their draws.
         """
         reference = x if clean is None else clean
-        kwargs = common_noise(reference, y[: len(reference)], self.method, self.method_kwargs)
+        kwargs = common_noise(reference, y[: len(reference)], self.method, self.method_kwargs, OBJECTIVE_NOISE_SEED)
         if "noise" in kwargs:
             kwargs["noise"] = kwargs["noise"].repeat(1, len(x) // len(reference), 1, 1, 1)
         return saliency_map(model, x, y, self.method, score=self.score, create_graph=create_graph, **kwargs)
