@@ -147,10 +147,7 @@ class RewriteTraps(nn.Module):
 
 def test_rewrites_skip_aliases_hooks_in_place_activations_and_non_monotone_softplus() -> None:
     torch.manual_seed(0)
-    net = RewriteTraps()
-    randomize_batchnorm(net)
-    net.eval()
-    rewritten = copy.deepcopy(net)
+    net, rewritten = eval_and_copy(RewriteTraps())
     assert pool_before_activation(rewritten) == 0
     assert fold_batchnorm(rewritten) == []
     x = torch.randn(2, 1, 8, 8)
@@ -199,12 +196,16 @@ def randomize_batchnorm(model: nn.Module) -> None:
             module.bias.data.copy_(torch.randn(n, generator=generator))
 
 
-def test_fold_batchnorm_folds_only_exclusive_conv_norm_pairs() -> None:
-    torch.manual_seed(0)
-    net = ConvNormCases()
+def eval_and_copy(net: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``net`` with trained-looking batch-norm statistics, in eval mode, and a deep copy of it to rewrite."""
     randomize_batchnorm(net)
     net.eval()
-    folded = copy.deepcopy(net)
+    return net, copy.deepcopy(net)
+
+
+def test_fold_batchnorm_folds_only_exclusive_conv_norm_pairs() -> None:
+    torch.manual_seed(0)
+    net, folded = eval_and_copy(ConvNormCases())
     assert fold_batchnorm(folded) == [("conv", "norm")]
     assert isinstance(folded.norm, nn.Identity) and folded.conv.bias is not None
     assert all(isinstance(m, nn.BatchNorm2d) for m in (folded.shared_norm, folded.pool_norm, folded.stateless))
