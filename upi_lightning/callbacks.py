@@ -30,6 +30,7 @@ from upi_lightning.attacks.runner import (
     fit_method,
 )
 from upi_lightning.attacks.upi_grad import Reduce, model_device
+from upi_lightning.distributed import destroy_process_group_at_exit
 from upi_lightning.errors import UPIError
 from upi_lightning.figures import perturbation_image, saliency_figure
 from upi_lightning.perturbation import Norm, UniversalPerturbation, apply_perturbation
@@ -354,6 +355,7 @@ class UPIAttack(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Check the data and the batch size before any training, so a bad setting fails at once."""
+        destroy_process_group_at_exit()  # DDP on the CPU: a clean exit for gloo
         if stage not in self.stages:
             return
         self.attack_datasets(trainer)

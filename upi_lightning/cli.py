@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from upi_lightning.attacks.runner import AttackRun, AttackSettings, Processes
 from upi_lightning.data import ImageDataModule
+from upi_lightning.distributed import destroy_process_group_at_exit
 from upi_lightning.errors import CheckpointMismatchError, UPIError, one_line
 from upi_lightning.models import build_classifier
 from upi_lightning.module import Classifier
@@ -258,6 +259,7 @@ def attack_with_fabric(fabric: Fabric, config: Namespace) -> dict[str, Any] | No
 
 def attack_process(config: Namespace, device: torch.device, processes: Processes) -> dict[str, Any]:
     """Load the model, run :class:`AttackRun` (this process's part), print where the files are (rank 0)."""
+    destroy_process_group_at_exit()  # several processes on the CPU: a clean exit for gloo
     init = attack_parser().instantiate_classes(config)
     datamodule: ImageDataModule = init.data
     if config.ckpt is not None:

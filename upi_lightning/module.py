@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from upi_lightning.distributed import destroy_process_group_at_exit
 from upi_lightning.errors import CheckpointMismatchError, UPIError
 from upi_lightning.models import Activation, build_classifier
 from upi_lightning.regularizers import CHECKPOINT_KEY, Regularizer, TrainingBatch, build_regularizers, log_keys
@@ -134,6 +135,10 @@ class Classifier(LightningModule):
             loss = loss + term
         self.log_step("train", logits, y, loss)
         return loss
+
+    @override
+    def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()  # DDP on the CPU: a clean exit for gloo
 
     @override
     def on_fit_start(self) -> None:
