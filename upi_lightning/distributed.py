@@ -6,8 +6,6 @@ import atexit
 
 import torch.distributed as dist
 
-_REGISTERED: list[bool] = []
-
 
 def _destroy_process_group() -> None:
     if dist.is_initialized():
@@ -22,6 +20,6 @@ def destroy_process_group_at_exit() -> None:
     threads still hold tensors whose release needs the GIL (pytorch/pytorch#179291). Call it from any
     process once the group exists; it does nothing without one.
     """
-    if dist.is_available() and dist.is_initialized() and not _REGISTERED:
+    if dist.is_available() and dist.is_initialized():
+        atexit.unregister(_destroy_process_group)  # registered once, however often this is called
         atexit.register(_destroy_process_group)
-        _REGISTERED.append(True)

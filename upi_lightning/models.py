@@ -18,8 +18,7 @@ import torch
 import torch.fx
 import torchvision
 from torch import Tensor, nn
-from torch.nn.utils import fuse_conv_bn_weights
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 from torch.nn.utils.parametrize import is_parametrized
 
 from upi_lightning.errors import UPIError
@@ -220,8 +219,7 @@ def replace_relu(module: nn.Module, beta: float) -> int:
 
 def _plain(module: nn.Module) -> bool:
     """Whether ``module`` computes what its class says: no forward hooks and no parametrizations."""
-    hooks = (module._forward_hooks, module._forward_pre_hooks, module._forward_hooks_with_kwargs)
-    return not any(hooks) and not is_parametrized(module)
+    return not module._forward_hooks and not module._forward_pre_hooks and not is_parametrized(module)
 
 
 def exclusive_module_pairs(module: nn.Module) -> list[tuple[str, str]]:
@@ -309,7 +307,7 @@ def fold_batchnorm(module: nn.Module) -> list[tuple[str, str]]:
     r"""Fold, in place, every eval-mode batch norm applied right after a convolution into that convolution.
 
     In eval mode :math:`\mathrm{BN}(Wx + b) = \gamma (Wx + b - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`
-    is one convolution with rescaled weights and a new bias (``torch.nn.utils.fuse_conv_bn_weights``),
+    is one convolution with rescaled weights and a new bias (``torch.nn.utils.fusion.fuse_conv_bn_weights``),
     so the folded network computes the same function up to float rounding, without the normalization's
     forward and backward passes (and, for saliency maps differentiated twice, its double backward).
     Folded: a ``BatchNorm{1,2,3}d`` with running statistics applied to the output of a ``Conv{1,2,3}d``
