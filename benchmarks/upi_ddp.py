@@ -11,7 +11,8 @@ on the global batches alone, and the table compares:
   (UPI-Grad: the gradient, the objective sum and the count, ``(d + 2)`` float32 per step; UPI-PCA power:
   ``M Q`` and the count per pass, then the objective of both signs);
 * ``max |delta - delta_1|`` and ``|cos|``: the largest difference to the 1-process perturbation and the
-  cosine between them (UPI-PCA's smoothing noise is keyed by sample, so 2 processes solve the same
+  cosine between them, for UPI-Grad also after every step, to show where the paths part
+  (UPI-PCA's smoothing noise is keyed by sample, so 2 processes solve the same
   problem; an unconverged power iterate still amplifies summation-order rounding).
 
 Model: the MNIST small CNN (untrained, fixed seed) on synthetic ``[0, 1]`` images with random labels;
@@ -63,14 +64,24 @@ def global_batches(args: argparse.Namespace) -> list[tuple[Tensor, Tensor]]:
     return list(zip(x.split(args.batch_size), y.split(args.batch_size), strict=True))
 
 
-def fit(method: str, batches: list[tuple[Tensor, Tensor]], args: argparse.Namespace, reduce: Callable) -> UPIFitResult:
-    """One fit of ``method`` on ``batches`` with the given ``reduce`` (the same model weights on every rank)."""
+def fit(
+    method: str, batches: list[tuple[Tensor, Tensor]], args: argparse.Namespace, reduce: Callable, path: list[Tensor]
+) -> UPIFitResult:
+    """One fit of ``method`` on ``batches`` with the given ``reduce`` (the same model weights on every rank).
+
+    UPI-Grad appends ``delta`` after every step to ``path``.
+    """
     torch.manual_seed(0)
     model, _ = benchmark_model("small_cnn", torch.device("cpu"))
     model.eval().requires_grad_(False)
     budget = {"norm": "l2", "eps": 1.0, "reduce": reduce}
     if method == "upi_grad":
-        return fit_upi_grad(model, batches, objective=UPIObjective(surrogate_beta=10.0), epochs=args.epochs, **budget)
+        objective = UPIObjective(surrogate_beta=10.0)
+
+        def on_step(step: int, delta: Tensor, value: float) -> None:
+            path.append(delta.clone())
+
+        return fit_upi_grad(model, batches, objective=objective, epochs=args.epochs, on_step=on_step, **budget)
     objective = UPIObjective(surrogate_beta=10.0, sigma=0.1)
     return fit_upi_pca(model, batches, objective=objective, n_iter=args.n_iter, tol=0.0, **budget)
 
@@ -94,8 +105,10 @@ def run(rank: int, world_size: int, args: argparse.Namespace, address: str, fold
         if world_size > 1:
             dist.barrier()
         start = time.perf_counter()
-        result = fit(method, shard, args, reduce)
-        records[method] = {"delta": result.delta, "seconds": time.perf_counter() - start, "sizes": sizes}
+        path: list[Tensor] = []
+        result = fit(method, shard, args, reduce, path)
+        seconds = time.perf_counter() - start
+        records[method] = {"delta": result.delta, "seconds": seconds, "sizes": sizes, "path": path}
     torch.save(records, Path(folder) / f"rank{rank}.pt")
     if world_size > 1:
         dist.destroy_process_group()
@@ -133,7 +146,8 @@ def main() -> None:
     )
     print("|---:|---|---:|---:|---|---:|---:|---:|---|")
     alone = measure(1, args)[0]
-    for world_size, ranks in ((1, [alone]), (args.world_size, measure(args.world_size, args))):
+    sharded = measure(args.world_size, args)
+    for world_size, ranks in ((1, [alone]), (args.world_size, sharded)):
         for method in METHODS:
             records = [rank[method] for rank in ranks]
             sizes = records[0]["sizes"]
@@ -149,6 +163,11 @@ def main() -> None:
                 f"{sum(sizes):,} | {difference:.2e} | {cosine.abs().item():.6f} | {'yes' if same else 'NO'} |",
                 flush=True,
             )
+    steps = [
+        f"{(ours - alone_delta).abs().max().item():.1e}"
+        for ours, alone_delta in zip(sharded[0]["upi_grad"]["path"], alone["upi_grad"]["path"], strict=True)
+    ]
+    print(f"\nUPI-Grad, max |delta_{args.world_size} - delta_1| after each step: {', '.join(steps)}")
 
 
 if __name__ == "__main__":
