@@ -38,8 +38,9 @@ import torch.multiprocessing as mp
 from harness import benchmark_model, machine_line, set_threads
 from torch import Tensor
 
+from upi_lightning.attacks.engine import UPIFitResult
 from upi_lightning.attacks.objective import UPIObjective
-from upi_lightning.attacks.upi_grad import UPIFitResult, fit_upi_grad
+from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.attacks.upi_pca import fit_upi_pca
 
 METHODS = ("upi_grad", "upi_pca")

@@ -40,8 +40,8 @@ from tests.test_runner import checkpoint as checkpoint  # the module-scoped fixt
 from tests.test_upi_pca import SMOOTH as PCA_OBJECTIVE
 from tests.test_upi_pca import abs_cosine, gradient_matrix
 from upi_lightning.attacks import evaluate_perturbation, fit_upi_grad, fit_upi_pca, runner
+from upi_lightning.attacks.engine import UPIFitResult
 from upi_lightning.attacks.objective import UPIObjective
-from upi_lightning.attacks.upi_grad import UPIFitResult
 from upi_lightning.cli import attack_main, check_model_fits_data, load_classifier, run_reporting_errors, train_cli
 from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import CheckpointMismatchError, UPIError

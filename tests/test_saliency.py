@@ -11,14 +11,13 @@ import torchvision
 from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
+from upi_lightning.model_modes import evaluation_mode, gradients_enabled
 from upi_lightning.models import CifarResNet18, SmallCNN, build_classifier, softplus_surrogate
 from upi_lightning.saliency import (
     SALIENCY_METHODS,
     SMOOTHGRAD_SAMPLES,
     attribution,
     common_noise,
-    evaluation_mode,
-    gradients_enabled,
     input_gradient,
     normalize_map,
     saliency_map,

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tests.test_objective import QuadraticScore, TinyCNN, assert_untouched, make_batches, snapshot
+from upi_lightning.attacks.engine import step_size_at
 from upi_lightning.attacks.objective import UPIObjective
-from upi_lightning.attacks.upi_grad import fit_upi_grad, mean_objective, step_size_at
+from upi_lightning.attacks.upi_grad import fit_upi_grad, mean_objective
 from upi_lightning.errors import UPIError
 from upi_lightning.perturbation import UniversalPerturbation, in_ball, make_generator, random_on_sphere
 

@@ -115,6 +115,7 @@ def test_reduce_hook_two_ranks_equal_one_process() -> None:
     batches = make_batches(3, 8, shape=(1, 6, 6), low=0.1, high=0.9)
     shards = split_batches(batches)
     # the smoothing noise is keyed by sample, so both ranks together see the noise of the single process
+    SMOOTH.network(model)  # build the surrogate before the rank threads: fx tracing patches Module.__call__
     for solver in ("power", "svd"):
         kwargs = {"norm": "l2", "eps": 1.0, "objective": SMOOTH, "solver": solver}
         ranks = run_ranks(lambda rank, reduce, kw=kwargs: fit_upi_pca(model, shards[rank], reduce=reduce, **kw))  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from torchvision.utils import make_grid
 from typing_extensions import override
 
 from upi_lightning.attacks.baselines import random_universal
+from upi_lightning.attacks.engine import Reduce
 from upi_lightning.attacks.evaluate import evaluate_perturbation
 from upi_lightning.attacks.runner import (
     AttackSettings,
@@ -29,20 +30,12 @@ from upi_lightning.attacks.runner import (
     figure_batch,
     fit_method,
 )
-from upi_lightning.attacks.upi_grad import Reduce, model_device
 from upi_lightning.distributed import destroy_process_group_at_exit
 from upi_lightning.errors import UPIError
 from upi_lightning.figures import perturbation_image, saliency_figure
+from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
 from upi_lightning.perturbation import Norm, UniversalPerturbation, apply_perturbation
-from upi_lightning.saliency import (
-    SALIENCY_METHODS,
-    SaliencyMethod,
-    ScoreKind,
-    common_noise,
-    evaluation_mode,
-    gradients_enabled,
-    saliency_map,
-)
+from upi_lightning.saliency import SALIENCY_METHODS, SaliencyMethod, ScoreKind, common_noise, saliency_map
 
 T = TypeVar("T")
 Batch = tuple[Tensor, Tensor]

@@ -26,8 +26,7 @@ result differentiable w.r.t. ``x`` (and whatever ``x`` was computed from) and th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal, get_args
 
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
+from upi_lightning.model_modes import evaluation_mode, gradients_enabled
 from upi_lightning.perturbation import sample_normal
 
 SMOOTHGRAD_SAMPLES = 16
@@ -45,29 +45,6 @@ ScoreKind = Literal["logit", "probability"]
 
 SALIENCY_METHODS: tuple[str, ...] = get_args(SaliencyMethod)
 SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)
-
-
-@contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in ``eval()`` mode and restore every submodule's own ``training`` flag on exit."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-@contextmanager
-def gradients_enabled() -> Iterator[None]:
-    """Enable autograd even when the caller runs under ``torch.no_grad`` or ``torch.inference_mode``.
-
-    Tensors created under inference mode remain inference tensors: clone them inside this context
-    before they take part in a graph (the functions of this module do it for their input).
-    """
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

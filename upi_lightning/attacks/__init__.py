@@ -1,18 +1,11 @@
 """Universal perturbations for interpretation (UPI-Grad, UPI-PCA), their baselines and their evaluation."""
 
 from upi_lightning.attacks.baselines import fit_classification_uap, fit_per_sample_attack, random_universal
+from upi_lightning.attacks.engine import UPIFitResult, default_step_size, fit_universal, identity, step_size_at
 from upi_lightning.attacks.evaluate import evaluate_draws, evaluate_perturbation
 from upi_lightning.attacks.objective import Dissimilarity, UPIObjective, map_dissimilarity
 from upi_lightning.attacks.pgd import RobustAccuracy, pgd_attack, robust_accuracy
-from upi_lightning.attacks.upi_grad import (
-    UPIFitResult,
-    default_step_size,
-    fit_universal,
-    fit_upi_grad,
-    identity,
-    mean_objective,
-    step_size_at,
-)
+from upi_lightning.attacks.upi_grad import fit_upi_grad, mean_objective
 from upi_lightning.attacks.upi_pca import (
     fit_upi_pca,
     per_sample_gradient_rows,

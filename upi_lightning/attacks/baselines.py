@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
-from upi_lightning.attacks.objective import UPIObjective
-from upi_lightning.attacks.upi_grad import (
+from upi_lightning.attacks.engine import (
     AscentOptions,
     Batches,
     Schedule,
@@ -25,11 +24,12 @@ from upi_lightning.attacks.upi_grad import (
     check_steps,
     default_step_size,
     fit_universal,
-    model_device,
     prepare_batch,
     step_size_at,
 )
+from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.errors import UPIError
+from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
 from upi_lightning.perturbation import (
     Norm,
     apply_perturbation,
@@ -41,7 +41,6 @@ from upi_lightning.perturbation import (
     random_on_sphere,
     sample_generators,
 )
-from upi_lightning.saliency import evaluation_mode, gradients_enabled
 
 
 def random_universal(

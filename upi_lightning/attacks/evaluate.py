@@ -17,18 +17,12 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a DataLoader's shuffling
 
-from upi_lightning.attacks.upi_grad import Batches, model_device, prepare_batch
+from upi_lightning.attacks.engine import Batches, prepare_batch
 from upi_lightning.errors import UPIError
 from upi_lightning.metrics import AttributionStability, PredictionFlipRate
+from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
 from upi_lightning.perturbation import apply_perturbation, perturbation_norm
-from upi_lightning.saliency import (
-    SaliencyMethod,
-    ScoreKind,
-    common_noise,
-    evaluation_mode,
-    gradients_enabled,
-    saliency_map,
-)
+from upi_lightning.saliency import SaliencyMethod, ScoreKind, common_noise, saliency_map
 
 PerSampleDeltas = Callable[[Tensor, Tensor], Tensor]
 """``fn(x, y) -> (N, C, H, W)``: per-sample perturbations of a batch (e.g. the per-sample attack)."""

@@ -29,18 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
+from upi_lightning.model_modes import evaluation_mode, gradients_enabled
 from upi_lightning.models import refold_batchnorm, softplus_surrogate
 from upi_lightning.perturbation import apply_perturbation, sample_normal
-from upi_lightning.saliency import (
-    SALIENCY_METHODS,
-    SCORE_KINDS,
-    SaliencyMethod,
-    ScoreKind,
-    common_noise,
-    evaluation_mode,
-    gradients_enabled,
-    saliency_map,
-)
+from upi_lightning.saliency import SALIENCY_METHODS, SCORE_KINDS, SaliencyMethod, ScoreKind, common_noise, saliency_map
 from upi_lightning.sample_cache import SampleCache
 
 OBJECTIVE_NOISE_SEED = 1

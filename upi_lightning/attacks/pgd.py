@@ -29,8 +29,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from typing_extensions import override
 
-from upi_lightning.attacks.upi_grad import Batches, Reduce, check_steps, identity, model_device, prepare_batch
+from upi_lightning.attacks.engine import Batches, Reduce, check_steps, identity, prepare_batch
 from upi_lightning.errors import UPIError
+from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
 from upi_lightning.perturbation import (
     Norm,
     apply_perturbation,
@@ -40,7 +41,6 @@ from upi_lightning.perturbation import (
     projected_ascent_step,
     random_in_ball,
 )
-from upi_lightning.saliency import evaluation_mode, gradients_enabled
 
 Stage = Literal["val", "test"]
 

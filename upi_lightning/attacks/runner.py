@@ -34,23 +34,16 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
 from upi_lightning.attacks.baselines import fit_classification_uap, fit_per_sample_attack, random_universal
+from upi_lightning.attacks.engine import Batches, Init, Reduce, Schedule, UPIFitResult, identity
 from upi_lightning.attacks.evaluate import evaluate_draws, evaluate_perturbation
 from upi_lightning.attacks.objective import Dissimilarity, UPIObjective
-from upi_lightning.attacks.upi_grad import (
-    Batches,
-    Init,
-    Reduce,
-    Schedule,
-    UPIFitResult,
-    fit_upi_grad,
-    identity,
-    model_device,
-)
+from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.attacks.upi_pca import fit_upi_pca
 from upi_lightning.charts import line_chart
 from upi_lightning.errors import UPIError
 from upi_lightning.figures import perturbation_image, saliency_figure, save_png
 from upi_lightning.io import atomic_write_json, atomic_write_text
+from upi_lightning.model_modes import model_device
 from upi_lightning.perturbation import Norm, apply_perturbation, check_eps, check_norm
 from upi_lightning.saliency import SaliencyMethod, ScoreKind, common_noise, saliency_map
 

@@ -31,18 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a DataLoader's shuffling
 
+from upi_lightning.attacks.engine import Batches, Reduce, UPIFitResult, identity, passes_over, prepare_batch
 from upi_lightning.attacks.objective import UPIObjective
-from upi_lightning.attacks.upi_grad import (
-    Batches,
-    Reduce,
-    UPIFitResult,
-    identity,
-    mean_objective,
-    model_device,
-    passes_over,
-    prepare_batch,
-)
+from upi_lightning.attacks.upi_grad import mean_objective
 from upi_lightning.errors import UPIError
+from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
 from upi_lightning.perturbation import (
     Norm,
     apply_perturbation,
@@ -51,7 +44,6 @@ from upi_lightning.perturbation import (
     draw_normal,
     make_generator,
 )
-from upi_lightning.saliency import evaluation_mode, gradients_enabled
 from upi_lightning.sample_cache import SampleCache
 
 Solver = Literal["power", "svd"]

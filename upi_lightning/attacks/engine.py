@@ -1,0 +1,282 @@
+r"""The ascent engine every universal attack shares: batch plumbing, step schedules, the ascent loop.
+
+:func:`fit_universal` runs UPI-Grad and the classification UAP: for every mini-batch ``(x, y)`` of the
+fit data it computes the gradient of :math:`\sum_i J_i(\delta)` w.r.t. ``delta`` with
+``torch.autograd.grad`` (never ``.backward``: model parameters get no ``.grad``), passes the summed
+gradient, the summed objective and the sample count through ``reduce`` as **one** flat tensor (a DDP
+all-reduce-sum makes every rank take the same step), and applies
+
+.. math::
+
+    \delta \leftarrow \mathrm{Proj}_{B_\varepsilon}\big(\delta + \eta_t\, s(\bar g)\big),
+    \qquad \bar g = \frac{\sum_{\text{ranks}} \nabla_\delta \sum_i J_i}{\sum_{\text{ranks}} n},
+
+with ``s`` the normalized gradient (L2) or its sign (Linf) and :math:`\eta_t` from :func:`step_size_at`.
+The start is a random point of the ball: at :math:`\delta = 0` the gradient of the map change is 0.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sized
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict, get_args
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a DataLoader's shuffling
+
+from upi_lightning.errors import UPIError
+from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
+from upi_lightning.perturbation import (
+    Norm,
+    UniversalPerturbation,
+    check_eps,
+    check_norm,
+    make_generator,
+    project,
+    projected_ascent_step,
+    random_in_ball,
+)
+
+Schedule = Literal["constant", "cosine", "step"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+Init = Literal["random", "zero"]
+Batches = Iterable[tuple[Tensor, Tensor]]
+Reduce = Callable[[Tensor], Tensor]
+PerSampleFn = Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor]
+"""``fn(x, y, delta, generator) -> (N,)``: per-sample objective to maximize, differentiable in ``delta``."""
+StepCallback = Callable[[int, Tensor, float], None]
+"""``on_step(step, delta, mean_objective)``: called after every update (e.g. for logging)."""
+
+
+class AscentOptions(TypedDict, total=False):
+    """Optional keyword arguments of :func:`fit_universal` that its wrappers pass through unchanged."""
+
+    epochs: int
+    step_size: float | None
+    schedule: Schedule
+    init: Init | Tensor
+    reduce: Reduce
+    seed: int
+    progress: bool
+    on_step: StepCallback | None
+
+
+def identity(tensor: Tensor) -> Tensor:
+    """Return ``tensor``: the single-process ``reduce`` hook."""
+    return tensor
+
+
+@dataclass
+class UPIFitResult:
+    """Result of a fit.
+
+    Attributes:
+        delta: the perturbation ``(C, H, W)`` (float32, in the ball).
+        history: per-step values of the fitted criterion (UPI-Grad and UAP: mean objective of the batch
+            before each step, reduced over ranks; UPI-PCA: see :func:`fit_upi_pca`).
+        seconds: wall-clock fit time.
+        info: settings and diagnostics (primitives only, ready for a report or a metadata dict).
+
+    """
+
+    delta: Tensor
+    history: list[float]
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_perturbation(self, **metadata: Any) -> UniversalPerturbation:
+        """Wrap ``delta`` in a :class:`UniversalPerturbation` (norm and eps from ``info``).
+
+        Its metadata is ``info``, the ``history`` and ``seconds``, updated with ``metadata`` (e.g. the
+        model and data description).
+        """
+        provenance = {**self.info, "history": self.history, "seconds": self.seconds, **metadata}
+        return UniversalPerturbation(self.delta.cpu(), self.info["norm"], self.info["eps"], provenance)
+
+
+def default_step_size(norm: Norm, eps: float) -> float:
+    """Return the default base step: ``eps / 4`` (L2, normalized gradient) or ``eps / 10`` (Linf, sign)."""
+    return check_eps(eps) / (4.0 if check_norm(norm) == "l2" else 10.0)
+
+
+def step_size_at(schedule: Schedule, base: float, step: int, total: int | None) -> float:
+    r"""Return the step size :math:`\eta_t` of step ``t = step`` out of ``total``.
+
+    ``constant``: :math:`\eta`; ``cosine``: :math:`\eta\,\tfrac12(1 + \cos(\pi t / T))`; ``step``:
+    :math:`\eta`, then :math:`0.1\eta` from :math:`t \ge T/2` and :math:`0.01\eta` from :math:`t \ge 3T/4`.
+    """
+    if schedule == "constant":
+        return base
+    if total is None:
+        raise UPIError(f"The {schedule!r} step schedule needs the number of steps; use schedule='constant'.")
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * step / total))
+    return base * 0.1 ** ((step >= total / 2) + (step >= 3 * total / 4))
+
+
+def check_steps(schedule: str, step_size: float | None, name: str, count: int) -> None:
+    """Raise :class:`UPIError` on an unknown schedule, ``step_size <= 0`` or a count (``name``) ``< 1``."""
+    if schedule not in SCHEDULES:
+        raise UPIError(f"Unknown step schedule {schedule!r}: use one of {', '.join(map(repr, SCHEDULES))}.")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UPIError(f"{name} must be an integer >= 1, got {count!r}.")
+    if step_size is not None and not step_size > 0:
+        raise UPIError(f"step_size must be > 0 (or None for the default), got {step_size}.")
+
+
+def passes_over(batches: Batches, passes: int) -> int | None:
+    """Check that ``batches`` can be iterated ``passes`` times and return its length (``None`` if unsized).
+
+    Raises:
+        UPIError: if several passes are needed but ``batches`` is a one-shot iterator.
+
+    """
+    # isinstance, not iter(batches) is batches: iter() on a DataLoader draws from its generator and would
+    # shift the shuffling order of the passes that follow
+    if passes > 1 and isinstance(batches, Iterator):
+        raise UPIError(
+            f"The fit makes {passes} passes over the data but got a one-shot iterator; pass a re-iterable "
+            "(a DataLoader or a list of (x, y) batches)."
+        )
+    return len(batches) if isinstance(batches, Sized) else None
+
+
+def prepare_batch(batch: Any, device: torch.device, shape: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+    """Move one ``(x, y)`` batch to ``device`` as normal (non-inference) tensors and check it.
+
+    Raises:
+        UPIError: unless ``x`` is a float ``(N, C, H, W)`` batch of pixels in ``[0, 1]`` (no NaN) with
+            ``(C, H, W) == shape`` (when given) and ``y`` holds ``N`` integer classes.
+
+    """
+    try:
+        x, y = batch
+    except (TypeError, ValueError) as err:
+        raise UPIError(f"Each batch must be a pair (images, labels), got {type(batch).__name__}.") from err
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 4 or x.shape[0] == 0:
+        raise UPIError(f"images must be a non-empty float tensor (N, C, H, W), got {getattr(x, 'shape', x)!r}.")
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        raise UPIError(f"images of shape {tuple(x.shape[1:])} do not match the perturbation shape {tuple(shape)}.")
+    if not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point():
+        raise UPIError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {getattr(y, 'shape', y)!r}.")
+    x = x.to(device=device, dtype=torch.float32).clone()
+    low, high = torch.stack(torch.aminmax(x)).tolist()
+    if not (low >= 0.0 and high <= 1.0):
+        raise UPIError(
+            f"images must be pixels in [0, 1] (normalization belongs inside the model), got values in [{low}, {high}]."
+        )
+    return x, y.to(device=device, dtype=torch.long).clone()
+
+
+def initial_delta(
+    init: Init | Tensor,
+    shape: tuple[int, ...],
+    norm: Norm,
+    eps: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> Tensor:
+    """Return the starting point: uniform in the ball (``random``), zero, or a given tensor projected."""
+    if isinstance(init, Tensor):
+        if tuple(init.shape) != tuple(shape):
+            raise UPIError(f"init of shape {tuple(init.shape)} does not match the images {tuple(shape)}.")
+        return project(init.detach().to(device=device, dtype=torch.float32), norm, eps)
+    if init == "random":
+        return random_in_ball(shape, norm, eps, generator, device)
+    if init == "zero":
+        return torch.zeros(shape, device=device)
+    raise UPIError(f"Unknown init {init!r}: use 'random', 'zero' or a (C, H, W) tensor.")
+
+
+def fit_universal(
+    model: nn.Module,
+    batches: Batches,
+    per_sample_fn: PerSampleFn,
+    *,
+    norm: Norm,
+    eps: float,
+    epochs: int = 2,
+    step_size: float | None = None,
+    schedule: Schedule = "cosine",
+    init: Init | Tensor = "random",
+    reduce: Reduce = identity,
+    seed: int = 0,
+    progress: bool = False,
+    on_step: StepCallback | None = None,
+    name: str = "universal",
+) -> UPIFitResult:
+    """Projected stochastic gradient ascent of a per-sample objective over a universal ``delta``.
+
+    Args:
+        model: the classifier (sets the device; run in eval mode, its modes restored).
+        batches: re-iterable of ``(x, y)`` batches of ``[0, 1]`` images (a DataLoader or a list).
+        per_sample_fn: ``fn(x, y, delta, generator) -> (N,)`` to maximize.
+        norm: ``"l2"`` or ``"linf"``.
+        eps: radius of the ball.
+        epochs: passes over ``batches``.
+        step_size: base step (``None``: :func:`default_step_size`).
+        schedule: ``constant``, ``cosine`` or ``step`` (:func:`step_size_at`); non-constant schedules
+            need ``len(batches)``.
+        init: ``random`` (uniform in the ball), ``zero``, or a ``(C, H, W)`` tensor (warm start).
+        reduce: applied to ``cat([grad_sum.flatten(), [objective_sum, count]])`` before each step; a DDP
+            caller passes an all-reduce-sum so that every rank takes the same step. Every rank must see
+            the same number of batches and use the same ``seed`` (same random start).
+        seed: seeds the random start and the smoothing noise (a generator on the model's device).
+        progress: show a tqdm progress bar.
+        on_step: called as ``on_step(step, delta, mean_objective)`` after every update.
+        name: method name stored in ``info`` and shown on the progress bar.
+
+    """
+    norm, eps = check_norm(norm), check_eps(eps)
+    check_steps(schedule, step_size, "epochs", epochs)
+    base_step = default_step_size(norm, eps) if step_size is None else float(step_size)
+    length = passes_over(batches, epochs)
+    total = None if length is None else epochs * length
+    device = model_device(model)
+    history: list[float] = []
+    start = time.perf_counter()
+    with evaluation_mode(model), gradients_enabled():
+        generator = make_generator(seed, device)
+        delta = None
+        step = 0
+        for epoch in range(epochs):
+            bar = tqdm(batches, desc=f"{name} {epoch + 1}/{epochs}", total=length, disable=not progress, leave=False)
+            for batch in bar:
+                x, y = prepare_batch(batch, device, None if delta is None else tuple(delta.shape))
+                if delta is None:
+                    delta = initial_delta(init, tuple(x.shape[1:]), norm, eps, generator, device)
+                variable = delta.clone().requires_grad_(True)
+                values = per_sample_fn(x, y, variable, generator)
+                (grad,) = torch.autograd.grad(values.sum(), variable, allow_unused=True, materialize_grads=True)
+                packed = torch.cat([grad.flatten(), values.detach().sum().view(1), values.new_tensor([len(values)])])
+                packed = reduce(packed)
+                if not bool(torch.isfinite(packed).all()):
+                    raise UPIError(
+                        f"{name}: the objective or its gradient became NaN/inf at step {step}; lower the "
+                        "surrogate beta or the step size, or check the model."
+                    )
+                count, mean_value = packed[-1], (packed[-2] / packed[-1]).item()
+                eta = step_size_at(schedule, base_step, step, total)
+                delta = projected_ascent_step(delta, packed[:-2].view_as(delta) / count, norm, eps, eta)
+                history.append(mean_value)
+                bar.set_postfix(objective=f"{mean_value:.4g}", refresh=False)
+                if on_step is not None:
+                    on_step(step, delta, mean_value)
+                step += 1
+    if delta is None:
+        raise UPIError(f"{name}: the fit data yielded no batch.")
+    info = {
+        "method": name,
+        "norm": norm,
+        "eps": eps,
+        "epochs": epochs,
+        "steps": step,
+        "step_size": base_step,
+        "schedule": schedule,
+        "init": init if isinstance(init, str) else "tensor",
+        "seed": seed,
+    }
+    return UPIFitResult(delta.detach(), history, time.perf_counter() - start, info)
