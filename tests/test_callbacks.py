@@ -20,12 +20,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import REPO
-from upi_lightning.attacks.runner import SaliencySettings, UPIGradSettings, UPIPCASettings
+from upi_lightning.attacks.settings import UPIGradSettings, UPIPCASettings
 from upi_lightning.callbacks import SaliencyMonitor, UPIAttack
 from upi_lightning.cli import train_cli
 from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import UPIError
 from upi_lightning.perturbation import UniversalPerturbation
+from upi_lightning.saliency import SaliencySettings
 
 # ----------------------------------------------------------- SaliencyMonitor
 
@@ -121,7 +122,7 @@ def test_saliency_monitor_every_n_epochs_and_under_validate(tmp_path: Path) -> N
     model = LinearClassifier(channels=3)
     train, val, _ = _data(channels=3)
     monitor = SaliencyMonitor(
-        num_images=2, every_n_epochs=2, method="smoothgrad", method_kwargs={"n_samples": 3}, tag="maps"
+        num_images=2, every_n_epochs=2, saliency=SaliencySettings("smoothgrad", n_samples=3), tag="maps"
     )
     trainer = _trainer(tmp_path, monitor, epochs=3)
     trainer.fit(model, train, val)
@@ -158,7 +159,7 @@ def test_saliency_monitor_restores_modes_and_checkpoints_its_images(tmp_path: Pa
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"num_images": 0}, {"every_n_epochs": 0}, {"method": "occlusion"}],
+    [{"num_images": 0}, {"every_n_epochs": 0}, {"saliency": {"method": "occlusion"}}],
 )
 def test_saliency_monitor_invalid_arguments(kwargs: dict) -> None:
     with pytest.raises(UPIError):

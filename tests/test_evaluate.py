@@ -10,7 +10,7 @@ from tests.test_objective import QuadraticScore, assert_untouched, make_batches,
 from upi_lightning.attacks.baselines import random_universal
 from upi_lightning.attacks.evaluate import evaluate_draws, evaluate_perturbation
 from upi_lightning.errors import UPIError
-from upi_lightning.saliency import saliency_map
+from upi_lightning.saliency import SaliencySettings, saliency_map
 
 
 def half_correct_batches(model: QuadraticScore) -> list[tuple[Tensor, Tensor]]:
@@ -41,7 +41,7 @@ def test_zero_perturbation_is_perfectly_stable() -> None:
 def test_smoothgrad_maps_of_clean_and_perturbed_images_share_their_noise() -> None:
     model = QuadraticScore()
     batches = half_correct_batches(model)
-    smoothgrad = {"method": "smoothgrad", "method_kwargs": {"n_samples": 4, "sigma": 0.2}, "k": 10}
+    smoothgrad = {"saliency": SaliencySettings("smoothgrad", n_samples=4, sigma=0.2), "k": 10}
     unmoved = evaluate_perturbation(model, batches, torch.zeros(1, 8, 8), **smoothgrad)
     assert unmoved["relative_l2"] == 0.0 and unmoved["topk_intersection"] == 1.0  # no floor from the draws
     delta = random_universal((1, 8, 8), "l2", 2.0, n_draws=1, seed=1)[0]

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
 from tests.conftest import REPO
-from upi_lightning.attacks.pgd import RobustAccuracy
+from upi_lightning.callbacks import RobustAccuracy
 from upi_lightning.cli import train_cli
 from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import CheckpointMismatchError, UPIError

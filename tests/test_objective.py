@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from upi_lightning.attacks.objective import OBJECTIVE_NOISE_SEED, UPIObjective, map_dissimilarity
 from upi_lightning.errors import UPIError
 from upi_lightning.perturbation import make_generator, random_on_sphere, sample_normal
-from upi_lightning.saliency import common_noise, saliency_map
+from upi_lightning.saliency import SaliencySettings, saliency_map, smoothgrad_noise
 
 
 class QuadraticScore(nn.Module):
@@ -124,10 +124,19 @@ def test_map_dissimilarity_and_objective_refuse_bad_settings() -> None:
         {"n_noise": 0},
         {"surrogate_beta": 0.0},
         {"keep_prediction": -1.0},
-        {"method": "x"},
+        {"saliency": "gradient"},
     ):
         with pytest.raises(UPIError, match="Invalid UPI objective"):
             UPIObjective(**bad)  # type: ignore[arg-type]
+    for unknown in ({"dissimilarity": "l2", "beta": 1.0}, {"saliency": {"method": "gradient", "steps": 3}}):
+        with pytest.raises(UPIError, match="Invalid UPI objective"):
+            UPIObjective.from_config(unknown)
+
+
+def test_objective_from_config_reads_nested_and_flat_saliency_settings() -> None:
+    nested = UPIObjective.from_config({"saliency": {"method": "smoothgrad", "n_samples": 3}, "surrogate_beta": 5.0})
+    flat = UPIObjective.from_config({"method": "smoothgrad", "method_kwargs": {"n_samples": 3}, "surrogate_beta": 5.0})
+    assert nested == flat == UPIObjective(saliency=SaliencySettings("smoothgrad", n_samples=3), surrogate_beta=5.0)
 
 
 def test_objective_is_zero_with_zero_gradient_at_delta_zero() -> None:
@@ -174,19 +183,19 @@ def test_smoothing_averages_the_stacked_noise_draws() -> None:
 def test_smoothgrad_objective_shares_each_sample_s_map_noise_across_its_copies() -> None:
     model = QuadraticScore()
     x, y = make_batches(1, 3)[0]
-    smoothgrad = {"method": "smoothgrad", "method_kwargs": {"n_samples": 3, "sigma": 0.2}}
-    assert torch.equal(UPIObjective(**smoothgrad).per_sample(model, x, y, torch.zeros(1, 8, 8)), torch.zeros(3))
+    smoothgrad = SaliencySettings("smoothgrad", n_samples=3, sigma=0.2)
+    assert torch.equal(UPIObjective(saliency=smoothgrad).per_sample(model, x, y, torch.zeros(1, 8, 8)), torch.zeros(3))
     delta = 0.1 * random_on_sphere((1, 8, 8), "l2", 1.0, make_generator(3))
-    objective = UPIObjective(sigma=0.05, n_noise=2, **smoothgrad)
+    objective = UPIObjective(sigma=0.05, n_noise=2, saliency=smoothgrad)
     values = objective.per_sample(model, x, y, delta, generator=make_generator(5))
-    kwargs = common_noise(x, y, "smoothgrad", smoothgrad["method_kwargs"], OBJECTIVE_NOISE_SEED)  # per sample
+    kwargs = {"n_samples": 3, "sigma": 0.2, "noise": smoothgrad_noise(x, y, 3, OBJECTIVE_NOISE_SEED)}  # per sample
     clean = saliency_map(model, x, y, "smoothgrad", **kwargs)
     draws = [
         (saliency_map(model, (x + delta + 0.05 * z).clamp(0, 1), y, "smoothgrad", **kwargs) - clean).flatten(1)
         for z in sample_normal(x, y, 2, make_generator(5))
     ]
     assert torch.allclose(values, torch.stack([d.norm(dim=1) for d in draws]).mean(dim=0), atol=1e-6)
-    assert not torch.equal(kwargs["noise"], common_noise(x, y, "smoothgrad", {"n_samples": 3})["noise"])  # not eval's
+    assert not torch.equal(kwargs["noise"], smoothgrad_noise(x, y, 3))  # not the evaluation's draws
 
 
 def test_keep_prediction_subtracts_the_cross_entropy_increase() -> None:

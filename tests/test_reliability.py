@@ -41,12 +41,14 @@ from tests.test_upi_pca import SMOOTH as PCA_OBJECTIVE
 from tests.test_upi_pca import abs_cosine, gradient_matrix
 from upi_lightning.attacks import evaluate_perturbation, fit_upi_grad, fit_upi_pca, runner
 from upi_lightning.attacks.engine import UPIFitResult
+from upi_lightning.attacks.methods import fit_method
 from upi_lightning.attacks.objective import UPIObjective
+from upi_lightning.attacks.settings import ALL_METHODS, AttackSettings, Budget
 from upi_lightning.cli import attack_main, check_model_fits_data, load_classifier, run_reporting_errors, train_cli
 from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import CheckpointMismatchError, UPIError
 from upi_lightning.perturbation import FORMAT_VERSION, UniversalPerturbation, in_ball, make_generator
-from upi_lightning.saliency import SALIENCY_METHODS, attribution, saliency_map
+from upi_lightning.saliency import SALIENCY_METHODS, SaliencySettings, attribution, saliency_map
 
 GRAD_OBJECTIVE = UPIObjective(k=5, surrogate_beta=5.0)  # ReLU maps have no 2nd-order signal: use the surrogate
 SHAPE = (1, 6, 6)
@@ -219,12 +221,12 @@ def empty_loader() -> DataLoader:
 )
 def test_empty_fit_data_is_a_clear_error(entry: str, message: str, data: str) -> None:
     batches = [] if data == "list" else empty_loader()
-    model, settings = TinyCNN(), runner.AttackSettings()
+    model, settings = TinyCNN(), AttackSettings()
     calls = {
         "upi_grad": lambda: fit_upi_grad(model, batches, norm="l2", eps=0.5),
         "upi_pca_power": lambda: fit_upi_pca(model, batches, norm="l2", eps=0.5),
         "upi_pca_svd": lambda: fit_upi_pca(model, batches, norm="l2", eps=0.5, solver="svd"),
-        "uap": lambda: runner.fit_method("uap", model, batches, runner.Budget("l2", 0.5), settings),
+        "uap": lambda: fit_method("uap", model, batches, Budget("l2", 0.5), settings),
         "evaluate": lambda: evaluate_perturbation(model, batches, torch.zeros(SHAPE)),
     }
     with pytest.raises(UPIError, match=re.escape(message)):
@@ -235,7 +237,7 @@ def test_an_empty_attack_split_is_refused_before_any_fit() -> None:
     with pytest.raises(UPIError, match=r"attack_fit_size: the dataset has 1 sample\(s\); splitting it needs"):
         SyntheticDataModule(num_train=64, num_test=1).setup("test")
     with pytest.raises(UPIError, match=r"sample counts must be >= 1 \(or null for all\), got 0"):
-        runner.attack_loaders(SyntheticDataModule(num_train=64, num_test=16), runner.AttackSettings(fit_samples=0))
+        runner.attack_loaders(SyntheticDataModule(num_train=64, num_test=16), AttackSettings(fit_samples=0))
 
 
 # ------------------------------------------------------------------ 5. eps
@@ -247,7 +249,7 @@ def test_eps_zero_or_negative_is_refused(entry: str, eps: float) -> None:
     calls = {
         "fit_upi_grad": lambda: fit_upi_grad(TinyCNN(), tiny_batches(), norm="l2", eps=eps),
         "fit_upi_pca": lambda: fit_upi_pca(TinyCNN(), tiny_batches(), norm="linf", eps=eps),
-        "budget": lambda: runner.Budget("l2", eps),
+        "budget": lambda: Budget("l2", eps),
         "perturbation_file": lambda: UniversalPerturbation(torch.zeros(SHAPE), "l2", eps),
     }
     with pytest.raises(
@@ -293,7 +295,7 @@ def test_unknown_norm_lists_the_valid_norms(entry: str) -> None:
     calls = {
         "fit_upi_grad": lambda: fit_upi_grad(TinyCNN(), tiny_batches(), norm="l1", eps=0.5),  # type: ignore[arg-type]
         "fit_upi_pca": lambda: fit_upi_pca(TinyCNN(), tiny_batches(), norm="l1", eps=0.5),  # type: ignore[arg-type]
-        "budget": lambda: runner.Budget("l1", 0.5),  # type: ignore[arg-type]
+        "budget": lambda: Budget("l1", 0.5),  # type: ignore[arg-type]
         "perturbation_file": lambda: UniversalPerturbation(torch.zeros(SHAPE), "l1", 0.5),  # type: ignore[arg-type]
     }
     with pytest.raises(UPIError, match=re.escape("Unknown norm 'l1': use 'l2' or 'linf'.")):
@@ -301,24 +303,24 @@ def test_unknown_norm_lists_the_valid_norms(entry: str) -> None:
 
 
 def test_unknown_attack_or_saliency_method_lists_the_valid_ones() -> None:
-    with pytest.raises(UPIError, match=re.escape(f"['nope']: choose from {list(runner.ALL_METHODS)}")):
-        runner.AttackSettings(methods=["nope"])  # type: ignore[list-item]
+    with pytest.raises(UPIError, match=re.escape(f"['nope']: choose from {list(ALL_METHODS)}")):
+        AttackSettings(methods=["nope"])  # type: ignore[list-item]
     methods = ", ".join(map(repr, SALIENCY_METHODS))
     with pytest.raises(UPIError, match=re.escape(f"Unknown saliency method 'occlusion': use one of {methods}.")):
         saliency_map(TinyCNN(), torch.rand(2, *SHAPE), method="occlusion")  # type: ignore[arg-type]
-    with pytest.raises(UPIError, match=re.escape(f"saliency method 'occlusion': use one of {SALIENCY_METHODS}")):
-        UPIObjective(method="occlusion")  # type: ignore[arg-type]
+    with pytest.raises(UPIError, match=re.escape(f"Unknown saliency method 'occlusion': use one of {methods}.")):
+        SaliencySettings(method="occlusion")  # type: ignore[arg-type]
 
 
 def test_fit_method_refuses_a_method_it_does_not_fit() -> None:
     for method in ("nope", "random"):  # random and per_sample are baselines, not fitted perturbations
         with pytest.raises(UPIError, match=f"'{method}' is not a fitted universal method"):
-            runner.fit_method(method, TinyCNN(), tiny_batches(), runner.Budget(), runner.AttackSettings())  # type: ignore[arg-type]
+            fit_method(method, TinyCNN(), tiny_batches(), Budget(), AttackSettings())  # type: ignore[arg-type]
 
 
 def test_fit_method_error_lists_the_fitted_methods() -> None:
     with pytest.raises(UPIError) as error:
-        runner.fit_method("nope", TinyCNN(), tiny_batches(), runner.Budget(), runner.AttackSettings())  # type: ignore[arg-type]
+        fit_method("nope", TinyCNN(), tiny_batches(), Budget(), AttackSettings())  # type: ignore[arg-type]
     assert all(name in str(error.value) for name in ("upi_grad", "upi_pca", "uap"))
 
 
@@ -327,7 +329,7 @@ def test_fit_method_error_lists_the_fitted_methods() -> None:
     [
         ("--attack.budgets=[{norm: l3, eps: 1.0}]", ["'l2'", "'linf'"]),
         ("--attack.saliency.method=occlusion", [repr(method) for method in SALIENCY_METHODS]),
-        ("--attack.methods=[nope]", [repr(method) for method in runner.ALL_METHODS]),
+        ("--attack.methods=[nope]", [repr(method) for method in ALL_METHODS]),
     ],
     ids=["norm", "saliency-method", "attack-method"],
 )

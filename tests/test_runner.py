@@ -11,6 +11,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from upi_lightning.attacks import runner
+from upi_lightning.attacks.settings import ALL_METHODS, AttackSettings, Budget, UPIGradSettings
 from upi_lightning.cli import attack_main
 from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import CheckpointMismatchError, UPIError
@@ -54,7 +55,7 @@ def test_attack_writes_report_figures_perturbations_and_tensorboard(checkpoint: 
     report = attack_main([f"--ckpt={checkpoint}", *DATA, *SMALL, f"--output={tmp_path}"])
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["complete"] and on_disk["results"] == json.loads(json.dumps(report["results"]))
-    assert [row["method"] for row in report["results"]] == list(runner.ALL_METHODS)
+    assert [row["method"] for row in report["results"]] == list(ALL_METHODS)
     for row in report["results"]:
         metrics = row["metrics"]
         assert 0 < metrics["n_samples"] <= 32 and 0 <= metrics["topk_intersection"] <= 1
@@ -168,18 +169,18 @@ def test_bad_attack_arguments_are_clear(
 
 
 def test_step_scale_sets_the_step_per_budget() -> None:
-    assert runner.UPIGradSettings().base_step(0.3) is None  # the fit's own default (eps/4 for L2)
-    assert runner.UPIGradSettings(step_scale=0.5).base_step(0.3) == pytest.approx(0.15)
-    assert runner.UPIGradSettings(step_size=0.2, step_scale=0.5).base_step(0.3) == 0.2
+    assert UPIGradSettings().base_step(0.3) is None  # the fit's own default (eps/4 for L2)
+    assert UPIGradSettings(step_scale=0.5).base_step(0.3) == pytest.approx(0.15)
+    assert UPIGradSettings(step_size=0.2, step_scale=0.5).base_step(0.3) == 0.2
     with pytest.raises(UPIError, match="step_scale"):
-        runner.UPIGradSettings(step_scale=0.0)
+        UPIGradSettings(step_scale=0.0)
 
 
 def test_fit_method_uses_the_scaled_step(checkpoint: Path) -> None:
     model = Classifier.load_from_checkpoint(checkpoint, weights_only=True).eval()
-    settings = runner.AttackSettings(upi_grad=runner.UPIGradSettings(epochs=1, step_scale=0.5, surrogate_beta=None))
+    settings = AttackSettings(upi_grad=UPIGradSettings(epochs=1, step_scale=0.5, surrogate_beta=None))
     batches = [(torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,)))]
-    result = runner.fit_method("upi_grad", model, batches, runner.Budget("linf", 0.04), settings)
+    result = runner.fit_method("upi_grad", model, batches, Budget("linf", 0.04), settings)
     assert result.info["step_size"] == pytest.approx(0.02) and result.info["norm"] == "linf"
     assert result.delta.abs().max() <= 0.04 + 1e-7
 
@@ -187,7 +188,7 @@ def test_fit_method_uses_the_scaled_step(checkpoint: Path) -> None:
 @pytest.mark.parametrize("fit_split", ["attack_fit", "train"])
 def test_fit_loader_draws_from_the_chosen_split_and_eval_stays_held_out(fit_split: str) -> None:
     datamodule = SyntheticDataModule(num_train=96, num_test=40, input_shape=(1, 6, 6))
-    settings = runner.AttackSettings(fit_split=fit_split, fit_samples=None, eval_samples=None, batch_size=16)
+    settings = AttackSettings(fit_split=fit_split, fit_samples=None, eval_samples=None, batch_size=16)
     fit, held_out = runner.attack_loaders(datamodule, settings)
     expected = {"attack_fit": 20, "train": len(datamodule.splits["train"])}[fit_split]
     assert len(fit.dataset) == expected and len(held_out.dataset) == 20

@@ -16,11 +16,12 @@ from upi_lightning.models import CifarResNet18, SmallCNN, build_classifier, soft
 from upi_lightning.saliency import (
     SALIENCY_METHODS,
     SMOOTHGRAD_SAMPLES,
+    SaliencySettings,
     attribution,
-    common_noise,
     input_gradient,
     normalize_map,
     saliency_map,
+    smoothgrad_noise,
 )
 
 SHAPE = (2, 3, 4)  # (C, H, W) of the analytic models
@@ -350,23 +351,28 @@ def test_normalize_map_sums_to_one_and_keeps_zero_maps_zero() -> None:
     torch.testing.assert_close(maps[0], scaled[0].detach().abs().sum(0) / scaled[0].detach().abs().sum())
 
 
-def test_smoothgrad_takes_given_noise_and_common_noise_is_keyed_by_sample() -> None:
+def test_smoothgrad_takes_given_noise_and_its_shared_noise_is_keyed_by_sample() -> None:
     model, x = Sine(), _batch(3)
     target = torch.tensor([1, 2, 0])
     noise = torch.randn((4, *x.shape), generator=torch.Generator().manual_seed(5), dtype=x.dtype)
     drawn = attribution(model, x, target, "smoothgrad", n_samples=4, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(attribution(model, x, target, "smoothgrad", n_samples=4, noise=noise), drawn)
-    kwargs = common_noise(x, target, "smoothgrad", {"n_samples": 4, "sigma": 0.2})
-    assert kwargs["noise"].shape == (4, *x.shape) and kwargs["sigma"] == 0.2
+    shared = smoothgrad_noise(x, target, 4)
+    assert shared.shape == (4, *x.shape)
     order = torch.tensor([2, 0, 1])  # another batch order: each sample keeps its own draws
-    permuted = common_noise(x[order], target[order], "smoothgrad", {"n_samples": 4})
-    torch.testing.assert_close(permuted["noise"], kwargs["noise"][:, order])
-    assert common_noise(x, target, "smoothgrad", {})["noise"].shape[0] == SMOOTHGRAD_SAMPLES  # the default
-    assert common_noise(x, target, "integrated_gradients", {"n_steps": 3}) == {"n_steps": 3}
+    torch.testing.assert_close(smoothgrad_noise(x[order], target[order], 4), shared[:, order])
+    settings = SaliencySettings("smoothgrad", n_samples=4, sigma=0.2)
+    expected = saliency_map(model, x, target, "smoothgrad", n_samples=4, sigma=0.2, noise=shared)
+    torch.testing.assert_close(settings.maps(model, x, target), expected)
+    copies = settings.maps(model, torch.cat([x, x]), target, clean=x)  # copies of a sample share its draws
+    torch.testing.assert_close(copies, expected.repeat(2, 1, 1))
+    assert SaliencySettings("smoothgrad").n_samples == SMOOTHGRAD_SAMPLES  # the default
+    assert SaliencySettings("integrated_gradients", n_steps=3).method_kwargs() == {"n_steps": 3}
     with pytest.raises(UPIError, match="one class per image"):
-        common_noise(x, 1, "smoothgrad", {})  # type: ignore[arg-type]
-    half = common_noise(x.bfloat16(), target, "smoothgrad", {"n_samples": 2})  # float32 draws, bfloat16 maps
-    assert attribution(Sine().to(torch.bfloat16), x.bfloat16(), target, "smoothgrad", **half).dtype == torch.bfloat16
+        smoothgrad_noise(x, 1, 2)  # type: ignore[arg-type]
+    half = smoothgrad_noise(x.bfloat16(), target, 2)  # float32 draws, bfloat16 maps
+    half_attr = attribution(Sine().to(torch.bfloat16), x.bfloat16(), target, "smoothgrad", n_samples=2, noise=half)
+    assert half_attr.dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------- invalid input

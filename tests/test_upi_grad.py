@@ -4,6 +4,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -210,16 +211,14 @@ def test_bad_inputs_are_refused(batches: object, kwargs: dict[str, object], matc
 def count_clean_maps(objective: UPIObjective, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the batch size of every map computation of clean images (no ``clean`` reference) of ``objective``."""
     sizes: list[int] = []
-    original = objective.maps
+    original = objective.saliency.maps
 
-    def counted(
-        model: torch.nn.Module, x: Tensor, y: Tensor, clean: Tensor | None = None, create_graph: bool = False
-    ) -> Tensor:
-        if clean is None:
+    def counted(model: torch.nn.Module, x: Tensor, y: Tensor, **kwargs: Any) -> Tensor:
+        if kwargs.get("clean") is None:
             sizes.append(len(x))
-        return original(model, x, y, clean, create_graph)
+        return original(model, x, y, **kwargs)
 
-    monkeypatch.setattr(objective, "maps", counted)
+    monkeypatch.setattr(objective.saliency, "maps", counted)
     return sizes
 
 

@@ -24,9 +24,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from upi_lightning.attacks.runner import AttackRun, AttackSettings, Processes
+from upi_lightning.attacks.runner import AttackRun
+from upi_lightning.attacks.settings import AttackSettings
 from upi_lightning.data import ImageDataModule
-from upi_lightning.distributed import destroy_process_group_at_exit
+from upi_lightning.distributed import Processes, destroy_process_group_at_exit
 from upi_lightning.errors import CheckpointMismatchError, UPIError, one_line
 from upi_lightning.models import build_classifier
 from upi_lightning.module import Classifier

@@ -1,10 +1,28 @@
-"""Process-group hygiene for multi-process runs on the CPU (gloo)."""
+"""Several processes: where this one stands, its share of every batch, the sums across them, a clean exit.
+
+Multi-process code here never calls a collective itself: callers pass ``reduce`` (an all-reduce-sum,
+e.g. ``fabric.all_reduce`` or ``trainer.strategy.reduce``), which is :func:`identity` on one process.
+"""
 
 from __future__ import annotations
 
 import atexit
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from upi_lightning.errors import UPIError
+
+Reduce = Callable[[Tensor], Tensor]
+"""Sums a tensor over the processes (every process gets the sum)."""
+
+
+def identity(tensor: Tensor) -> Tensor:
+    """Return ``tensor``: the single-process ``reduce`` hook."""
+    return tensor
 
 
 def _destroy_process_group() -> None:
@@ -23,3 +41,55 @@ def destroy_process_group_at_exit() -> None:
     if dist.is_available() and dist.is_initialized():
         atexit.unregister(_destroy_process_group)  # registered once, however often this is called
         atexit.register(_destroy_process_group)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands in a multi-process attack (one process: the defaults).
+
+    Attributes:
+        rank: this process's global rank.
+        world_size: number of processes.
+        reduce: sums a tensor over the processes (``fabric.all_reduce(t, reduce_op="sum")``).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    reduce: Reduce = identity
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the files (rank 0)."""
+        return self.rank == 0
+
+
+class ShardedBatches:
+    """This process's part of every global batch of ``loader``: rows ``rank, rank + W, ...`` (``W`` processes).
+
+    Every process iterates the same global batches (same order, same seed), so the processes together
+    see each global batch exactly once per pass, and a sum over processes of per-batch sums equals the
+    single-process sum. A last global batch of fewer than ``W`` samples is skipped (it cannot give every
+    process a sample).
+
+    Raises:
+        UPIError: if the loader's batch size is smaller than ``W``.
+    """
+
+    def __init__(self, loader: DataLoader, rank: int, world_size: int) -> None:
+        batch_size = loader.batch_size or 1
+        if batch_size < world_size:
+            raise UPIError(
+                f"batch_size={batch_size} is the global batch, split over {world_size} processes; "
+                f"use batch_size >= {world_size}."
+            )
+        self.loader, self.rank, self.world_size = loader, rank, world_size
+        samples = len(loader.dataset)  # type: ignore[arg-type]
+        self.length = samples // batch_size + (samples % batch_size >= world_size)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.loader:
+            if len(x) >= self.world_size:
+                yield x[self.rank :: self.world_size], y[self.rank :: self.world_size]

@@ -49,10 +49,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from upi_lightning.attacks.engine import Reduce, check_steps, identity
+from upi_lightning.attacks.engine import check_steps
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.pgd import pgd_attack
 from upi_lightning.attacks.upi_grad import fit_upi_grad
+from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
 from upi_lightning.perturbation import Norm, check_eps, check_norm, perturbation_norm
 from upi_lightning.saliency import attribution

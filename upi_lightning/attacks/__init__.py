@@ -1,20 +1,20 @@
 """Universal perturbations for interpretation (UPI-Grad, UPI-PCA), their baselines and their evaluation."""
 
 from upi_lightning.attacks.baselines import fit_classification_uap, fit_per_sample_attack, random_universal
-from upi_lightning.attacks.engine import UPIFitResult, default_step_size, fit_universal, identity, step_size_at
+from upi_lightning.attacks.engine import UPIFitResult, default_step_size, fit_universal, step_size_at
 from upi_lightning.attacks.evaluate import evaluate_draws, evaluate_perturbation
 from upi_lightning.attacks.objective import Dissimilarity, UPIObjective, map_dissimilarity
-from upi_lightning.attacks.pgd import RobustAccuracy, pgd_attack, robust_accuracy
+from upi_lightning.attacks.pgd import pgd_attack, robust_accuracy
 from upi_lightning.attacks.upi_grad import fit_upi_grad, mean_objective
 from upi_lightning.attacks.upi_pca import (
     fit_upi_pca,
     per_sample_gradient_rows,
     prediction_gradient_rows,
 )
+from upi_lightning.distributed import identity
 
 __all__ = [
     "Dissimilarity",
-    "RobustAccuracy",
     "UPIFitResult",
     "UPIObjective",
     "default_step_size",

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a DataLoader's shuffling
 
+from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
 from upi_lightning.perturbation import (
@@ -44,7 +45,6 @@ Schedule = Literal["constant", "cosine", "step"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 Init = Literal["random", "zero"]
 Batches = Iterable[tuple[Tensor, Tensor]]
-Reduce = Callable[[Tensor], Tensor]
 PerSampleFn = Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor]
 """``fn(x, y, delta, generator) -> (N,)``: per-sample objective to maximize, differentiable in ``delta``."""
 StepCallback = Callable[[int, Tensor, float], None]
@@ -62,11 +62,6 @@ class AscentOptions(TypedDict, total=False):
     seed: int
     progress: bool
     on_step: StepCallback | None
-
-
-def identity(tensor: Tensor) -> Tensor:
-    """Return ``tensor``: the single-process ``reduce`` hook."""
-    return tensor
 
 
 @dataclass

@@ -9,7 +9,7 @@ DDP each rank evaluates its own shard and ``compute()`` reduces them correctly.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from upi_lightning.errors import UPIError
 from upi_lightning.metrics import AttributionStability, PredictionFlipRate
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
 from upi_lightning.perturbation import apply_perturbation, perturbation_norm
-from upi_lightning.saliency import SaliencyMethod, ScoreKind, common_noise, saliency_map
+from upi_lightning.saliency import SaliencySettings
 
 PerSampleDeltas = Callable[[Tensor, Tensor], Tensor]
 """``fn(x, y) -> (N, C, H, W)``: per-sample perturbations of a batch (e.g. the per-sample attack)."""
@@ -33,9 +33,7 @@ def evaluate_perturbation(
     batches: Batches,
     delta: Tensor | PerSampleDeltas,
     *,
-    method: SaliencyMethod = "gradient",
-    method_kwargs: dict[str, Any] | None = None,
-    score: ScoreKind = "logit",
+    saliency: SaliencySettings | None = None,
     k: int = 100,
     only_correct: bool = True,
     progress: bool = False,
@@ -47,9 +45,7 @@ def evaluate_perturbation(
         batches: iterable of ``(x, y)`` batches of ``[0, 1]`` images.
         delta: a universal ``(C, H, W)`` perturbation, or ``fn(x, y) -> (N, C, H, W)`` giving per-sample
             perturbations of the evaluated samples of each batch.
-        method: saliency method of the maps.
-        method_kwargs: extra arguments of :func:`upi_lightning.saliency.attribution`.
-        score: ``logit`` or ``probability``.
+        saliency: the maps compared (default: :class:`~upi_lightning.saliency.SaliencySettings`).
         k: top-k size of the top-k intersection and Kendall metrics.
         only_correct: evaluate only the samples the model classifies correctly.
         progress: show a tqdm progress bar.
@@ -65,7 +61,7 @@ def evaluate_perturbation(
 
     """
     device = model_device(model)
-    kwargs = dict(method_kwargs or {})
+    saliency = SaliencySettings() if saliency is None else saliency
     with evaluation_mode(model), gradients_enabled():  # metric states must not be inference tensors
         stability = AttributionStability(k=k).to(device)
         flips = PredictionFlipRate().to(device)
@@ -95,9 +91,8 @@ def evaluate_perturbation(
             perturbed = apply_perturbation(x, batch_delta)
             with torch.no_grad():
                 logits_perturbed = model(perturbed)
-            paired = common_noise(x, y, method, kwargs)
-            maps_clean = saliency_map(model, x, y, method, score=score, **paired)
-            maps_perturbed = saliency_map(model, perturbed, y, method, score=score, **paired)
+            maps_clean = saliency.maps(model, x, y)
+            maps_perturbed = saliency.maps(model, perturbed, y, clean=x)
             stability.update(maps_clean, maps_perturbed)
             flips.update(logits, logits_perturbed)
             per_sample = batch_delta.expand_as(x)
@@ -134,3 +129,19 @@ def evaluate_draws(model: nn.Module, batches: Batches, deltas: Sequence[Tensor],
         summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     summary["n_draws"] = float(len(runs))
     return summary
+
+
+def maps_under_perturbations(
+    model: nn.Module, images: Tensor, labels: Tensor, deltas: Mapping[str, Tensor], saliency: SaliencySettings
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clean maps of ``images`` and, by name, their maps under each universal perturbation (for figures).
+
+    Maps of the original model for ``labels``, SmoothGrad noise shared with the clean maps; CPU tensors.
+    """
+    with evaluation_mode(model), gradients_enabled():
+        clean = saliency.maps(model, images, labels)
+        perturbed = {
+            name: saliency.maps(model, apply_perturbation(images, delta.to(images.device)), labels, clean=images).cpu()
+            for name, delta in deltas.items()
+        }
+    return clean.cpu(), perturbed

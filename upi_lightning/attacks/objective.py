@@ -21,7 +21,8 @@ Attacks are always *evaluated* on the original model (:mod:`upi_lightning.attack
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
 import torch
@@ -32,7 +33,7 @@ from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled
 from upi_lightning.models import refold_batchnorm, softplus_surrogate
 from upi_lightning.perturbation import apply_perturbation, sample_normal
-from upi_lightning.saliency import SALIENCY_METHODS, SCORE_KINDS, SaliencyMethod, ScoreKind, common_noise, saliency_map
+from upi_lightning.saliency import SaliencySettings
 from upi_lightning.sample_cache import SampleCache
 
 OBJECTIVE_NOISE_SEED = 1
@@ -41,6 +42,7 @@ evaluated images (the per-sample baseline) is not scored on the very draws it wa
 
 Dissimilarity = Literal["l2", "topk_mass", "cosine"]
 DISSIMILARITIES: tuple[str, ...] = get_args(Dissimilarity)
+SALIENCY_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SaliencySettings))
 
 
 def map_dissimilarity(perturbed: Tensor, clean: Tensor, kind: Dissimilarity = "l2", k: int = 100) -> Tensor:
@@ -99,10 +101,7 @@ class UPIObjective:
     """Configuration and evaluation of the UPI objective (see the module docstring for the formula).
 
     Attributes:
-        method: saliency method (``gradient``, ``grad_x_input``, ``integrated_gradients``, ``smoothgrad``).
-        method_kwargs: extra keyword arguments of :func:`upi_lightning.saliency.attribution`
-            (``n_steps``, ``baseline``, ``n_samples``, ``sigma``, ``base_method``...).
-        score: ``logit`` or ``probability`` (the class score whose gradient is the map).
+        saliency: the maps under attack (method, class score and the method's options).
         dissimilarity: ``D``: ``l2``, ``topk_mass`` or ``cosine`` (:func:`map_dissimilarity`).
         k: top-k size for ``topk_mass``.
         sigma: std of the Gaussian smoothing noise ``Z`` in pixel units; ``0`` = no smoothing.
@@ -115,9 +114,7 @@ class UPIObjective:
 
     """
 
-    method: SaliencyMethod = "gradient"
-    method_kwargs: dict[str, Any] = field(default_factory=dict)
-    score: ScoreKind = "logit"
+    saliency: SaliencySettings = field(default_factory=SaliencySettings)
     dissimilarity: Dissimilarity = "l2"
     k: int = 100
     sigma: float = 0.0
@@ -128,11 +125,7 @@ class UPIObjective:
 
     def __post_init__(self) -> None:
         checks = [
-            (
-                self.method in SALIENCY_METHODS,
-                f"saliency method {self.method!r}: use one of {SALIENCY_METHODS}",
-            ),
-            (self.score in SCORE_KINDS, f"score {self.score!r}: use one of {SCORE_KINDS}"),
+            (isinstance(self.saliency, SaliencySettings), f"saliency={self.saliency!r}: give a SaliencySettings"),
             (
                 self.dissimilarity in DISSIMILARITIES,
                 f"dissimilarity {self.dissimilarity!r}: {DISSIMILARITIES}",
@@ -152,7 +145,30 @@ class UPIObjective:
 
     def settings(self) -> dict[str, Any]:
         """Return the configuration fields as a plain dict (for reports and perturbation metadata)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init} | {"saliency": asdict(self.saliency)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> UPIObjective:
+        """Build an objective from a YAML mapping of its fields (``saliency``: a mapping of its fields).
+
+        The flat form of earlier versions (``method``, ``score`` and ``method_kwargs`` beside the other
+        fields), which older checkpoints hold, is read too.
+
+        Raises:
+            UPIError: on an unknown key or an invalid value.
+        """
+        config = dict(config)
+        saliency = config.pop("saliency", None) or {}
+        if isinstance(saliency, Mapping):
+            legacy = {key: config.pop(key) for key in ("method", "score") if key in config}
+            saliency = {**legacy, **config.pop("method_kwargs", {}), **saliency}
+        known = [f.name for f in fields(cls) if f.init]
+        if not isinstance(saliency, Mapping) or set(config) - set(known) or set(saliency) - set(SALIENCY_FIELDS):
+            raise UPIError(
+                f"Invalid UPI objective settings {config} (saliency: {saliency}): use the keys {known}, "
+                f"with saliency a mapping of {list(SALIENCY_FIELDS)}."
+            )
+        return cls(saliency=SaliencySettings(**saliency), **config)
 
     def network(self, model: nn.Module) -> nn.Module:
         """Return the network the objective differentiates: ``model`` or its cached softplus surrogate."""
@@ -167,21 +183,6 @@ class UPIObjective:
         cache["values"] = values
         return cache["surrogate"]
 
-    def maps(
-        self, model: nn.Module, x: Tensor, y: Tensor, clean: Tensor | None = None, create_graph: bool = False
-    ) -> Tensor:
-        """Compute maps ``(N, H, W)`` of classes ``y`` on ``x`` with these settings, on ``model`` as given.
-
-        ``x`` holds perturbed copies of the ``clean`` images (``None``: ``x`` is clean), ``copies = N /
-        len(clean)`` of them stacked copy-major. SmoothGrad maps use the noise of the clean samples
-        (:func:`~upi_lightning.saliency.common_noise`), so a clean image and its copies share their draws.
-        """
-        reference = x if clean is None else clean
-        kwargs = common_noise(reference, y[: len(reference)], self.method, self.method_kwargs, OBJECTIVE_NOISE_SEED)
-        if "noise" in kwargs:
-            kwargs["noise"] = kwargs["noise"].repeat(1, len(x) // len(reference), 1, 1, 1)
-        return saliency_map(model, x, y, self.method, score=self.score, create_graph=create_graph, **kwargs)
-
     def clean_maps(self, model: nn.Module, x: Tensor, y: Tensor, cache: SampleCache | None = None) -> Tensor:
         """Compute the detached reference maps :math:`I(x)` ``(N, H, W)`` (on the surrogate if configured).
 
@@ -191,7 +192,7 @@ class UPIObjective:
         net = self.network(model)
 
         def compute(images: Tensor, classes: Tensor) -> Tensor:
-            return self.maps(net, images, classes).detach()
+            return self.saliency.maps(net, images, classes, noise_seed=OBJECTIVE_NOISE_SEED).detach()
 
         return compute(x, y) if cache is None else cache(compute, x, y)
 
@@ -223,7 +224,9 @@ class UPIObjective:
                 noise = sample_normal(x, y, draws, generator)
                 shifted = shifted.unsqueeze(0) + self.sigma * noise
             batch = shifted.expand(draws, *x.shape).flatten(0, 1).clamp(0.0, 1.0)
-            maps = self.maps(net, batch, y.repeat(draws), clean=x, create_graph=delta.requires_grad)
+            maps = self.saliency.maps(
+                net, batch, y, clean=x, noise_seed=OBJECTIVE_NOISE_SEED, create_graph=delta.requires_grad
+            )
             references = clean_maps.repeat(draws, 1, 1)
             values = map_dissimilarity(maps, references, self.dissimilarity, self.k)
             return values.view(draws, -1).mean(dim=0)

@@ -14,16 +14,9 @@ from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a DataLoader's shuffling
 from typing_extensions import Unpack
 
-from upi_lightning.attacks.engine import (
-    AscentOptions,
-    Batches,
-    Reduce,
-    UPIFitResult,
-    fit_universal,
-    identity,
-    prepare_batch,
-)
+from upi_lightning.attacks.engine import AscentOptions, Batches, UPIFitResult, fit_universal, prepare_batch
 from upi_lightning.attacks.objective import UPIObjective
+from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
 from upi_lightning.perturbation import Norm, make_generator

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a DataLoader's shuffling
 
-from upi_lightning.attacks.engine import Batches, Reduce, UPIFitResult, identity, passes_over, prepare_batch
+from upi_lightning.attacks.engine import Batches, UPIFitResult, passes_over, prepare_batch
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import mean_objective
+from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
 from upi_lightning.perturbation import (

@@ -1,196 +1,36 @@
-"""Lightning callbacks: saliency image logging and the UPI attack on the model being trained."""
+"""``UPIAttack``: fit universal perturbations on the model being trained and log what they do to its maps."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence, Sized
+from collections.abc import Sequence, Sized
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
-from torch.utils.data import Dataset, default_collate
-from torchvision.utils import make_grid
+from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
 from upi_lightning.attacks.baselines import random_universal
-from upi_lightning.attacks.engine import Reduce
-from upi_lightning.attacks.evaluate import evaluate_perturbation
-from upi_lightning.attacks.runner import (
-    AttackSettings,
-    Budget,
-    SaliencySettings,
-    UPIGradSettings,
-    UPIPCASettings,
-    figure_batch,
-    fit_method,
-)
-from upi_lightning.distributed import destroy_process_group_at_exit
+from upi_lightning.attacks.evaluate import evaluate_perturbation, maps_under_perturbations
+from upi_lightning.attacks.methods import fit_method
+from upi_lightning.attacks.runner import figure_batch
+from upi_lightning.attacks.settings import Budget, MethodSettings, UPIGradSettings, UPIPCASettings, as_settings
+from upi_lightning.callbacks.steps import epoch_metrics_step
+from upi_lightning.distributed import Reduce, ShardedBatches, destroy_process_group_at_exit
 from upi_lightning.errors import UPIError
 from upi_lightning.figures import perturbation_image, saliency_figure
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
-from upi_lightning.perturbation import Norm, UniversalPerturbation, apply_perturbation
-from upi_lightning.saliency import SALIENCY_METHODS, SaliencyMethod, ScoreKind, common_noise, saliency_map
+from upi_lightning.perturbation import Norm, UniversalPerturbation
+from upi_lightning.saliency import SaliencySettings
 
-T = TypeVar("T")
 Batch = tuple[Tensor, Tensor]
-
-
-def epoch_metrics_step(trainer: Trainer) -> int:
-    """The TensorBoard step Lightning gives the epoch-level metrics logged now (images go beside them).
-
-    While fitting, Lightning logs what ``on_train_epoch_end`` and the epoch-end validation log at the
-    epoch's last optimizer step, ``global_step - 1``; in ``validate`` and ``test``, at ``global_step``.
-    """
-    fitting = trainer.state.fn == TrainerFn.FITTING
-    return max(trainer.global_step - 1, 0) if fitting else trainer.global_step
-
-
-class SaliencyMonitor(Callback):
-    """Log a grid of fixed validation images (top row) and their saliency maps (bottom row) to TensorBoard.
-
-    The first ``num_images`` images of the validation loader (of the first dataloader, on each
-    process) are captured the first time validation runs outside the sanity check, and kept (on the
-    module's device, and in checkpoints) so every grid shows the same images. Every
-    ``every_n_epochs``-th validation epoch, global rank 0 computes their maps with
-    :func:`upi_lightning.saliency.saliency_map` (model in eval mode, its mode restored) and adds the
-    grid to every :class:`~lightning.pytorch.loggers.TensorBoardLogger` under ``tag``. Each map is
-    shown rescaled to a maximum of 1 (white). Works with any module whose forward returns logits.
-
-    Args:
-        num_images: how many validation images to show.
-        every_n_epochs: log after validation epochs ``n - 1, 2n - 1, ...`` (0-based).
-        method: saliency method (``gradient``, ``grad_x_input``, ``integrated_gradients``,
-            ``smoothgrad``).
-        score: ``logit`` or ``probability``.
-        use_labels: explain the true label when batches are ``(x, y, ...)``; else the predicted class.
-        method_kwargs: extra arguments of :func:`upi_lightning.saliency.attribution` (``n_steps``,
-            ``sigma``, ``n_samples``, ...).
-        tag: TensorBoard image tag.
-    """
-
-    def __init__(
-        self,
-        num_images: int = 8,
-        every_n_epochs: int = 1,
-        method: SaliencyMethod = "gradient",
-        score: ScoreKind = "logit",
-        use_labels: bool = True,
-        method_kwargs: dict[str, Any] | None = None,
-        tag: str = "saliency",
-    ) -> None:
-        super().__init__()
-        if num_images < 1 or every_n_epochs < 1:
-            raise UPIError(
-                f"SaliencyMonitor needs num_images >= 1 and every_n_epochs >= 1, got {num_images} and {every_n_epochs}."
-            )
-        if method not in SALIENCY_METHODS:
-            raise UPIError(f"Unknown saliency method {method!r}: use one of {', '.join(SALIENCY_METHODS)}.")
-        self.num_images = num_images
-        self.every_n_epochs = every_n_epochs
-        self.method: SaliencyMethod = method
-        self.score: ScoreKind = score
-        self.use_labels = use_labels
-        self.method_kwargs = dict(method_kwargs or {})
-        self.tag = tag
-        self.images: Tensor | None = None
-        self.labels: Tensor | None = None
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Capture the first ``num_images`` validation images (and labels) once."""
-        if trainer.sanity_checking or dataloader_idx != 0 or self._captured():
-            return
-        x, y = _split_batch(batch)
-        with torch.inference_mode(False):  # stored images must outlive inference mode
-            x = x.detach().clone()
-            y = y.detach().clone() if y is not None and self.use_labels else None
-        if self.images is not None:
-            x = torch.cat([self.images, x])
-            y = torch.cat([self.labels, y]) if self.labels is not None and y is not None else None
-        self.images, self.labels = x[: self.num_images], None if y is None else y[: self.num_images]
-
-    def _captured(self) -> bool:
-        return self.images is not None and len(self.images) >= self.num_images
-
-    @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Log the image / saliency grid every ``every_n_epochs`` epochs (skipped in the sanity check)."""
-        if (
-            trainer.sanity_checking
-            or self.images is None
-            or not trainer.is_global_zero
-            or (trainer.current_epoch + 1) % self.every_n_epochs
-        ):
-            return
-        loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-        if not loggers:
-            return
-        grid = self.make_grid(pl_module)
-        for logger in loggers:
-            logger.experiment.add_image(self.tag, grid, global_step=epoch_metrics_step(trainer))
-
-    def make_grid(self, pl_module: LightningModule) -> Tensor:
-        """Return the ``(3, H', W')`` grid: inputs on the first row, their saliency maps on the second."""
-        if self.images is None:
-            raise UPIError("SaliencyMonitor has no images yet: run a validation epoch first.")
-        images = self.images.to(pl_module.device)
-        self.images = images
-        labels = None if self.labels is None else self.labels.to(pl_module.device)
-        maps = saliency_map(pl_module, images, labels, self.method, score=self.score, **self.method_kwargs)
-        peak = maps.flatten(1).amax(dim=1).view(-1, 1, 1, 1)
-        maps = maps[:, None] / torch.where(peak > 0, peak, torch.ones_like(peak))
-        rows = torch.cat([_to_rgb(images.clamp(0, 1)), _to_rgb(maps.to(images.dtype))])
-        return make_grid(rows.detach().float().cpu(), nrow=len(images), pad_value=0.5)
-
-    @property
-    @override
-    def state_key(self) -> str:
-        """Checkpoint key; distinct for monitors with different tags or methods."""
-        return self._generate_state_key(tag=self.tag, method=self.method)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """The fixed images and labels (tensors only), so a resumed run shows the same images."""
-        return {"images": self.images, "labels": self.labels}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the fixed images and labels."""
-        self.images, self.labels = state_dict["images"], state_dict["labels"]
-
-
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
-    """``(x, y)`` of a batch that is a tensor ``x`` or a sequence ``(x, y, ...)``."""
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        label = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
-        return batch[0], label
-    raise UPIError(
-        f"SaliencyMonitor expects validation batches to be an image tensor or (images, labels, ...), got "
-        f"{type(batch).__name__}."
-    )
-
-
-def _to_rgb(images: Tensor) -> Tensor:
-    """Three-channel version of ``(N, C, H, W)`` images: grey images repeated, others averaged to grey."""
-    if images.shape[1] == 3:
-        return images
-    return images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
 
 
 CallbackMethod = Literal["upi_grad", "upi_pca", "random"]
@@ -254,9 +94,9 @@ class UPIAttack(Callback):
         fit_batches: global batches of the attack_fit split to fit on.
         eval_batches: global batches of the attack_eval split to evaluate on.
         batch_size: global batch size (split over the processes; at least the number of processes).
-        saliency: the maps under attack and evaluated (:class:`~upi_lightning.attacks.runner.SaliencySettings`).
-        upi_grad: UPI-Grad settings (:class:`~upi_lightning.attacks.runner.UPIGradSettings`).
-        upi_pca: UPI-PCA settings (:class:`~upi_lightning.attacks.runner.UPIPCASettings`).
+        saliency: the maps under attack and evaluated (:class:`~upi_lightning.saliency.SaliencySettings`).
+        upi_grad: UPI-Grad settings (:class:`~upi_lightning.attacks.settings.UPIGradSettings`).
+        upi_pca: UPI-PCA settings (:class:`~upi_lightning.attacks.settings.UPIPCASettings`).
         k: top-k size of the top-k metrics (and of a ``topk_mass`` objective).
         only_correct: evaluate only the correctly classified held-out samples.
         warm_start: start UPI-Grad from its previous perturbation (random start the first time).
@@ -307,12 +147,16 @@ class UPIAttack(Callback):
         self.methods: tuple[CallbackMethod, ...] = tuple(methods)
         self.stages: tuple[AttackStage, ...] = tuple(stages)
         self.every_n_epochs, self.at_fit_end = every_n_epochs, at_fit_end
-        self.fit_batches, self.eval_batches, self.batch_size, self.k = fit_batches, eval_batches, batch_size, k
-        self.saliency = _settings(SaliencySettings, saliency)
-        self.upi_grad = _settings(UPIGradSettings, upi_grad)
-        self.upi_pca = _settings(UPIPCASettings, upi_pca)
+        self.fit_batches, self.eval_batches, self.batch_size = fit_batches, eval_batches, batch_size
+        self.settings = MethodSettings(
+            saliency=as_settings(SaliencySettings, saliency),
+            upi_grad=as_settings(UPIGradSettings, upi_grad),
+            upi_pca=as_settings(UPIPCASettings, upi_pca),
+            k=k,
+            seed=seed,
+        )
         self.only_correct, self.warm_start = only_correct, warm_start
-        self.num_images, self.save, self.prefix, self.seed = num_images, save, prefix, seed
+        self.num_images, self.save, self.prefix = num_images, save, prefix
         self.deltas: dict[str, Tensor] = {}
         self.metrics: dict[str, dict[str, float]] = {}
         self.attacks = 0
@@ -431,10 +275,8 @@ class UPIAttack(Callback):
                     pl_module,
                     eval_batches,
                     delta,
-                    method=self.saliency.method,
-                    method_kwargs=self.saliency.method_kwargs(),
-                    score=self.saliency.score,
-                    k=self.k,
+                    saliency=self.settings.saliency,
+                    k=self.settings.k,
                     only_correct=self.only_correct,
                 )
                 results[method]["fit_seconds"] = seconds
@@ -459,34 +301,20 @@ class UPIAttack(Callback):
         """Fit one method on this process's ``batches`` (sums reduced across processes); return ``delta``."""
         if method == "random":
             shape = (*batches[0][0].shape[1:],)
-            return random_universal(shape, self.budget.norm, self.budget.eps, 1, self.seed)[0].to(model_device(model))
-        settings = AttackSettings(
-            budgets=[self.budget],
-            methods=[method],
-            saliency=self.saliency,
-            upi_grad=self.upi_grad,
-            upi_pca=self.upi_pca,
-            k=self.k,
-            seed=self.seed,
-        )
+            draws = random_universal(shape, self.budget.norm, self.budget.eps, 1, self.settings.seed)
+            return draws[0].to(model_device(model))
         previous = self.deltas.get(method) if self.warm_start else None
         init = "random" if previous is None else previous
-        return fit_method(method, model, batches, self.budget, settings, reduce=reduce, init=init).delta
+        return fit_method(method, model, batches, self.budget, self.settings, reduce=reduce, init=init).delta
 
     def figure(self, pl_module: LightningModule, batches: list[Batch]) -> Tensor | None:
         """The figure of the first ``num_images`` correctly classified held-out images (``None`` if none)."""
-        images, labels = figure_batch(pl_module, batches, self.num_images)  # type: ignore[arg-type]
+        images, labels = figure_batch(pl_module, batches, self.num_images)
         if len(images) == 0:
             return None
-        method = self.saliency.method
-        kwargs = common_noise(images, labels, method, {"score": self.saliency.score, **self.saliency.method_kwargs()})
-        clean = saliency_map(pl_module, images, labels, method, **kwargs)
-        rows = []
-        for name in self.methods:
-            delta = self.deltas[name]
-            perturbed = apply_perturbation(images, delta.to(images.device))
-            rows.append((name, saliency_map(pl_module, perturbed, labels, method, **kwargs).cpu(), delta))
-        return saliency_figure(images.cpu(), clean.cpu(), rows)
+        deltas = {name: self.deltas[name] for name in self.methods}
+        clean, perturbed = maps_under_perturbations(pl_module, images, labels, deltas, self.settings.saliency)
+        return saliency_figure(images.cpu(), clean, [(name, perturbed[name], delta) for name, delta in deltas.items()])
 
     def write(
         self,
@@ -519,7 +347,7 @@ class UPIAttack(Callback):
                 "world_size": trainer.world_size,
                 "fit_batches": self.fit_batches,
                 "batch_size": self.batch_size,
-                "saliency": asdict(self.saliency),
+                "saliency": asdict(self.settings.saliency),
                 "metrics": self.metrics[method],
             }
             perturbation = UniversalPerturbation(self.deltas[method], self.budget.norm, self.budget.eps, metadata)
@@ -536,35 +364,22 @@ def shard_batches(
 ) -> list[Batch]:
     """This process's part of the first ``num_batches`` global batches of a map-style ``(image, label)`` dataset.
 
-    Global batch ``b`` holds samples ``b * batch_size`` to ``(b + 1) * batch_size - 1``; process ``rank``
-    takes every ``world_size``-th of them from ``rank`` on, so the processes' parts are disjoint, of sizes
-    differing by at most one, and together form the global batch. A last batch with fewer than
-    ``world_size`` samples is dropped, so every process gets the same number of non-empty batches. No
-    global random state is used (unlike iterating a ``DataLoader``).
+    Global batch ``b`` holds samples ``b * batch_size`` to ``(b + 1) * batch_size - 1`` in order; process
+    ``rank`` takes its :class:`~upi_lightning.distributed.ShardedBatches` part of each (every
+    ``world_size``-th sample from ``rank`` on; a last batch of fewer than ``world_size`` samples is
+    dropped), moved to ``device``.
 
     Raises:
         UPIError: if ``dataset`` is not a sized map-style dataset or holds fewer than ``world_size`` samples.
     """
     if not isinstance(dataset, Sized) or not hasattr(dataset, "__getitem__"):
         raise UPIError(f"UPIAttack needs a map-style dataset with a length, got {type(dataset).__name__}.")
-    size = min(len(dataset), num_batches * batch_size)
-    batches = []
-    for start in range(0, size, batch_size):
-        stop = min(start + batch_size, size)
-        if stop - start < world_size:
-            break
-        x, y = default_collate([dataset[index] for index in range(start + rank, stop, world_size)])[:2]
-        batches.append((x.to(device), y.to(device)))
+    head = Subset(dataset, range(min(len(dataset), num_batches * batch_size)))
+    shards = ShardedBatches(DataLoader(head, batch_size=batch_size), rank, world_size)
+    batches = [(x.to(device), y.to(device)) for x, y in shards]
     if not batches:
         raise UPIError(f"UPIAttack: the dataset has {len(dataset)} samples, fewer than the {world_size} processes.")
     return batches
-
-
-def _settings(kind: type[T], value: T | Mapping[str, Any] | None) -> T:
-    """``value`` as a ``kind`` dataclass (``None``: the defaults; a mapping: its fields)."""
-    if value is None:
-        return kind()
-    return kind(**value) if isinstance(value, Mapping) else value
 
 
 def _last_epoch(trainer: Trainer) -> bool:

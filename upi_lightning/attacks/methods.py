@@ -1,0 +1,85 @@
+"""The attack methods by name: fit one universal method, or run the per-sample attack on a batch.
+
+``attack.py`` (:class:`~upi_lightning.attacks.runner.AttackRun`) and the ``UPIAttack`` callback both fit
+through :func:`fit_method`, from the same :class:`~upi_lightning.attacks.settings.MethodSettings`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from upi_lightning.attacks.baselines import fit_classification_uap, fit_per_sample_attack
+from upi_lightning.attacks.engine import Batches, Init, UPIFitResult
+from upi_lightning.attacks.settings import FITTED_METHODS, Budget, MethodName, MethodSettings
+from upi_lightning.attacks.upi_grad import fit_upi_grad
+from upi_lightning.attacks.upi_pca import fit_upi_pca
+from upi_lightning.distributed import Reduce, identity
+from upi_lightning.errors import UPIError
+
+
+def fit_method(
+    method: MethodName,
+    model: nn.Module,
+    batches: Batches,
+    budget: Budget,
+    settings: MethodSettings,
+    *,
+    progress: bool = False,
+    reduce: Reduce = identity,
+    init: Init | Tensor = "random",
+) -> UPIFitResult:
+    """Fit one universal method (``upi_grad``, ``upi_pca`` or ``uap``) in ``budget``.
+
+    ``reduce`` sums the per-process contributions under DDP (identity on one process); ``init`` warm-starts
+    UPI-Grad and the UAP from a previous perturbation.
+    """
+    common = {"norm": budget.norm, "eps": budget.eps, "seed": settings.seed, "progress": progress, "reduce": reduce}
+    if method == "upi_grad":
+        grad = settings.upi_grad
+        return fit_upi_grad(
+            model,
+            batches,
+            objective=grad.objective(settings.saliency, settings.k),
+            epochs=grad.epochs,
+            step_size=grad.base_step(budget.eps),
+            schedule=grad.schedule,
+            init=init,
+            cache_clean_maps=grad.cache_clean_maps,
+            **common,
+        )
+    if method == "upi_pca":
+        pca = settings.upi_pca
+        return fit_upi_pca(
+            model,
+            batches,
+            objective=pca.objective(settings.saliency, settings.k),
+            solver=pca.solver,
+            n_iter=pca.n_iter,
+            cache_clean_maps=pca.cache_clean_maps,
+            **common,
+        )
+    if method == "uap":
+        base = settings.baselines
+        return fit_classification_uap(model, batches, epochs=base.uap_epochs, clamp=base.uap_clamp, init=init, **common)
+    raise UPIError(f"{method!r} is not a fitted universal method: use one of {list(FITTED_METHODS)}.")
+
+
+def per_sample_deltas(model: nn.Module, budget: Budget, settings: MethodSettings) -> Callable[[Tensor, Tensor], Tensor]:
+    """``fn(x, y)`` running the per-sample attack (same objective as UPI-Grad) on a batch."""
+    objective = settings.upi_grad.objective(settings.saliency, settings.k)
+
+    def attack(x: Tensor, y: Tensor) -> Tensor:
+        return fit_per_sample_attack(
+            model,
+            x,
+            y,
+            norm=budget.norm,
+            eps=budget.eps,
+            objective=objective,
+            steps=settings.baselines.per_sample_steps,
+            seed=settings.seed,
+        )
+
+    return attack
