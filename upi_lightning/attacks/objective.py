@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
-from upi_lightning.models import refold_batchnorm, softplus_surrogate
 from upi_lightning.perturbation import apply_perturbation, sample_normal
 from upi_lightning.saliency import (
     SALIENCY_METHODS,
@@ -42,6 +41,7 @@ from upi_lightning.saliency import (
     saliency_map,
 )
 from upi_lightning.sample_cache import SampleCache
+from upi_lightning.surrogate import refold_batchnorm, softplus_surrogate
 
 OBJECTIVE_NOISE_SEED = 1
 """Seed of the objective's SmoothGrad draws: not the evaluation's (0), so that an attack fitted on the
