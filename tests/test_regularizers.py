@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -20,6 +22,7 @@ from upi_lightning.regularizers import (
     TrainingBatch,
     UPIAdversarial,
     build_regularizers,
+    load_teacher,
     regularizer_from_config,
     threshold_beyond_one_std,
 )
@@ -165,6 +168,52 @@ def test_a_missing_teacher_checkpoint_is_reported(tmp_path: Path) -> None:
         regularizer.on_fit_start(Classifier(mean=[0.5], std=[0.25]))
 
 
+def test_the_teacher_is_the_network_of_the_classifier_checkpoint(tmp_path: Path) -> None:
+    # load_teacher rebuilds the network without the LightningModule: the same network as
+    # Classifier.load_from_checkpoint(...).net, with the same draws from the global generator
+    torch.manual_seed(7)
+    classifier = Classifier(
+        arch="mlp",
+        input_shape=SHAPE,
+        num_classes=CLASSES,
+        mean=[0.4],
+        std=[0.3],
+        activation="softplus",
+        softplus_beta=3.0,
+    )
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(classifier)
+    path = tmp_path / "mlp.ckpt"
+    trainer.save_checkpoint(path)
+    torch.manual_seed(0)
+    expected = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True).net
+    expected_draw = torch.rand(3)
+    torch.manual_seed(0)
+    teacher = load_teacher(path)
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert str(teacher) == str(expected)
+    assert teacher.state_dict().keys() == expected.state_dict().keys()
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(teacher.state_dict()[name], tensor), name
+    x = data()[0]
+    torch.testing.assert_close(teacher.eval()(x), expected.eval()(x), rtol=0, atol=0)
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(UPIError, match="not a Classifier checkpoint"):
+        load_teacher(tmp_path / "other.ckpt")
+
+
+def test_the_regularizers_import_neither_the_classifier_nor_the_cli(teacher_ckpt: Path) -> None:
+    # not even to load the IR teacher: upi_lightning.module imports this package, never the reverse
+    code = (
+        "import sys, torch\n"
+        "from upi_lightning.regularizers import InterpretationRegularization\n"
+        f"InterpretationRegularization({str(teacher_ckpt)!r}).teacher(torch.device('cpu'))\n"
+        "print(sorted(m for m in sys.modules if m in ('upi_lightning.module', 'upi_lightning.cli')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 # ---- UPI-adversarial -------------------------------------------------------------------------------------
 
 
@@ -299,7 +348,8 @@ def test_consistency_without_its_hook_explains_the_problem() -> None:
 )
 def test_configs_are_primitive_and_rebuild_the_regularizer(regularizer: Regularizer) -> None:
     config = regularizer.config()
-    assert config["class_path"].startswith("upi_lightning.regularizers.")
+    # the package path configs name and checkpoints hold, not the path of the defining submodule
+    assert config["class_path"] == f"upi_lightning.regularizers.{type(regularizer).__name__}"
     rebuilt = regularizer_from_config(config)
     assert type(rebuilt) is type(regularizer) and rebuilt.config() == config
     assert build_regularizers([regularizer, config])[0] is regularizer

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled
-from upi_lightning.models import CifarResNet18, SmallCNN, build_classifier, softplus_surrogate
+from upi_lightning.models import CifarResNet18, SmallCNN, build_classifier
 from upi_lightning.saliency import (
     SALIENCY_METHODS,
     SMOOTHGRAD_SAMPLES,
@@ -23,6 +23,7 @@ from upi_lightning.saliency import (
     saliency_map,
     smoothgrad_noise,
 )
+from upi_lightning.surrogate import softplus_surrogate
 
 SHAPE = (2, 3, 4)  # (C, H, W) of the analytic models
 

@@ -17,9 +17,9 @@ from upi_lightning.attacks.upi_pca import (
     svd_bytes,
 )
 from upi_lightning.errors import UPIError
-from upi_lightning.models import softplus_surrogate
 from upi_lightning.perturbation import make_generator, sample_normal
 from upi_lightning.saliency import saliency_map
+from upi_lightning.surrogate import softplus_surrogate
 
 SMOOTH = UPIObjective(k=5, sigma=0.05, surrogate_beta=5.0)
 

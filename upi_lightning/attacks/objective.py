@@ -14,7 +14,7 @@ saliency map of class :math:`y_i` (:func:`upi_lightning.saliency.saliency_map`) 
 increase of the cross-entropy so the label does not flip while the map does.
 
 Which network: with ``surrogate_beta`` set, ``f`` and ``I`` are those of
-:func:`upi_lightning.models.softplus_surrogate` (every ReLU replaced by ``Softplus(beta)``), for the
+:func:`upi_lightning.surrogate.softplus_surrogate` (every ReLU replaced by ``Softplus(beta)``), for the
 clean maps *and* the perturbed maps, so :math:`J = 0` at :math:`\delta = 0` and the objective is smooth.
 Attacks are always *evaluated* on the original model (:mod:`upi_lightning.attacks.evaluate`).
 """
@@ -31,10 +31,10 @@ from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled
-from upi_lightning.models import refold_batchnorm, softplus_surrogate
 from upi_lightning.perturbation import apply_perturbation, sample_normal
 from upi_lightning.saliency import SaliencySettings
 from upi_lightning.sample_cache import SampleCache
+from upi_lightning.surrogate import refold_batchnorm, softplus_surrogate
 
 OBJECTIVE_NOISE_SEED = 1
 """Seed of the objective's SmoothGrad draws: not the evaluation's (0), so that an attack fitted on the

@@ -1,0 +1,227 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from upi_lightning.models import build_classifier, replace_relu
+from upi_lightning.saliency import saliency_map
+from upi_lightning.surrogate import fold_batchnorm, pool_before_activation, refold_batchnorm, softplus_surrogate
+
+
+def test_softplus_surrogate_copies_and_approximates() -> None:
+    torch.manual_seed(0)
+    model = build_classifier("small_cnn", 10, (1, 28, 28), [0.5], [0.25]).eval()
+    surrogate = softplus_surrogate(model, beta=200.0)
+    assert any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert not any(isinstance(m, nn.ReLU) for m in surrogate.modules())
+    assert not any(p.requires_grad for p in surrogate.parameters())
+    x = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(surrogate(x), model(x), atol=5e-2, rtol=0)
+
+
+def map_change_gradient(net: nn.Module, reference: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. a universal ``delta`` of the L2 map change of ``net`` (second order in ``net``)."""
+    clean = saliency_map(reference, x, y, "gradient")
+    noise = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(1))
+    delta = (0.05 * noise).requires_grad_(True)
+    maps = saliency_map(net, (x + delta).clamp(0, 1), y, "gradient", create_graph=True)
+    (grad,) = torch.autograd.grad((maps - clean).flatten(1).norm(dim=1).sum(), delta)
+    return grad
+
+
+def test_surrogate_pools_before_softplus_with_the_same_maps_and_map_gradients() -> None:
+    torch.manual_seed(0)
+    model = build_classifier("small_cnn", 10, (1, 28, 28), [0.5], [0.25]).eval()
+    surrogate = softplus_surrogate(model, beta=10.0).eval()
+    literal = copy.deepcopy(model)  # the oracle: ReLU -> Softplus in place, nothing reordered
+    replace_relu(literal, 10.0)
+    features = [type(m).__name__ for m in surrogate[1].features]
+    assert features == ["Conv2d", "MaxPool2d", "Softplus", "Conv2d", "MaxPool2d", "Softplus"]
+    assert surrogate.state_dict().keys() == model.state_dict().keys()
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    torch.testing.assert_close(surrogate(x), literal(x))
+    torch.testing.assert_close(saliency_map(surrogate, x, y, "gradient"), saliency_map(literal, x, y, "gradient"))
+    oracle = map_change_gradient(literal, literal, x, y)
+    assert oracle.abs().max() > 0
+    torch.testing.assert_close(map_change_gradient(surrogate, literal, x, y), oracle)
+
+
+def assert_same_function(rewritten: nn.Module, original: nn.Module, x: torch.Tensor) -> None:
+    """``rewritten`` and ``original`` agree on ``x`` in value and in the input gradient of a loss."""
+    x = x.detach().requires_grad_(True)
+    torch.testing.assert_close(rewritten(x), original(x))
+    (expected,) = torch.autograd.grad(original(x).square().sum(), x)
+    (actual,) = torch.autograd.grad(rewritten(x).square().sum(), x)
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), nn.AdaptiveMaxPool2d(3)]
+)
+@pytest.mark.parametrize("activation", [nn.ReLU(), nn.Softplus(beta=10.0), nn.Softplus(beta=-2.0)])
+def test_pool_before_activation_computes_the_same_function(pool: nn.Module, activation: nn.Module) -> None:
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), activation, pool, nn.Flatten())
+    swapped = copy.deepcopy(net)
+    assert pool_before_activation(swapped) == 1
+    assert isinstance(swapped[1], type(pool)) and isinstance(swapped[2], type(activation))
+    assert_same_function(swapped, net, torch.randn(3, 2, 9, 9))
+
+
+def test_pool_before_activation_swaps_a_hand_written_stem_but_not_a_shared_activation() -> None:
+    class Stem(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.relu, self.pool = nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2)
+            self.shared, self.shared_pool = nn.ReLU(), nn.MaxPool2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.pool(self.relu(self.conv(x)))  # swapped
+            return self.shared_pool(self.shared(h)) + self.shared(h).mean()  # self.shared runs twice: kept
+
+    net = Stem()
+    swapped = copy.deepcopy(net)
+    assert pool_before_activation(swapped) == 1
+    assert isinstance(swapped.relu, nn.MaxPool2d) and isinstance(swapped.pool, nn.ReLU)
+    assert isinstance(swapped.shared, nn.ReLU) and isinstance(swapped.shared_pool, nn.MaxPool2d)
+    assert_same_function(swapped, net, torch.randn(2, 1, 10, 10))
+
+
+class RewriteTraps(nn.Module):
+    """Pairs that look foldable or swappable but are not: an alias, a hooked conv, in-place and thresholds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2)
+        self.alias = self.conv  # one module under two names: rewriting "conv" would miss "alias"
+        self.spectral, self.spectral_norm = nn.utils.spectral_norm(nn.Conv2d(2, 2, 1)), nn.BatchNorm2d(2)
+        self.inplace, self.pool = nn.ReLU(inplace=True), nn.MaxPool2d(2)
+        self.clipped, self.clipped_pool = nn.Softplus(beta=1.0, threshold=1.0), nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.alias(x))
+        h = self.spectral_norm(self.spectral(h))
+        pooled = self.pool(self.inplace(h))  # the in-place ReLU also changes h, used below
+        return pooled + self.clipped_pool(self.clipped(h))
+
+
+def test_rewrites_skip_aliases_hooks_in_place_activations_and_non_monotone_softplus() -> None:
+    torch.manual_seed(0)
+    net, rewritten = eval_and_copy(RewriteTraps())
+    assert pool_before_activation(rewritten) == 0
+    assert fold_batchnorm(rewritten) == []
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(rewritten(x), net(x))
+    # the same module without its traps is rewritten
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Softplus(beta=1.0), nn.MaxPool2d(2)).eval()
+    assert pool_before_activation(plain) == 1 and fold_batchnorm(plain) == [("0", "1")]
+
+
+def test_pool_before_activation_leaves_other_pairs_alone() -> None:
+    net = nn.Sequential(
+        nn.GELU(), nn.MaxPool2d(2), nn.ReLU(), nn.MaxPool2d(2, return_indices=True), nn.ReLU(), nn.AvgPool2d(2)
+    )
+    before = [type(m) for m in net]
+    assert pool_before_activation(net) == 0
+    assert [type(m) for m in net] == before
+
+
+class ConvNormCases(nn.Module):
+    """A conv-BN pair to fold, a conv feeding BN and a skip, a BN after a non-conv, a BN without statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.shared, self.shared_norm = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.pool_norm = nn.BatchNorm2d(4)
+        self.plain, self.stateless = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.conv(x)))
+        s = self.shared(h)
+        h = self.shared_norm(s) + s  # the conv output is used twice: not folded
+        h = self.pool_norm(nn.functional.avg_pool2d(h, 1))  # not after a conv
+        return self.stateless(self.plain(h))  # batch statistics even in eval mode: not folded
+
+
+def randomize_batchnorm(model: nn.Module) -> None:
+    """Give every batch norm non-trivial statistics and affine parameters, as after training."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator))
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator))
+
+
+def eval_and_copy(net: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``net`` with trained-looking batch-norm statistics, in eval mode, and a deep copy of it to rewrite."""
+    randomize_batchnorm(net)
+    net.eval()
+    return net, copy.deepcopy(net)
+
+
+def test_fold_batchnorm_folds_only_exclusive_conv_norm_pairs() -> None:
+    torch.manual_seed(0)
+    net, folded = eval_and_copy(ConvNormCases())
+    assert fold_batchnorm(folded) == [("conv", "norm")]
+    assert isinstance(folded.norm, nn.Identity) and folded.conv.bias is not None
+    assert all(isinstance(m, nn.BatchNorm2d) for m in (folded.shared_norm, folded.pool_norm, folded.stateless))
+    assert_same_function(folded, net, torch.randn(3, 2, 5, 5))
+
+
+def test_fold_batchnorm_leaves_an_untraceable_module_alone() -> None:
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(self.conv(x)) if x.sum() > 0 else x
+
+    net = DataDependent().eval()
+    assert fold_batchnorm(net) == [] and isinstance(net.norm, nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize(("arch", "size"), [("cifar_resnet18", 32), ("torchvision.resnet18", 64)])
+def test_resnet_surrogate_folds_every_batchnorm_and_keeps_the_eval_mode_function(arch: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = build_classifier(arch, 10, (3, size, size), [0.5] * 3, [0.25] * 3)
+    randomize_batchnorm(model)
+    model.train()
+    surrogate = softplus_surrogate(model, beta=10.0)
+    assert model.training and not surrogate.training
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in surrogate.modules())
+    if arch.startswith("torchvision."):  # the stem's ReLU -> max-pool, a hand-written forward
+        assert isinstance(surrogate[1].relu, nn.MaxPool2d) and isinstance(surrogate[1].maxpool, nn.Softplus)
+    literal = copy.deepcopy(model).eval()
+    replace_relu(literal, 10.0)
+    x, y = torch.rand(2, 3, size, size), torch.tensor([3, 7])
+    torch.testing.assert_close(surrogate(x), literal(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        saliency_map(surrogate, x, y, "gradient"), saliency_map(literal, x, y, "gradient"), rtol=1e-3, atol=1e-7
+    )
+    oracle = map_change_gradient(literal, literal, x, y)
+    actual = map_change_gradient(surrogate, literal, x, y)
+    assert torch.linalg.vector_norm(actual - oracle) <= 1e-3 * torch.linalg.vector_norm(oracle)
+
+
+def test_surrogate_follows_weight_changes_by_refolding() -> None:
+    torch.manual_seed(0)
+    model = build_classifier("cifar_resnet18", 10, (3, 32, 32), [0.5] * 3, [0.25] * 3)
+    randomize_batchnorm(model)
+    surrogate = softplus_surrogate(model, beta=10.0)
+    assert len(surrogate.folded_batchnorms) == 20  # every conv -> BN pair of ResNet-18, shortcuts included
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.rand(4, 3, 32, 32)
+    nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()  # new weights, and train mode moved the running statistics
+    refold_batchnorm(surrogate, model, surrogate.folded_batchnorms)
+    fresh = softplus_surrogate(model, beta=10.0)
+    for name, tensor in fresh.state_dict().items():
+        torch.testing.assert_close(surrogate.state_dict()[name], tensor, msg=name)

@@ -1,0 +1,87 @@
+r"""PGD adversarial training (Madry et al. 2018), and the base of the modes trained on PGD examples.
+
+:class:`PGDAdversarial` trains on :math:`(1 - w)\,\mathrm{CE}(x) + w\,\mathrm{CE}(x_{adv})`, with
+:math:`x_{adv}` found by PGD (:func:`upi_lightning.attacks.pgd.pgd_attack`) in the ``eps``-ball of ``x``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from upi_lightning.attacks.engine import check_steps
+from upi_lightning.attacks.pgd import pgd_attack
+from upi_lightning.errors import UPIError
+from upi_lightning.perturbation import Norm, check_eps, check_norm
+from upi_lightning.regularizers.base import Regularizer, TrainingBatch, check_weight
+
+
+class AdversarialExamples(Regularizer):
+    """Base of the regularizers trained on PGD examples (:func:`upi_lightning.attacks.pgd.pgd_attack`).
+
+    Args:
+        norm: ``"l2"`` or ``"linf"``.
+        eps: radius of each sample's ball (pixel units).
+        steps: PGD steps.
+        step_size: PGD step (``None``: ``2.5 * eps / steps``).
+        random_start: start PGD from a random point of the ball.
+    """
+
+    def __init__(self, norm: Norm, eps: float, steps: int, step_size: float | None, random_start: bool) -> None:
+        self.norm = check_norm(norm)
+        self.eps = check_eps(eps)
+        check_steps("constant", step_size, "steps", steps)
+        self.steps = steps
+        self.step_size = step_size
+        self.random_start = random_start
+
+    def adversarial(self, batch: TrainingBatch) -> Tensor:
+        """Return PGD examples of the batch (model in eval mode during the attack, detached result)."""
+        return pgd_attack(
+            batch.model,
+            batch.x,
+            batch.y,
+            norm=self.norm,
+            eps=self.eps,
+            steps=self.steps,
+            step_size=self.step_size,
+            random_start=self.random_start,
+        )
+
+
+class PGDAdversarial(AdversarialExamples):
+    r"""PGD adversarial training (Madry et al. 2018), the classic baseline.
+
+    The loss becomes :math:`(1 - w)\,\mathrm{CE}(x) + w\,\mathrm{CE}(x_{adv})`, written as the term
+    :math:`R = w\,(\mathrm{CE}(x_{adv}) - \mathrm{CE}(x))` added to the clean cross-entropy: ``w = 1`` is
+    Madry's min-max training, ``w = 0.5`` Goodfellow et al.'s mix, ``w = 0`` plain training. ``x_adv`` is
+    computed by PGD on the eval-mode model, then forwarded in training mode.
+
+    Args:
+        weight: ``w`` in ``[0, 1]``.
+        norm: ``"l2"`` or ``"linf"``.
+        eps: radius (pixel units; Madry MNIST: Linf 0.3).
+        steps: PGD steps (Madry MNIST: 40).
+        step_size: PGD step (``None``: ``2.5 * eps / steps``; Madry MNIST: 0.01).
+        random_start: random start in the ball.
+    """
+
+    name = "pgd_adversarial"
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        norm: Norm = "linf",
+        eps: float = 0.3,
+        steps: int = 40,
+        step_size: float | None = None,
+        random_start: bool = True,
+    ) -> None:
+        super().__init__(norm, eps, steps, step_size, random_start)
+        if not 0 <= check_weight("PGDAdversarial weight", weight) <= 1:
+            raise UPIError(f"PGDAdversarial weight is the share of the adversarial loss, in [0, 1]; got {weight}.")
+        self.weight = float(weight)
+
+    def __call__(self, batch: TrainingBatch) -> Tensor:
+        adversarial_ce = F.cross_entropy(batch.model(self.adversarial(batch)), batch.y)
+        return self.weight * (adversarial_ce - batch.ce.mean())

@@ -1,0 +1,157 @@
+r"""UPI-adversarial training (this project's mode): stable saliency maps under a running universal ``delta``.
+
+.. math::
+
+    R = \lambda \frac1N \sum_i D\big(I(\mathrm{clip}(x_i + \delta)), I(x_i)\big),
+
+with ``delta`` refreshed every ``k`` training steps by a few UPI-Grad ascent steps on the current batch,
+its gradient summed over processes so every rank trains against the same ``delta`` (universal
+adversarial training, Shafahi et al. 2020).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+
+from upi_lightning.attacks.engine import check_steps
+from upi_lightning.attacks.objective import UPIObjective
+from upi_lightning.attacks.upi_grad import fit_upi_grad
+from upi_lightning.distributed import Reduce
+from upi_lightning.errors import UPIError
+from upi_lightning.perturbation import Norm, check_eps, check_norm, perturbation_norm
+from upi_lightning.regularizers.base import Regularizer, TrainingBatch, check_count, check_weight
+
+
+class UPIAdversarial(Regularizer):
+    r"""Training against a running universal perturbation for interpretation (this project's mode).
+
+    .. math::
+
+        R = \lambda \frac1N \sum_i D\big(I(\mathrm{clip}(x_i + \delta)), I(x_i)\big)
+
+    with ``I`` and ``D`` the saliency map and dissimilarity of the :class:`UPIObjective` built from
+    ``objective``; the perturbed maps are differentiated w.r.t. the parameters (double backprop), the
+    clean maps are the (detached) reference, as in the attack.
+    Every ``every_n_steps`` training steps, ``delta`` takes ``ascent_steps`` UPI-Grad steps
+    (:func:`upi_lightning.attacks.upi_grad.fit_upi_grad`, constant step size, warm-started from the current
+    ``delta``; the first update starts from a random point of the ball) on the current batch. The gradient
+    w.r.t. ``delta`` is summed over processes through ``TrainingBatch.reduce``, so every rank trains
+    against the same ``delta`` (universal adversarial training, Shafahi et al. 2020).
+
+    ``objective`` may set a softplus surrogate (``surrogate_beta``) for a ReLU network: it is used to fit
+    ``delta`` only; the training term always differentiates the model itself, and ignores the
+    objective's ``keep_prediction`` penalty. ``delta``, the step and update counters and the last
+    objective value are saved in checkpoints; at every training epoch end ``delta`` is logged to
+    TensorBoard as the image ``train/upi_delta`` (grey = 0, scaled to the largest absolute entry), with
+    its norm and the last objective value as scalars.
+
+    Args:
+        weight: ``lambda >= 0``.
+        norm: ``"l2"`` or ``"linf"``.
+        eps: radius of the ball of ``delta`` (pixel units).
+        every_n_steps: update ``delta`` at training steps ``0, k, 2k, ...``.
+        ascent_steps: UPI-Grad steps per update.
+        step_size: UPI-Grad step (``None``: the UPI-Grad default, ``eps / 4`` for L2, ``eps / 10`` for Linf).
+        objective: the fields of :class:`UPIObjective` (:meth:`UPIObjective.from_config`: ``saliency``,
+            ``dissimilarity``, ``surrogate_beta``, ``sigma``, ...).
+        seed: seeds the random start and the smoothing noise of the updates.
+    """
+
+    name = "upi_adversarial"
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        norm: Norm = "l2",
+        eps: float = 1.0,
+        every_n_steps: int = 1,
+        ascent_steps: int = 1,
+        step_size: float | None = None,
+        objective: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.weight = check_weight("UPIAdversarial weight", weight)
+        self.norm = check_norm(norm)
+        self.eps = check_eps(eps)
+        check_count("every_n_steps", every_n_steps)
+        check_steps("constant", step_size, "ascent_steps", ascent_steps)
+        self.every_n_steps = every_n_steps
+        self.ascent_steps = ascent_steps
+        self.step_size = step_size
+        self.objective = dict(objective or {})
+        try:
+            self.attack_objective = UPIObjective.from_config(self.objective)
+        except TypeError as err:
+            raise UPIError(f"Invalid UPIAdversarial objective {self.objective}: {err}") from err
+        self.train_objective = replace(self.attack_objective, surrogate_beta=None, keep_prediction=0.0)
+        self.seed = seed
+        self.delta: Tensor | None = None
+        self.train_steps = 0
+        self.updates = 0
+        self.last_objective = math.nan
+
+    def update(self, model: nn.Module, x: Tensor, y: Tensor, reduce: Reduce) -> None:
+        """Take ``ascent_steps`` UPI-Grad steps of ``delta`` on the batch ``(x, y)``."""
+        result = fit_upi_grad(
+            model,
+            [(x, y)] * self.ascent_steps,
+            norm=self.norm,
+            eps=self.eps,
+            objective=self.attack_objective,
+            epochs=1,
+            step_size=self.step_size,
+            schedule="constant",
+            init="random" if self.delta is None else self.delta,
+            reduce=reduce,
+            seed=self.seed + self.updates,
+        )
+        self.delta = result.delta
+        self.updates += 1
+        self.last_objective = result.history[-1]
+
+    def __call__(self, batch: TrainingBatch) -> Tensor:
+        x = batch.x.detach()
+        if self.train_steps % self.every_n_steps == 0:
+            self.update(batch.model, x, batch.y, batch.reduce)
+        self.train_steps += 1
+        # the objective builds the maps with create_graph=True for a delta that requires grad; this is what
+        # makes the term differentiable w.r.t. the parameters (the gradient w.r.t. delta is not used)
+        delta = self.delta.to(x).detach().requires_grad_(True)
+        return self.weight * self.train_objective.dissimilarity_term(batch.model, x, batch.y, delta).mean()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return ``delta`` (CPU, or ``None`` before the first update) and the counters."""
+        delta = None if self.delta is None else self.delta.detach().cpu()
+        return {
+            "delta": delta,
+            "train_steps": self.train_steps,
+            "updates": self.updates,
+            "last_objective": self.last_objective,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``delta`` and the counters."""
+        self.delta = state["delta"]
+        self.train_steps = int(state["train_steps"])
+        self.updates = int(state["updates"])
+        self.last_objective = float(state["last_objective"])
+
+    def on_train_epoch_end(self, module: LightningModule) -> None:
+        """Log ``delta`` as an image and its norm and last objective value as scalars."""
+        if self.delta is None:
+            return
+        delta = self.delta.detach().float().cpu()
+        # identical on every rank: sync_dist only silences Lightning's epoch-level DDP warning
+        module.log("train/upi_delta_norm", perturbation_norm(delta, self.norm).item(), sync_dist=True)
+        module.log("train/upi_objective", self.last_objective, sync_dist=True)
+        image = 0.5 + delta / (2 * delta.abs().max().clamp_min(1e-12))
+        for logger in module.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("train/upi_delta", image, module.global_step)
