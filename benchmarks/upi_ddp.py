@@ -42,6 +42,7 @@ from upi_lightning.attacks.engine import UPIFitResult
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.attacks.upi_pca import fit_upi_pca
+from upi_lightning.threat import L2Ball
 
 METHODS = ("upi_grad", "upi_pca")
 
@@ -75,16 +76,18 @@ def fit(
     torch.manual_seed(0)
     model, _ = benchmark_model("small_cnn", torch.device("cpu"))
     model.eval().requires_grad_(False)
-    budget = {"norm": "l2", "eps": 1.0, "reduce": reduce}
+    threat = L2Ball(1.0)
     if method == "upi_grad":
         objective = UPIObjective(surrogate_beta=10.0)
 
         def on_step(step: int, delta: Tensor, value: float) -> None:
             path.append(delta.clone())
 
-        return fit_upi_grad(model, batches, objective=objective, epochs=args.epochs, on_step=on_step, **budget)
+        return fit_upi_grad(
+            model, batches, threat, objective=objective, epochs=args.epochs, on_step=on_step, reduce=reduce
+        )
     objective = UPIObjective(surrogate_beta=10.0, sigma=0.1)
-    return fit_upi_pca(model, batches, objective=objective, n_iter=args.n_iter, tol=0.0, **budget)
+    return fit_upi_pca(model, batches, threat, objective=objective, n_iter=args.n_iter, tol=0.0, reduce=reduce)
 
 
 def run(rank: int, world_size: int, args: argparse.Namespace, address: str, folder: str) -> None:

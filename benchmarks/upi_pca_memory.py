@@ -37,6 +37,7 @@ from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_pca import fit_upi_pca, svd_bytes
 from upi_lightning.errors import UPIError
 from upi_lightning.models import Normalize, build_classifier
+from upi_lightning.threat import L2Ball
 
 SOLVER_NAMES = ("power", "svd")
 
@@ -111,8 +112,7 @@ def run_child(args: argparse.Namespace) -> None:
     result = fit_upi_pca(
         model,
         batches,
-        norm="l2",
-        eps=args.eps,
+        L2Ball(args.eps),
         objective=objective(),
         solver=args.child,
         n_iter=args.n_iter,
@@ -147,8 +147,7 @@ def refusal_message(args: argparse.Namespace) -> str:
         fit_upi_pca(
             build_model(args.model, shape),
             SyntheticBatches(8, shape, 8),
-            norm="l2",
-            eps=args.eps,
+            L2Ball(args.eps),
             objective=objective(),
             solver="svd",
             max_bytes=svd_bytes(d) // 2,

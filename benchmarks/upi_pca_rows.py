@@ -30,7 +30,7 @@ from torch import Tensor
 
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_pca import per_sample_gradient_rows
-from upi_lightning.perturbation import make_generator
+from upi_lightning.noise import make_generator
 
 TARGET = 20.0
 

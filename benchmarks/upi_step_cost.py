@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import fit_upi_grad
+from upi_lightning.threat import threat_model
 
 TARGET = 3.5
 Key = TypeVar("Key", bound=Hashable)
@@ -92,8 +93,7 @@ def upi_step_fn(
         fit_upi_grad(
             model,
             [(x, y)],
-            norm=args.norm,
-            eps=args.eps,
+            threat_model(args.norm, args.eps),
             objective=objective,
             epochs=2,
             schedule="constant",

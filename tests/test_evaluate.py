@@ -11,6 +11,7 @@ from upi_lightning.attacks.baselines import random_universal
 from upi_lightning.attacks.evaluate import evaluate_draws, evaluate_perturbation
 from upi_lightning.errors import UPIError
 from upi_lightning.saliency import SaliencySettings, saliency_map
+from upi_lightning.threat import L2Ball, LinfBall
 
 
 def half_correct_batches(model: QuadraticScore) -> list[tuple[Tensor, Tensor]]:
@@ -44,7 +45,7 @@ def test_smoothgrad_maps_of_clean_and_perturbed_images_share_their_noise() -> No
     smoothgrad = {"saliency": SaliencySettings("smoothgrad", n_samples=4, sigma=0.2), "k": 10}
     unmoved = evaluate_perturbation(model, batches, torch.zeros(1, 8, 8), **smoothgrad)
     assert unmoved["relative_l2"] == 0.0 and unmoved["topk_intersection"] == 1.0  # no floor from the draws
-    delta = random_universal((1, 8, 8), "l2", 2.0, n_draws=1, seed=1)[0]
+    delta = random_universal((1, 8, 8), L2Ball(2.0), n_draws=1, seed=1)[0]
     moved = evaluate_perturbation(model, batches, delta, **smoothgrad)
     assert moved["relative_l2"] > 0 and evaluate_perturbation(model, batches, delta, **smoothgrad) == moved
     regrouped = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]  # one batch
@@ -56,7 +57,7 @@ def test_smoothgrad_maps_of_clean_and_perturbed_images_share_their_noise() -> No
 def test_metrics_match_a_hand_computation_on_the_correct_samples() -> None:
     model = QuadraticScore()
     batches = half_correct_batches(model)
-    delta = random_universal((1, 8, 8), "l2", 2.0, n_draws=1, seed=1)[0]
+    delta = random_universal((1, 8, 8), L2Ball(2.0), n_draws=1, seed=1)[0]
     results = evaluate_perturbation(model, batches, delta, k=10)
     x = torch.cat([b[0][:4] for b in batches])
     y = torch.cat([b[1][:4] for b in batches])
@@ -75,7 +76,7 @@ def test_metrics_match_a_hand_computation_on_the_correct_samples() -> None:
 def test_per_sample_deltas_see_only_the_evaluated_samples() -> None:
     model = QuadraticScore()
     batches = half_correct_batches(model)
-    delta = random_universal((1, 8, 8), "linf", 0.1, n_draws=1)[0]
+    delta = random_universal((1, 8, 8), LinfBall(0.1), n_draws=1)[0]
     seen: list[int] = []
 
     def per_sample(x: Tensor, y: Tensor) -> Tensor:
@@ -103,7 +104,7 @@ def test_no_evaluated_sample_is_an_error() -> None:
 def test_evaluate_draws_gives_mean_and_std_and_works_under_inference_mode() -> None:
     model = QuadraticScore()
     batches = half_correct_batches(model)
-    deltas = random_universal((1, 8, 8), "l2", 1.0, n_draws=3, seed=2)
+    deltas = random_universal((1, 8, 8), L2Ball(1.0), n_draws=3, seed=2)
     runs = [evaluate_perturbation(model, batches, d, k=10) for d in deltas]
     with torch.inference_mode():
         summary = evaluate_draws(model, [(x.clone(), y.clone()) for x, y in batches], deltas, k=10)

@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 from upi_lightning.attacks.objective import OBJECTIVE_NOISE_SEED, UPIObjective, map_dissimilarity
 from upi_lightning.errors import UPIError
-from upi_lightning.perturbation import make_generator, random_on_sphere, sample_normal
+from upi_lightning.noise import make_generator, sample_normal
 from upi_lightning.saliency import SaliencySettings, saliency_map, smoothgrad_noise
+from upi_lightning.threat import L2Ball
 
 
 class QuadraticScore(nn.Module):
@@ -154,14 +155,14 @@ def test_objective_value_and_gradient_match_an_independent_computation() -> None
     x, y = make_batches(1, 4)[0]
     x = x.double()
     objective = UPIObjective(dissimilarity="cosine")
-    start = 0.2 * random_on_sphere((1, 8, 8), "l2", 1.0, make_generator(1)).double()
+    start = 0.2 * L2Ball(1.0).random_on_sphere((1, 8, 8), make_generator(1)).double()
     clean = saliency_map(model, x, y)
     expected = 1 - F.cosine_similarity(saliency_map(model, x + start, y).flatten(1), clean.flatten(1), dim=1)
     delta = start.clone().requires_grad_(True)
     values = objective.per_sample(model, x, y, delta)
     assert torch.allclose(values.detach(), expected, atol=1e-12)
     (grad,) = torch.autograd.grad(values.sum(), delta)
-    direction = random_on_sphere((1, 8, 8), "l2", 1.0, make_generator(2)).double()
+    direction = L2Ball(1.0).random_on_sphere((1, 8, 8), make_generator(2)).double()
     h = 1e-5
     plus = objective.per_sample(model, x, y, start + h * direction).sum()
     minus = objective.per_sample(model, x, y, start - h * direction).sum()
@@ -171,7 +172,7 @@ def test_objective_value_and_gradient_match_an_independent_computation() -> None
 def test_smoothing_averages_the_stacked_noise_draws() -> None:
     model = QuadraticScore()
     x, y = make_batches(1, 3)[0]
-    delta = 0.1 * random_on_sphere((1, 8, 8), "l2", 1.0, make_generator(3))
+    delta = 0.1 * L2Ball(1.0).random_on_sphere((1, 8, 8), make_generator(3))
     objective = UPIObjective(sigma=0.05, n_noise=4)
     values = objective.per_sample(model, x, y, delta, generator=make_generator(5))
     noise = sample_normal(x, y, 4, make_generator(5))
@@ -185,7 +186,7 @@ def test_smoothgrad_objective_shares_each_sample_s_map_noise_across_its_copies()
     x, y = make_batches(1, 3)[0]
     smoothgrad = SaliencySettings("smoothgrad", n_samples=3, sigma=0.2)
     assert torch.equal(UPIObjective(saliency=smoothgrad).per_sample(model, x, y, torch.zeros(1, 8, 8)), torch.zeros(3))
-    delta = 0.1 * random_on_sphere((1, 8, 8), "l2", 1.0, make_generator(3))
+    delta = 0.1 * L2Ball(1.0).random_on_sphere((1, 8, 8), make_generator(3))
     objective = UPIObjective(sigma=0.05, n_noise=2, saliency=smoothgrad)
     values = objective.per_sample(model, x, y, delta, generator=make_generator(5))
     kwargs = {"n_samples": 3, "sigma": 0.2, "noise": smoothgrad_noise(x, y, 3, OBJECTIVE_NOISE_SEED)}  # per sample
@@ -201,7 +202,7 @@ def test_smoothgrad_objective_shares_each_sample_s_map_noise_across_its_copies()
 def test_keep_prediction_subtracts_the_cross_entropy_increase() -> None:
     model = QuadraticScore()
     x, y = make_batches(1, 8)[0]
-    delta = random_on_sphere((1, 8, 8), "l2", 0.5, make_generator(4))
+    delta = L2Ball(0.5).random_on_sphere((1, 8, 8), make_generator(4))
     plain = UPIObjective().per_sample(model, x, y, delta)
     kept = UPIObjective(keep_prediction=2.0).per_sample(model, x, y, delta)
     with torch.no_grad():
@@ -218,7 +219,7 @@ def test_relu_maps_have_no_second_order_signal_but_the_surrogate_does() -> None:
     model.train()
     before = snapshot(model)
     x, y = make_batches(1, 5, shape=(1, 6, 6), low=0.0, high=1.0)[0]
-    delta = random_on_sphere((1, 6, 6), "l2", 0.5, make_generator(6)).requires_grad_(True)
+    delta = L2Ball(0.5).random_on_sphere((1, 6, 6), make_generator(6)).requires_grad_(True)
     (relu_grad,) = torch.autograd.grad(UPIObjective().per_sample(model, x, y, delta).sum(), delta)
     assert torch.equal(relu_grad, torch.zeros_like(relu_grad))
     smooth = UPIObjective(surrogate_beta=5.0)
@@ -239,7 +240,7 @@ def test_relu_maps_have_no_second_order_signal_but_the_surrogate_does() -> None:
 def test_objective_works_under_inference_mode() -> None:
     model = QuadraticScore()
     x, y = make_batches(1, 4)[0]
-    delta = random_on_sphere((1, 8, 8), "l2", 0.3, make_generator(7))
+    delta = L2Ball(0.3).random_on_sphere((1, 8, 8), make_generator(7))
     expected = UPIObjective().per_sample(model, x, y, delta)
     with torch.inference_mode():
         x_inf, y_inf = x.clone(), y.clone()

@@ -11,7 +11,8 @@ from upi_lightning.attacks.pgd import RobustAccuracy, pgd_attack, robust_accurac
 from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import UPIError
 from upi_lightning.module import Classifier
-from upi_lightning.perturbation import make_generator, perturbation_norm
+from upi_lightning.noise import make_generator
+from upi_lightning.threat import L2Ball, LinfBall, perturbation_norm, threat_model
 
 
 def binary_linear(seed: int = 0) -> nn.Sequential:
@@ -32,7 +33,7 @@ def test_linf_pgd_reaches_the_corner_of_the_linear_optimum() -> None:
     model = binary_linear()
     x = torch.full((6, 1, 4, 4), 0.5)
     y = torch.tensor([0, 1, 0, 1, 1, 0])
-    x_adv = pgd_attack(model, x, y, norm="linf", eps=0.1, steps=10, generator=make_generator(0))
+    x_adv = pgd_attack(model, x, y, LinfBall(0.1), steps=10, generator=make_generator(0))
     expected = x - 0.1 * margin_direction(model, y).sign()
     torch.testing.assert_close(x_adv, expected, rtol=0, atol=1e-6)
 
@@ -45,7 +46,7 @@ def test_l2_pgd_moves_along_the_gradient_to_the_sphere(random_start: bool) -> No
     direction = margin_direction(model, y)
     unit = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     x_adv = pgd_attack(
-        model, x, y, norm="l2", eps=0.3, steps=30, step_size=0.3, random_start=random_start, generator=make_generator(0)
+        model, x, y, L2Ball(0.3), steps=30, step_size=0.3, random_start=random_start, generator=make_generator(0)
     )
     # from x itself the first step lands on the optimum; from a random start the component orthogonal to
     # the gradient shrinks geometrically at every projection onto the sphere
@@ -84,7 +85,7 @@ def test_adversarial_points_stay_in_the_ball_and_the_box_and_leave_the_model_alo
     model.train()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     eps = 1.0 if norm == "l2" else 0.05
-    x_adv = pgd_attack(model, x, y, norm=norm, eps=eps, steps=5)
+    x_adv = pgd_attack(model, x, y, threat_model(norm, eps), steps=5)
     assert model.training and all(module.training for module in model.modules())
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
@@ -100,9 +101,9 @@ def test_the_attack_works_for_callers_without_autograd(
 ) -> None:
     model, batches = trained
     x, y = batches[0]
-    expected = pgd_attack(model, x, y, norm="linf", eps=0.05, steps=3, generator=make_generator(3))
+    expected = pgd_attack(model, x, y, LinfBall(0.05), steps=3, generator=make_generator(3))
     with context():
-        x_adv = pgd_attack(model, x, y, norm="linf", eps=0.05, steps=3, generator=make_generator(3))
+        x_adv = pgd_attack(model, x, y, LinfBall(0.05), steps=3, generator=make_generator(3))
     torch.testing.assert_close(x_adv, expected, rtol=0, atol=0)
 
 
@@ -113,8 +114,8 @@ def test_robust_accuracy_is_at_most_the_clean_accuracy(
     model.eval()
     with torch.no_grad():
         clean = sum((model(x).argmax(1) == y).sum().item() for x, y in batches) / sum(len(y) for _, y in batches)
-    weak = robust_accuracy(model, batches, norm="linf", eps=0.01, steps=5)
-    strong = robust_accuracy(model, batches, norm="linf", eps=0.1, steps=10)
+    weak = robust_accuracy(model, batches, LinfBall(0.01), steps=5)
+    strong = robust_accuracy(model, batches, LinfBall(0.1), steps=10)
     assert clean > 0.5 and strong <= weak <= clean and strong < clean
 
 
@@ -150,7 +151,8 @@ def test_robust_accuracy_callback_logs_during_fit_and_test(tmp_path: Path) -> No
 )
 def test_bad_attack_settings_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(UPIError, match=message):
-        pgd_attack(binary_linear(), torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), **kwargs)
+        threat = threat_model(kwargs.pop("norm"), kwargs.pop("eps"))
+        pgd_attack(binary_linear(), torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), threat, **kwargs)
 
 
 def test_bad_callback_stages_are_refused() -> None:

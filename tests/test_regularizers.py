@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
 from upi_lightning.module import Classifier
-from upi_lightning.perturbation import in_ball
 from upi_lightning.regularizers import (
     Consistency,
     InputGradientNorm,
@@ -27,6 +26,7 @@ from upi_lightning.regularizers import (
     threshold_beyond_one_std,
 )
 from upi_lightning.saliency import input_gradient
+from upi_lightning.threat import LinfBall
 
 SHAPE = (1, 4, 4)
 CLASSES = 3
@@ -251,7 +251,7 @@ def test_upi_adversarial_updates_delta_every_k_steps_inside_the_ball() -> None:
         deltas.append(regularizer.delta.clone())
     assert regularizer.updates == 2 and regularizer.train_steps == 3  # updated at steps 0 and 2
     assert torch.equal(deltas[0], deltas[1]) and not torch.equal(deltas[1], deltas[2])
-    assert all(in_ball(delta, "linf", 0.05) for delta in deltas)
+    assert all(LinfBall(0.05).contains(delta) for delta in deltas)
     assert model.training  # the UPI-Grad steps restore the training mode
     state = regularizer.state_dict()
     restored = UPIAdversarial(norm="linf", eps=0.05, every_n_steps=2, ascent_steps=2)

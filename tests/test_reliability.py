@@ -47,8 +47,10 @@ from upi_lightning.attacks.settings import ALL_METHODS, AttackSettings, Budget
 from upi_lightning.cli import attack_main, check_model_fits_data, load_classifier, run_reporting_errors, train_cli
 from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import CheckpointMismatchError, UPIError
-from upi_lightning.perturbation import FORMAT_VERSION, UniversalPerturbation, in_ball, make_generator
+from upi_lightning.noise import make_generator
+from upi_lightning.perturbation import FORMAT_VERSION, UniversalPerturbation
 from upi_lightning.saliency import SALIENCY_METHODS, SaliencySettings, attribution, saliency_map
+from upi_lightning.threat import L2Ball, LinfBall, ThreatModel, threat_model
 
 GRAD_OBJECTIVE = UPIObjective(k=5, surrogate_beta=5.0)  # ReLU maps have no 2nd-order signal: use the surrogate
 SHAPE = (1, 6, 6)
@@ -73,11 +75,11 @@ def saliency(model: nn.Module, x: Tensor, y: Tensor, method: str) -> Tensor:
     return saliency_map(model, x, y, method, **extra)  # type: ignore[arg-type]
 
 
-def fit(method: str, model: nn.Module, batches: Any, **kwargs: Any) -> UPIFitResult:
+def fit(method: str, model: nn.Module, batches: Any, threat: ThreatModel, **kwargs: Any) -> UPIFitResult:
     """UPI-Grad or UPI-PCA (power solver, a few passes) with the objectives of this module."""
     if method == "upi_grad":
-        return fit_upi_grad(model, batches, objective=GRAD_OBJECTIVE, **kwargs)
-    return fit_upi_pca(model, batches, objective=PCA_OBJECTIVE, n_iter=4, **kwargs)
+        return fit_upi_grad(model, batches, threat, objective=GRAD_OBJECTIVE, **kwargs)
+    return fit_upi_pca(model, batches, threat, objective=PCA_OBJECTIVE, n_iter=4, **kwargs)
 
 
 FITS = ("upi_grad", "upi_pca")
@@ -113,8 +115,8 @@ def test_nan_or_inf_pixels_are_refused_by_fits_and_evaluation(entry: str, bad: f
     x, _, y = poisoned(bad)
     batches = [*tiny_batches(1, 3), (x, y)]  # the bad batch comes second: refused mid-fit, not only at the start
     calls = {
-        "fit_upi_grad": lambda: fit_upi_grad(TinyCNN(), batches, norm="l2", eps=0.5, objective=GRAD_OBJECTIVE),
-        "fit_upi_pca": lambda: fit_upi_pca(TinyCNN(), batches, norm="l2", eps=0.5, objective=PCA_OBJECTIVE),
+        "fit_upi_grad": lambda: fit_upi_grad(TinyCNN(), batches, L2Ball(0.5), objective=GRAD_OBJECTIVE),
+        "fit_upi_pca": lambda: fit_upi_pca(TinyCNN(), batches, L2Ball(0.5), objective=PCA_OBJECTIVE),
         "evaluate_perturbation": lambda: evaluate_perturbation(
             TinyCNN(), batches, torch.zeros(SHAPE), k=5, only_correct=False
         ),
@@ -165,8 +167,8 @@ def test_black_images_fit_and_evaluate_finite_perturbations(net: str) -> None:
     model = TinyCNN() if net == "tiny_cnn" else bias_free_relu_net()
     batches = [(torch.zeros(4, *SHAPE), torch.tensor([0, 1, 2, 0]))]
     for name in FITS:
-        result = fit(name, model, batches, norm="l2", eps=0.5)
-        assert torch.isfinite(result.delta).all() and in_ball(result.delta, "l2", 0.5), name
+        result = fit(name, model, batches, L2Ball(0.5))
+        assert torch.isfinite(result.delta).all() and L2Ball(0.5).contains(result.delta), name
         assert all(math.isfinite(value) for value in result.history), name
         result.to_perturbation()  # refuses NaN deltas
         metrics = evaluate_perturbation(model, batches, result.delta, k=5, only_correct=False)
@@ -179,12 +181,12 @@ def test_black_images_fit_and_evaluate_finite_perturbations(net: str) -> None:
 def test_upi_grad_on_one_sample_equals_the_fit_on_that_sample_twice() -> None:
     model = TinyCNN()
     x, y = tiny_batches(1, 1)[0]
-    single = fit_upi_grad(model, [(x, y)], norm="l2", eps=0.5, objective=GRAD_OBJECTIVE, epochs=3)
+    single = fit_upi_grad(model, [(x, y)], L2Ball(0.5), objective=GRAD_OBJECTIVE, epochs=3)
     assert single.info["steps"] == 3 and len(single.history) == 3
-    assert torch.isfinite(single.delta).all() and in_ball(single.delta, "l2", 0.5)
+    assert torch.isfinite(single.delta).all() and L2Ball(0.5).contains(single.delta)
     assert single.history[-1] > single.history[0]  # it does ascend
     doubled = fit_upi_grad(
-        model, [(x.repeat(2, 1, 1, 1), y.repeat(2))], norm="l2", eps=0.5, objective=GRAD_OBJECTIVE, epochs=3
+        model, [(x.repeat(2, 1, 1, 1), y.repeat(2))], L2Ball(0.5), objective=GRAD_OBJECTIVE, epochs=3
     )
     torch.testing.assert_close(single.delta, doubled.delta)  # the mean gradient of a duplicate is the same
 
@@ -193,7 +195,7 @@ def test_upi_grad_on_one_sample_equals_the_fit_on_that_sample_twice() -> None:
 def test_upi_pca_on_one_sample_is_its_own_gradient_row(solver: str) -> None:
     model = TinyCNN()
     batches = tiny_batches(1, 1)
-    result = fit_upi_pca(model, batches, norm="l2", eps=0.5, objective=PCA_OBJECTIVE, solver=solver)  # type: ignore[arg-type]
+    result = fit_upi_pca(model, batches, L2Ball(0.5), objective=PCA_OBJECTIVE, solver=solver)  # type: ignore[arg-type]
     row = gradient_matrix(model, batches, PCA_OBJECTIVE)  # (1, d): M = g g^T has the top eigenvector g / |g|
     assert row.shape == (1, 36) and row.norm() > 0
     assert abs_cosine(result.delta, row[0]) > 0.9999
@@ -223,9 +225,9 @@ def test_empty_fit_data_is_a_clear_error(entry: str, message: str, data: str) ->
     batches = [] if data == "list" else empty_loader()
     model, settings = TinyCNN(), AttackSettings()
     calls = {
-        "upi_grad": lambda: fit_upi_grad(model, batches, norm="l2", eps=0.5),
-        "upi_pca_power": lambda: fit_upi_pca(model, batches, norm="l2", eps=0.5),
-        "upi_pca_svd": lambda: fit_upi_pca(model, batches, norm="l2", eps=0.5, solver="svd"),
+        "upi_grad": lambda: fit_upi_grad(model, batches, L2Ball(0.5)),
+        "upi_pca_power": lambda: fit_upi_pca(model, batches, L2Ball(0.5)),
+        "upi_pca_svd": lambda: fit_upi_pca(model, batches, L2Ball(0.5), solver="svd"),
         "uap": lambda: fit_method("uap", model, batches, Budget("l2", 0.5), settings),
         "evaluate": lambda: evaluate_perturbation(model, batches, torch.zeros(SHAPE)),
     }
@@ -247,8 +249,8 @@ def test_an_empty_attack_split_is_refused_before_any_fit() -> None:
 @pytest.mark.parametrize("entry", ["fit_upi_grad", "fit_upi_pca", "budget", "perturbation_file"])
 def test_eps_zero_or_negative_is_refused(entry: str, eps: float) -> None:
     calls = {
-        "fit_upi_grad": lambda: fit_upi_grad(TinyCNN(), tiny_batches(), norm="l2", eps=eps),
-        "fit_upi_pca": lambda: fit_upi_pca(TinyCNN(), tiny_batches(), norm="linf", eps=eps),
+        "fit_upi_grad": lambda: fit_upi_grad(TinyCNN(), tiny_batches(), L2Ball(eps)),
+        "fit_upi_pca": lambda: fit_upi_pca(TinyCNN(), tiny_batches(), LinfBall(eps)),
         "budget": lambda: Budget("l2", eps),
         "perturbation_file": lambda: UniversalPerturbation(torch.zeros(SHAPE), "l2", eps),
     }
@@ -274,9 +276,9 @@ def test_l2_eps_far_beyond_the_pixel_range_still_works() -> None:
     batches = make_batches(2, 4, shape=(1, 28, 28), low=0.0, high=1.0)
     x = batches[0][0]
     for name in FITS:
-        result = fit(name, model, batches, norm="l2", eps=1000.0)
+        result = fit(name, model, batches, L2Ball(1000.0))
         delta = result.delta
-        assert torch.isfinite(delta).all() and in_ball(delta, "l2", 1000.0), name
+        assert torch.isfinite(delta).all() and L2Ball(1000.0).contains(delta), name
         perturbed = result.to_perturbation().apply(x)
         assert perturbed.min() >= 0.0 and perturbed.max() <= 1.0, name
         big = delta.abs() >= 1  # pixels pushed past either bound whatever the image: exactly 0 or 1
@@ -293,8 +295,8 @@ def test_l2_eps_far_beyond_the_pixel_range_still_works() -> None:
 @pytest.mark.parametrize("entry", ["fit_upi_grad", "fit_upi_pca", "budget", "perturbation_file"])
 def test_unknown_norm_lists_the_valid_norms(entry: str) -> None:
     calls = {
-        "fit_upi_grad": lambda: fit_upi_grad(TinyCNN(), tiny_batches(), norm="l1", eps=0.5),  # type: ignore[arg-type]
-        "fit_upi_pca": lambda: fit_upi_pca(TinyCNN(), tiny_batches(), norm="l1", eps=0.5),  # type: ignore[arg-type]
+        "fit_upi_grad": lambda: fit_upi_grad(TinyCNN(), tiny_batches(), threat_model("l1", 0.5)),  # type: ignore[arg-type]
+        "fit_upi_pca": lambda: fit_upi_pca(TinyCNN(), tiny_batches(), threat_model("l1", 0.5)),  # type: ignore[arg-type]
         "budget": lambda: Budget("l1", 0.5),  # type: ignore[arg-type]
         "perturbation_file": lambda: UniversalPerturbation(torch.zeros(SHAPE), "l1", 0.5),  # type: ignore[arg-type]
     }
@@ -658,7 +660,7 @@ def test_attack_py_killed_mid_fit_leaves_complete_files_and_no_report(checkpoint
     for path in final:  # every final-looking file is complete
         perturbation = UniversalPerturbation.load(path, expected_shape=(1, 28, 28))
         assert perturbation.metadata["ckpt"] == str(checkpoint) and perturbation.norm in ("l2", "linf")
-        assert in_ball(perturbation.delta, perturbation.norm, perturbation.eps)
+        assert threat_model(perturbation.norm, perturbation.eps).contains(perturbation.delta)
 
 
 # ------------------------------------------------------------------ 12. determinism
@@ -667,7 +669,7 @@ def test_attack_py_killed_mid_fit_leaves_complete_files_and_no_report(checkpoint
 @pytest.mark.parametrize("method", ["upi_grad", "upi_pca"])
 def test_same_seed_same_perturbation_bit_for_bit_other_seed_another(method: str) -> None:
     model, batches = TinyCNN(), tiny_batches(3, 4)
-    first, again, other = (fit(method, model, batches, norm="l2", eps=0.5, seed=seed).delta for seed in (0, 0, 1))
+    first, again, other = (fit(method, model, batches, L2Ball(0.5), seed=seed).delta for seed in (0, 0, 1))
     assert torch.equal(first, again)
     assert not torch.allclose(first, other, atol=1e-3)  # seeds the random start / smoothing noise and power start
     assert first.norm().item() == pytest.approx(0.5, rel=1e-5)

@@ -16,7 +16,9 @@ from upi_lightning.attacks.engine import step_size_at
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import fit_upi_grad, mean_objective
 from upi_lightning.errors import UPIError
-from upi_lightning.perturbation import UniversalPerturbation, in_ball, make_generator, random_on_sphere
+from upi_lightning.noise import make_generator
+from upi_lightning.perturbation import UniversalPerturbation
+from upi_lightning.threat import L2Ball, threat_model
 
 EPS = 0.25
 OBJECTIVE = UPIObjective(k=10)
@@ -40,8 +42,7 @@ def test_upi_grad_finds_the_known_direction_and_beats_random(tmp_path: Path) -> 
     result = fit_upi_grad(
         model,
         batches,
-        norm="l2",
-        eps=EPS,
+        L2Ball(EPS),
         objective=OBJECTIVE,
         epochs=3,
         on_step=lambda step, delta, value: steps.append((step, value)),
@@ -52,7 +53,7 @@ def test_upi_grad_finds_the_known_direction_and_beats_random(tmp_path: Path) -> 
     assert sum(result.history[-3:]) > 3 * sum(result.history[:3])
     cosine = F.cosine_similarity(result.delta.flatten(), model.u.detach(), dim=0).abs().item()
     assert cosine > 0.9
-    randoms = [random_on_sphere((1, 8, 8), "l2", EPS, make_generator(seed)) for seed in range(10)]
+    randoms = [L2Ball(EPS).random_on_sphere((1, 8, 8), make_generator(seed)) for seed in range(10)]
     values = mean_objective(model, batches, OBJECTIVE, [result.delta, *randoms])
     assert values[0] > 1.5 * max(values[1:])
     saved = result.to_perturbation(model="quadratic").save(tmp_path / "upi.pt")
@@ -69,13 +70,12 @@ def test_delta_never_leaves_the_ball(norm: str) -> None:
     result = fit_upi_grad(
         QuadraticScore(),
         make_batches(3, 8),
-        norm=norm,  # type: ignore[arg-type]
-        eps=eps,
+        threat_model(norm, eps),
         objective=OBJECTIVE,
         epochs=2,
         step_size=eps,  # large steps: the projection has to work
         schedule="constant",
-        on_step=lambda step, delta, value: inside.append(in_ball(delta, norm, eps)),  # type: ignore[arg-type]
+        on_step=lambda step, delta, value: inside.append(threat_model(norm, eps).contains(delta)),  # type: ignore[arg-type]
     )
     assert len(inside) == 6 and all(inside)
     if norm == "linf":
@@ -83,13 +83,13 @@ def test_delta_never_leaves_the_ball(norm: str) -> None:
 
 
 def test_zero_start_stays_at_zero_without_smoothing() -> None:
-    result = fit_upi_grad(QuadraticScore(), make_batches(2, 4), norm="l2", eps=EPS, objective=OBJECTIVE, init="zero")
+    result = fit_upi_grad(QuadraticScore(), make_batches(2, 4), L2Ball(EPS), objective=OBJECTIVE, init="zero")
     assert torch.equal(result.delta, torch.zeros(1, 8, 8))
     warm = 5 * torch.ones(1, 8, 8)
     result = fit_upi_grad(
-        QuadraticScore(), make_batches(2, 4), norm="l2", eps=EPS, objective=OBJECTIVE, init=warm, epochs=1
+        QuadraticScore(), make_batches(2, 4), L2Ball(EPS), objective=OBJECTIVE, init=warm, epochs=1
     )
-    assert in_ball(result.delta, "l2", EPS) and result.delta.norm() > 0.9 * EPS
+    assert L2Ball(EPS).contains(result.delta) and result.delta.norm() > 0.9 * EPS
 
 
 def test_model_is_untouched_and_fit_works_under_inference_mode() -> None:
@@ -98,13 +98,13 @@ def test_model_is_untouched_and_fit_works_under_inference_mode() -> None:
     before = snapshot(model)
     batches = make_batches(2, 6, shape=(1, 6, 6))
     objective = UPIObjective(k=5, surrogate_beta=5.0)
-    expected = fit_upi_grad(model, batches, norm="l2", eps=0.5, objective=objective)
+    expected = fit_upi_grad(model, batches, L2Ball(0.5), objective=objective)
     assert_untouched(model, before)
     assert expected.history[0] != expected.history[-1]
     for context in (torch.no_grad, torch.inference_mode):
         with context():
             inference_batches = [(x.clone(), y.clone()) for x, y in batches]
-            result = fit_upi_grad(model, inference_batches, norm="l2", eps=0.5, objective=objective)
+            result = fit_upi_grad(model, inference_batches, L2Ball(0.5), objective=objective)
         assert torch.allclose(result.delta, expected.delta, atol=1e-6)
         assert not result.delta.is_inference()
     assert_untouched(model, before)
@@ -163,15 +163,17 @@ def test_reduce_hook_two_ranks_equal_one_process_on_all_data() -> None:
     batches = make_batches(3, 8, shape=(1, 6, 6))
     shards = split_batches(batches)
     objective = UPIObjective(k=5, surrogate_beta=5.0)
-    kwargs = {"norm": "l2", "eps": 0.5, "objective": objective, "epochs": 2}
-    single = fit_upi_grad(model, batches, **kwargs)  # type: ignore[arg-type]
-    ranks = run_ranks(lambda rank, reduce: fit_upi_grad(model, shards[rank], reduce=reduce, **kwargs))  # type: ignore[arg-type]
+    kwargs = {"objective": objective, "epochs": 2}
+    single = fit_upi_grad(model, batches, L2Ball(0.5), **kwargs)  # type: ignore[arg-type]
+    ranks = run_ranks(
+        lambda rank, reduce: fit_upi_grad(model, shards[rank], L2Ball(0.5), reduce=reduce, **kwargs)  # type: ignore[arg-type]
+    )
     assert torch.equal(ranks[0].delta, ranks[1].delta)  # type: ignore[attr-defined]
     assert ranks[0].history == ranks[1].history  # type: ignore[attr-defined]
     assert torch.allclose(ranks[0].delta, single.delta, atol=1e-5)  # type: ignore[attr-defined]
     assert ranks[0].history == pytest.approx(single.history, rel=1e-5)  # type: ignore[attr-defined]
     # a rank that ignores the others' contribution ends elsewhere: the test can fail
-    alone = fit_upi_grad(model, shards[0], **kwargs)  # type: ignore[arg-type]
+    alone = fit_upi_grad(model, shards[0], L2Ball(0.5), **kwargs)  # type: ignore[arg-type]
     assert not torch.allclose(alone.delta, single.delta, atol=1e-3)
 
 
@@ -182,7 +184,7 @@ def test_one_reduce_call_per_step() -> None:
         calls.append(tensor.numel())
         return tensor
 
-    fit_upi_grad(QuadraticScore(), make_batches(3, 4), norm="l2", eps=EPS, objective=OBJECTIVE, reduce=reduce)
+    fit_upi_grad(QuadraticScore(), make_batches(3, 4), L2Ball(EPS), objective=OBJECTIVE, reduce=reduce)
     assert calls == [64 + 2] * 6
 
 
@@ -205,7 +207,8 @@ def test_one_reduce_call_per_step() -> None:
 def test_bad_inputs_are_refused(batches: object, kwargs: dict[str, object], match: str) -> None:
     settings = {"norm": "l2", "eps": EPS, "objective": OBJECTIVE, **kwargs}
     with pytest.raises(UPIError, match=match):
-        fit_upi_grad(QuadraticScore(), batches, **settings)  # type: ignore[arg-type]
+        threat = threat_model(settings.pop("norm"), settings.pop("eps"))  # type: ignore[arg-type]
+        fit_upi_grad(QuadraticScore(), batches, threat, **settings)  # type: ignore[arg-type]
 
 
 def count_clean_maps(objective: UPIObjective, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -232,7 +235,7 @@ def test_clean_maps_are_computed_once_per_sample_and_change_nothing(monkeypatch:
     for cache in (True, False):
         sizes.clear()
         fits[cache] = fit_upi_grad(
-            model, _EpochOrder(shuffled), norm="l2", eps=0.5, objective=objective, epochs=2, cache_clean_maps=cache
+            model, _EpochOrder(shuffled), L2Ball(0.5), objective=objective, epochs=2, cache_clean_maps=cache
         )
         assert sum(sizes) == (12 if cache else 24)
     torch.testing.assert_close(fits[True].delta, fits[False].delta)

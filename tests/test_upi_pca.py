@@ -17,9 +17,10 @@ from upi_lightning.attacks.upi_pca import (
     svd_bytes,
 )
 from upi_lightning.errors import UPIError
-from upi_lightning.perturbation import make_generator, sample_normal
+from upi_lightning.noise import make_generator, sample_normal
 from upi_lightning.saliency import saliency_map
 from upi_lightning.surrogate import softplus_surrogate
+from upi_lightning.threat import L2Ball, LinfBall
 
 SMOOTH = UPIObjective(k=5, sigma=0.05, surrogate_beta=5.0)
 
@@ -41,11 +42,11 @@ def test_upi_pca_recovers_the_known_direction(solver: str) -> None:
     before = snapshot(model)
     batches = make_batches(3, 16)
     objective = UPIObjective(k=10, sigma=0.05)
-    result = fit_upi_pca(model, batches, norm="l2", eps=0.25, objective=objective, solver=solver)  # type: ignore[arg-type]
+    result = fit_upi_pca(model, batches, L2Ball(0.25), objective=objective, solver=solver)  # type: ignore[arg-type]
     assert abs_cosine(result.delta, model.u.detach()) > 0.99
     assert result.delta.norm().item() == pytest.approx(0.25, rel=1e-5)
     assert result.to_perturbation().metadata["solver"] == solver  # the info is storable metadata
-    linf = fit_upi_pca(model, batches, norm="linf", eps=0.03, objective=objective, solver=solver)  # type: ignore[arg-type]
+    linf = fit_upi_pca(model, batches, LinfBall(0.03), objective=objective, solver=solver)  # type: ignore[arg-type]
     assert torch.equal(linf.delta.abs(), torch.full((1, 8, 8), 0.03))
     assert abs_cosine(linf.delta, model.u.detach().sign()) == pytest.approx(1.0)
     assert_untouched(model, before)
@@ -77,8 +78,8 @@ def test_power_method_agrees_with_exact_svd_of_g() -> None:
     batches = make_batches(4, 12, shape=(1, 6, 6), low=0.1, high=0.9)
     matrix = gradient_matrix(model, batches, SMOOTH)
     top = torch.linalg.svd(matrix.double(), full_matrices=False).Vh[0]
-    power = fit_upi_pca(model, batches, norm="l2", eps=1.0, objective=SMOOTH, solver="power")
-    exact = fit_upi_pca(model, batches, norm="l2", eps=1.0, objective=SMOOTH, solver="svd")
+    power = fit_upi_pca(model, batches, L2Ball(1.0), objective=SMOOTH, solver="power")
+    exact = fit_upi_pca(model, batches, L2Ball(1.0), objective=SMOOTH, solver="svd")
     assert abs_cosine(power.delta, top) > 0.99
     assert abs_cosine(exact.delta, top) > 0.9999
     sigma_1 = torch.linalg.svdvals(matrix.double())[0].item()
@@ -95,7 +96,7 @@ def test_keep_prediction_takes_the_top_algebraic_eigenvector() -> None:
     values, vectors = torch.linalg.eigh(g.T @ g - 0.2 * c.T @ c)
     assert values[0].abs() > values[-1].abs()  # the largest |eigenvalue| is negative: a naive power method fails
     for solver in ("svd", "power"):
-        result = fit_upi_pca(model, batches, norm="l2", eps=1.0, objective=objective, solver=solver)  # type: ignore[arg-type]
+        result = fit_upi_pca(model, batches, L2Ball(1.0), objective=objective, solver=solver)  # type: ignore[arg-type]
         assert abs_cosine(result.delta, vectors[:, -1]) > 0.99
 
 
@@ -104,7 +105,7 @@ def test_sign_is_chosen_on_the_fit_data(solver: str) -> None:
     model = TinyCNN()
     for seed in range(3):  # the sign of an eigenvector is arbitrary: some of these runs must flip it
         batches = make_batches(2, 8, shape=(1, 6, 6), seed=seed)
-        result = fit_upi_pca(model, batches, norm="l2", eps=1.0, objective=SMOOTH, solver=solver, seed=seed)  # type: ignore[arg-type]
+        result = fit_upi_pca(model, batches, L2Ball(1.0), objective=SMOOTH, solver=solver, seed=seed)  # type: ignore[arg-type]
         plus, minus = mean_objective(model, batches, SMOOTH, [result.delta, -result.delta], seed=seed)
         assert plus > minus
         assert sorted([result.info["objective_plus"], result.info["objective_minus"]]) == pytest.approx([minus, plus])
@@ -117,15 +118,17 @@ def test_reduce_hook_two_ranks_equal_one_process() -> None:
     # the smoothing noise is keyed by sample, so both ranks together see the noise of the single process
     SMOOTH.network(model)  # build the surrogate before the rank threads: fx tracing patches Module.__call__
     for solver in ("power", "svd"):
-        kwargs = {"norm": "l2", "eps": 1.0, "objective": SMOOTH, "solver": solver}
-        ranks = run_ranks(lambda rank, reduce, kw=kwargs: fit_upi_pca(model, shards[rank], reduce=reduce, **kw))  # type: ignore[arg-type]
+        kwargs = {"objective": SMOOTH, "solver": solver}
+        ranks = run_ranks(
+            lambda rank, reduce, kw=kwargs: fit_upi_pca(model, shards[rank], L2Ball(1.0), reduce=reduce, **kw)  # type: ignore[arg-type]
+        )
         assert torch.equal(ranks[0].delta, ranks[1].delta)  # type: ignore[attr-defined]
-        alone = fit_upi_pca(model, batches, **kwargs)  # type: ignore[arg-type]
+        alone = fit_upi_pca(model, batches, L2Ball(1.0), **kwargs)  # type: ignore[arg-type]
         torch.testing.assert_close(ranks[0].delta, alone.delta, atol=1e-5, rtol=0)  # type: ignore[attr-defined]
         rows = torch.cat([gradient_matrix(model, shard, SMOOTH) for shard in shards]).double()
         top = torch.linalg.svd(rows, full_matrices=False).Vh[0]
         assert abs_cosine(ranks[0].delta, top) > 0.99  # type: ignore[attr-defined]
-        alone = fit_upi_pca(model, shards[0], **kwargs)  # type: ignore[arg-type]
+        alone = fit_upi_pca(model, shards[0], L2Ball(1.0), **kwargs)  # type: ignore[arg-type]
         assert abs_cosine(alone.delta, top) < 0.99
 
 
@@ -134,13 +137,13 @@ def test_bad_settings_are_refused() -> None:
     objective = UPIObjective(sigma=0.1)
     message = r"needs about 160\.0 KiB \(five 64 x 64 float64 arrays\), more than max_bytes=1\.0 KiB; use solver="
     with pytest.raises(UPIError, match=message):
-        fit_upi_pca(QuadraticScore(), batches, norm="l2", eps=0.1, objective=objective, solver="svd", max_bytes=1024)
+        fit_upi_pca(QuadraticScore(), batches, L2Ball(0.1), objective=objective, solver="svd", max_bytes=1024)
     with pytest.raises(UPIError, match="solver"):
-        fit_upi_pca(QuadraticScore(), batches, norm="l2", eps=0.1, solver="lanczos")  # type: ignore[arg-type]
+        fit_upi_pca(QuadraticScore(), batches, L2Ball(0.1), solver="lanczos")  # type: ignore[arg-type]
     with pytest.raises(UPIError, match="sigma > 0"):
-        fit_upi_pca(QuadraticScore(), batches, norm="l2", eps=0.1, objective=UPIObjective())
+        fit_upi_pca(QuadraticScore(), batches, L2Ball(0.1), objective=UPIObjective())
     with pytest.raises(UPIError, match="one-shot"):
-        fit_upi_pca(QuadraticScore(), iter(batches), norm="l2", eps=0.1)
+        fit_upi_pca(QuadraticScore(), iter(batches), L2Ball(0.1))
 
 
 @pytest.mark.parametrize("solver", ["power", "svd"])
@@ -155,8 +158,7 @@ def test_cached_clean_maps_are_computed_once_and_change_nothing(solver: str, mon
         fits[cache] = fit_upi_pca(
             model,
             batches,
-            norm="l2",
-            eps=1.0,
+            L2Ball(1.0),
             objective=objective,
             solver=solver,
             n_iter=3,

@@ -27,7 +27,7 @@ from upi_lightning.attribution import (
 )
 from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import gradients_enabled
-from upi_lightning.perturbation import sample_normal
+from upi_lightning.noise import sample_normal
 
 __all__ = [
     "SALIENCY_METHODS",
@@ -47,7 +47,7 @@ __all__ = [
 def smoothgrad_noise(x: Tensor, y: Tensor, n_samples: int, seed: int = 0) -> Tensor:
     """Standard-normal SmoothGrad draws ``(n_samples, N, C, H, W)`` keyed by each sample ``(x_i, y_i)``.
 
-    The draws of a sample come from its own generator (:func:`~upi_lightning.perturbation.sample_normal`,
+    The draws of a sample come from its own generator (:func:`~upi_lightning.noise.sample_normal`,
     seeded from ``seed`` and the sample's content), so they do not depend on batching or on the number
     of processes.
 

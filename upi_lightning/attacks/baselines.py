@@ -22,7 +22,6 @@ from upi_lightning.attacks.engine import (
     Schedule,
     UPIFitResult,
     check_steps,
-    default_step_size,
     fit_universal,
     prepare_batch,
     step_size_at,
@@ -30,21 +29,12 @@ from upi_lightning.attacks.engine import (
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
-from upi_lightning.perturbation import (
-    Norm,
-    apply_perturbation,
-    check_eps,
-    check_norm,
-    make_generator,
-    projected_ascent_step,
-    random_in_ball,
-    random_on_sphere,
-    sample_generators,
-)
+from upi_lightning.noise import make_generator, sample_generators
+from upi_lightning.threat import ThreatModel, apply_perturbation
 
 
 def random_universal(
-    shape: tuple[int, int, int], norm: Norm, eps: float, n_draws: int = 5, seed: int = 0
+    shape: tuple[int, int, int], threat: ThreatModel, n_draws: int = 5, seed: int = 0
 ) -> list[Tensor]:
     """Return ``n_draws`` random ``(C, H, W)`` perturbations on the sphere of radius ``eps`` (CPU, float32).
 
@@ -54,16 +44,15 @@ def random_universal(
     if n_draws < 1:
         raise UPIError(f"n_draws must be >= 1, got {n_draws}.")
     generator = make_generator(seed)
-    return [random_on_sphere(shape, norm, eps, generator) for _ in range(n_draws)]
+    return [threat.random_on_sphere(shape, generator) for _ in range(n_draws)]
 
 
 def fit_per_sample_attack(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
+    threat: ThreatModel,
     *,
-    norm: Norm,
-    eps: float,
     objective: UPIObjective | None = None,
     steps: int = 20,
     step_size: float | None = None,
@@ -80,8 +69,7 @@ def fit_per_sample_attack(
         model: the classifier (eval mode, modes restored, parameters untouched).
         x: images ``(N, C, H, W)`` in ``[0, 1]``.
         y: classes ``(N,)`` whose maps are attacked.
-        norm: ``"l2"`` or ``"linf"``.
-        eps: radius of every ball.
+        threat: the ball of every ``delta_i``.
         objective: the UPI objective (default :class:`UPIObjective`).
         steps: number of ascent steps (``>= 1``).
         step_size: base step (``None``: ``default_step_size``).
@@ -92,16 +80,15 @@ def fit_per_sample_attack(
         ``(N, C, H, W)`` perturbations on the device of ``model``, each in its ball.
 
     """
-    norm, eps = check_norm(norm), check_eps(eps)
     check_steps(schedule, step_size, "steps", steps)
     objective = UPIObjective() if objective is None else objective
-    base_step = default_step_size(norm, eps) if step_size is None else float(step_size)
+    base_step = threat.default_step_size() if step_size is None else float(step_size)
     device = model_device(model)
     with evaluation_mode(model), gradients_enabled():
         x, y = prepare_batch((x, y), device)
         generator = make_generator(seed, device)
         starts = sample_generators(x, y, generator)  # keyed by sample: the same start on any number of processes
-        delta = torch.stack([random_in_ball(tuple(x.shape[1:]), norm, eps, g, device) for g in starts])
+        delta = torch.stack([threat.random_start(tuple(x.shape[1:]), g, device) for g in starts])
         clean = objective.clean_maps(model, x, y)
         best_value = torch.full((len(x),), -torch.inf, device=device)
         best_delta = delta.clone()
@@ -115,16 +102,15 @@ def fit_per_sample_attack(
                 break
             (grad,) = torch.autograd.grad(values.sum(), variable, allow_unused=True, materialize_grads=True)
             eta = step_size_at(schedule, base_step, step, steps)
-            delta = projected_ascent_step(delta, grad, norm, eps, eta, per_sample=True)
+            delta = threat.step(delta, grad, eta, per_sample=True)
     return best_delta.detach()
 
 
 def fit_classification_uap(
     model: nn.Module,
     batches: Batches,
+    threat: ThreatModel,
     *,
-    norm: Norm,
-    eps: float,
     clamp: float = 10.0,
     **options: Unpack[AscentOptions],
 ) -> UPIFitResult:
@@ -144,7 +130,7 @@ def fit_classification_uap(
         return F.cross_entropy(model(apply_perturbation(x, delta)), y, reduction="none").clamp(max=clamp)
 
     result = fit_universal(
-        model, batches, clamped_cross_entropy, norm=norm, eps=eps, name="classification_uap", **options
+        model, batches, clamped_cross_entropy, threat, name="classification_uap", **options
     )
     result.info["clamp"] = clamp
     return result

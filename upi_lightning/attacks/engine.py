@@ -30,16 +30,9 @@ from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a Da
 from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
-from upi_lightning.perturbation import (
-    Norm,
-    UniversalPerturbation,
-    check_eps,
-    check_norm,
-    make_generator,
-    project,
-    projected_ascent_step,
-    random_in_ball,
-)
+from upi_lightning.noise import make_generator
+from upi_lightning.perturbation import UniversalPerturbation
+from upi_lightning.threat import ThreatModel
 
 Schedule = Literal["constant", "cosine", "step"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
@@ -90,11 +83,6 @@ class UPIFitResult:
         """
         provenance = {**self.info, "history": self.history, "seconds": self.seconds, **metadata}
         return UniversalPerturbation(self.delta.cpu(), self.info["norm"], self.info["eps"], provenance)
-
-
-def default_step_size(norm: Norm, eps: float) -> float:
-    """Return the default base step: ``eps / 4`` (L2, normalized gradient) or ``eps / 10`` (Linf, sign)."""
-    return check_eps(eps) / (4.0 if check_norm(norm) == "l2" else 10.0)
 
 
 def step_size_at(schedule: Schedule, base: float, step: int, total: int | None) -> float:
@@ -169,8 +157,7 @@ def prepare_batch(batch: Any, device: torch.device, shape: tuple[int, ...] | Non
 def initial_delta(
     init: Init | Tensor,
     shape: tuple[int, ...],
-    norm: Norm,
-    eps: float,
+    threat: ThreatModel,
     generator: torch.Generator,
     device: torch.device,
 ) -> Tensor:
@@ -178,9 +165,9 @@ def initial_delta(
     if isinstance(init, Tensor):
         if tuple(init.shape) != tuple(shape):
             raise UPIError(f"init of shape {tuple(init.shape)} does not match the images {tuple(shape)}.")
-        return project(init.detach().to(device=device, dtype=torch.float32), norm, eps)
+        return threat.project(init.detach().to(device=device, dtype=torch.float32))
     if init == "random":
-        return random_in_ball(shape, norm, eps, generator, device)
+        return threat.random_start(shape, generator, device)
     if init == "zero":
         return torch.zeros(shape, device=device)
     raise UPIError(f"Unknown init {init!r}: use 'random', 'zero' or a (C, H, W) tensor.")
@@ -190,9 +177,8 @@ def fit_universal(
     model: nn.Module,
     batches: Batches,
     per_sample_fn: PerSampleFn,
+    threat: ThreatModel,
     *,
-    norm: Norm,
-    eps: float,
     epochs: int = 2,
     step_size: float | None = None,
     schedule: Schedule = "cosine",
@@ -209,10 +195,9 @@ def fit_universal(
         model: the classifier (sets the device; run in eval mode, its modes restored).
         batches: re-iterable of ``(x, y)`` batches of ``[0, 1]`` images (a DataLoader or a list).
         per_sample_fn: ``fn(x, y, delta, generator) -> (N,)`` to maximize.
-        norm: ``"l2"`` or ``"linf"``.
-        eps: radius of the ball.
+        threat: the ball of ``delta`` (:class:`~upi_lightning.threat.ThreatModel`).
         epochs: passes over ``batches``.
-        step_size: base step (``None``: :func:`default_step_size`).
+        step_size: base step (``None``: the threat model's ``default_step_size()``).
         schedule: ``constant``, ``cosine`` or ``step`` (:func:`step_size_at`); non-constant schedules
             need ``len(batches)``.
         init: ``random`` (uniform in the ball), ``zero``, or a ``(C, H, W)`` tensor (warm start).
@@ -225,9 +210,8 @@ def fit_universal(
         name: method name stored in ``info`` and shown on the progress bar.
 
     """
-    norm, eps = check_norm(norm), check_eps(eps)
     check_steps(schedule, step_size, "epochs", epochs)
-    base_step = default_step_size(norm, eps) if step_size is None else float(step_size)
+    base_step = threat.default_step_size() if step_size is None else float(step_size)
     length = passes_over(batches, epochs)
     total = None if length is None else epochs * length
     device = model_device(model)
@@ -242,7 +226,7 @@ def fit_universal(
             for batch in bar:
                 x, y = prepare_batch(batch, device, None if delta is None else tuple(delta.shape))
                 if delta is None:
-                    delta = initial_delta(init, tuple(x.shape[1:]), norm, eps, generator, device)
+                    delta = initial_delta(init, tuple(x.shape[1:]), threat, generator, device)
                 variable = delta.clone().requires_grad_(True)
                 values = per_sample_fn(x, y, variable, generator)
                 (grad,) = torch.autograd.grad(values.sum(), variable, allow_unused=True, materialize_grads=True)
@@ -255,7 +239,7 @@ def fit_universal(
                     )
                 count, mean_value = packed[-1], (packed[-2] / packed[-1]).item()
                 eta = step_size_at(schedule, base_step, step, total)
-                delta = projected_ascent_step(delta, packed[:-2].view_as(delta) / count, norm, eps, eta)
+                delta = threat.step(delta, packed[:-2].view_as(delta) / count, eta)
                 history.append(mean_value)
                 bar.set_postfix(objective=f"{mean_value:.4g}", refresh=False)
                 if on_step is not None:
@@ -265,8 +249,8 @@ def fit_universal(
         raise UPIError(f"{name}: the fit data yielded no batch.")
     info = {
         "method": name,
-        "norm": norm,
-        "eps": eps,
+        "norm": threat.norm,
+        "eps": threat.eps,
         "epochs": epochs,
         "steps": step,
         "step_size": base_step,

@@ -21,8 +21,8 @@ from upi_lightning.attacks.engine import Batches, prepare_batch
 from upi_lightning.errors import UPIError
 from upi_lightning.metrics import AttributionStability, PredictionFlipRate
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
-from upi_lightning.perturbation import apply_perturbation, perturbation_norm
 from upi_lightning.saliency import SaliencySettings
+from upi_lightning.threat import apply_perturbation, perturbation_norm
 
 PerSampleDeltas = Callable[[Tensor, Tensor], Tensor]
 """``fn(x, y) -> (N, C, H, W)``: per-sample perturbations of a batch (e.g. the per-sample attack)."""

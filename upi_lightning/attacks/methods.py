@@ -35,12 +35,13 @@ def fit_method(
     ``reduce`` sums the per-process contributions under DDP (identity on one process); ``init`` warm-starts
     UPI-Grad and the UAP from a previous perturbation.
     """
-    common = {"norm": budget.norm, "eps": budget.eps, "seed": settings.seed, "progress": progress, "reduce": reduce}
+    common = {"seed": settings.seed, "progress": progress, "reduce": reduce}
     if method == "upi_grad":
         grad = settings.upi_grad
         return fit_upi_grad(
             model,
             batches,
+            budget.threat,
             objective=grad.objective(settings.saliency, settings.k),
             epochs=grad.epochs,
             step_size=grad.base_step(budget.eps),
@@ -54,6 +55,7 @@ def fit_method(
         return fit_upi_pca(
             model,
             batches,
+            budget.threat,
             objective=pca.objective(settings.saliency, settings.k),
             solver=pca.solver,
             n_iter=pca.n_iter,
@@ -62,7 +64,9 @@ def fit_method(
         )
     if method == "uap":
         base = settings.baselines
-        return fit_classification_uap(model, batches, epochs=base.uap_epochs, clamp=base.uap_clamp, init=init, **common)
+        return fit_classification_uap(
+            model, batches, budget.threat, epochs=base.uap_epochs, clamp=base.uap_clamp, init=init, **common
+        )
     raise UPIError(f"{method!r} is not a fitted universal method: use one of {list(FITTED_METHODS)}.")
 
 
@@ -75,8 +79,7 @@ def per_sample_deltas(model: nn.Module, budget: Budget, settings: MethodSettings
             model,
             x,
             y,
-            norm=budget.norm,
-            eps=budget.eps,
+            budget.threat,
             objective=objective,
             steps=settings.baselines.per_sample_steps,
             seed=settings.seed,

@@ -31,10 +31,11 @@ from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled
-from upi_lightning.perturbation import apply_perturbation, sample_normal
+from upi_lightning.noise import sample_normal
 from upi_lightning.saliency import SaliencySettings
 from upi_lightning.sample_cache import SampleCache
 from upi_lightning.surrogate import refold_batchnorm, softplus_surrogate
+from upi_lightning.threat import apply_perturbation
 
 OBJECTIVE_NOISE_SEED = 1
 """Seed of the objective's SmoothGrad draws: not the evaluation's (0), so that an attack fitted on the

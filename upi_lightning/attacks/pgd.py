@@ -7,12 +7,17 @@ in ``[0, 1]``:
 .. math::
 
     \delta_i \leftarrow \mathrm{clip}_{[0,1]}\big(x_i + \mathrm{Proj}_{B_\varepsilon}(\delta_i + \eta\,
-    s(\nabla_{\delta_i} \mathrm{CE}(f(x_i + \delta_i), y_i)))\big) - x_i,
+    s(\nabla_{x'} \mathrm{CE}(f(x'), y_i)|_{x' = x_i + \delta_i}))\big) - x_i,
 
-``s`` = normalized gradient (L2) or sign (Linf): the shared step
-:func:`upi_lightning.perturbation.projected_ascent_step`, one ball per sample. The start is a uniform
-random point of the ball (``random_start``) or ``x`` itself. Clipping to the box after the projection
-can only shrink each coordinate of ``delta``, so the result stays in the ball.
+``s`` = normalized gradient (L2) or sign (Linf): the threat model's shared
+:meth:`~upi_lightning.threat.ThreatModel.step`, one ball per sample. The start is a uniform random point
+of the ball (``random_start``) or ``x`` itself. Clipping to the box after the projection can only
+shrink each coordinate of ``delta``, so the result stays in the ball.
+
+The gradient is taken w.r.t. the adversarial image :math:`x' = \mathrm{clip}(x_i + \delta_i)` (textbook
+PGD), through :func:`upi_lightning.threat.straight_through_clip`: differentiating through
+``torch.clamp`` instead gives a zero gradient to every pixel on the box's faces, and after the random
+start about half of MNIST's pixels sit there and never move (issue 14).
 
 :func:`robust_accuracy` evaluates a model on a data set; the callback
 :class:`~upi_lightning.callbacks.RobustAccuracy` does it during validation and/or test.
@@ -30,15 +35,8 @@ from upi_lightning.attacks.engine import Batches, check_steps, prepare_batch
 from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
-from upi_lightning.perturbation import (
-    Norm,
-    apply_perturbation,
-    check_eps,
-    check_norm,
-    make_generator,
-    projected_ascent_step,
-    random_in_ball,
-)
+from upi_lightning.noise import make_generator
+from upi_lightning.threat import ThreatModel, apply_perturbation, straight_through_clip
 
 Stage = Literal["val", "test"]
 
@@ -52,9 +50,8 @@ def pgd_attack(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
+    threat: ThreatModel,
     *,
-    norm: Norm,
-    eps: float,
     steps: int,
     step_size: float | None = None,
     random_start: bool = True,
@@ -69,8 +66,7 @@ def pgd_attack(
         model: classifier of ``[0, 1]`` pixel images returning logits.
         x: clean images ``(N, C, H, W)`` in ``[0, 1]``.
         y: true classes ``(N,)``.
-        norm: ``"l2"`` or ``"linf"``.
-        eps: radius of each sample's ball, in pixel units.
+        threat: the ball of each sample's perturbation, in pixel units.
         steps: number of ascent steps, ``>= 1``.
         step_size: step ``eta`` (``None``: :func:`default_pgd_step_size`).
         random_start: start from a uniform random point of the ball instead of ``x``.
@@ -80,33 +76,32 @@ def pgd_attack(
         The detached adversarial images, on the model's device.
 
     """
-    norm, eps = check_norm(norm), check_eps(eps)
     check_steps("constant", step_size, "steps", steps)
-    eta = default_pgd_step_size(eps, steps) if step_size is None else float(step_size)
+    eta = default_pgd_step_size(threat.eps, steps) if step_size is None else float(step_size)
     device = model_device(model)
     with evaluation_mode(model), gradients_enabled():
         x, y = prepare_batch((x.detach(), y.detach()), device)
         if random_start:
-            start = random_in_ball(tuple(x.shape), norm, eps, generator, device, per_sample=True)
+            start = threat.random_start(tuple(x.shape), generator, device, per_sample=True)
             delta = apply_perturbation(x, start) - x
         else:
             delta = torch.zeros_like(x)
         for _ in range(steps):
             variable = delta.requires_grad_(True)
-            loss = F.cross_entropy(model(apply_perturbation(x, variable)), y, reduction="sum")
+            loss = F.cross_entropy(model(straight_through_clip(x + variable)), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, variable)
-            delta = projected_ascent_step(delta.detach(), grad, norm, eps, eta, per_sample=True)
+            delta = threat.step(delta.detach(), grad, eta, per_sample=True)
             delta = apply_perturbation(x, delta) - x
         return apply_perturbation(x, delta).detach()
 
 
-def count_robust(model: nn.Module, x: Tensor, y: Tensor, **attack: Any) -> Tensor:
+def count_robust(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, **attack: Any) -> Tensor:
     """Return how many samples of the batch ``model`` still classifies correctly after :func:`pgd_attack`.
 
-    ``attack`` holds the keyword arguments of :func:`pgd_attack`. Returns a 0-d float tensor on the
-    model's device.
+    ``attack`` holds the keyword options of :func:`pgd_attack`. Returns a 0-d float tensor on the model's
+    device.
     """
-    x_adv = pgd_attack(model, x, y, **attack)
+    x_adv = pgd_attack(model, x, y, threat, **attack)
     with evaluation_mode(model), torch.no_grad():
         return (model(x_adv).argmax(dim=1) == y.to(x_adv.device)).sum().float()
 
@@ -114,9 +109,8 @@ def count_robust(model: nn.Module, x: Tensor, y: Tensor, **attack: Any) -> Tenso
 def robust_accuracy(
     model: nn.Module,
     batches: Batches,
+    threat: ThreatModel,
     *,
-    norm: Norm,
-    eps: float,
     steps: int,
     step_size: float | None = None,
     random_start: bool = True,
@@ -128,8 +122,7 @@ def robust_accuracy(
     Args:
         model: the classifier (eval mode during the attack, modes restored, parameters untouched).
         batches: iterable of ``(x, y)`` batches of ``[0, 1]`` images.
-        norm: ``"l2"`` or ``"linf"``.
-        eps: radius of each ball, pixel units.
+        threat: the ball of each sample's perturbation, pixel units.
         steps: PGD steps.
         step_size: PGD step (``None``: :func:`default_pgd_step_size`).
         random_start: random start in the ball.
@@ -148,8 +141,7 @@ def robust_accuracy(
             model,
             x,
             y,
-            norm=norm,
-            eps=eps,
+            threat,
             steps=steps,
             step_size=step_size,
             random_start=random_start,

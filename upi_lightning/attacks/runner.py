@@ -233,7 +233,7 @@ class AttackRun:
     def random_draws(self, budget: Budget) -> list[Tensor]:
         """The random baseline's draws in ``budget`` (seeded: the same at every call)."""
         count, seed = self.settings.baselines.random_draws, self.settings.seed
-        return random_universal(self.image_shape, budget.norm, budget.eps, count, seed)
+        return random_universal(self.image_shape, budget.threat, count, seed)
 
     def transfer_budget(
         self, budget: Budget, deltas: dict[str, Tensor], eval_loader: Batches

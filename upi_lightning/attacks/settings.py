@@ -13,8 +13,8 @@ from typing import Any, Literal, TypeVar
 from upi_lightning.attacks.engine import Schedule
 from upi_lightning.attacks.objective import Dissimilarity, UPIObjective
 from upi_lightning.errors import UPIError
-from upi_lightning.perturbation import Norm, check_eps, check_norm
 from upi_lightning.saliency import SaliencySettings
+from upi_lightning.threat import Norm, ThreatModel, threat_model
 
 T = TypeVar("T")
 
@@ -26,18 +26,22 @@ FITTED_METHODS: tuple[MethodName, ...] = ("upi_grad", "upi_pca", "uap")
 
 @dataclass
 class Budget:
-    """One perturbation budget: the ball ``||delta||_norm <= eps`` in pixel units."""
+    """One perturbation budget as YAML names it, ``{norm: l2, eps: 1.0}``: the ball ``||delta||_norm <= eps``.
+
+    Checked once, when built; :attr:`threat` is the threat model the attacks take.
+    """
 
     norm: Norm = "l2"
     eps: float = 1.0
 
     def __post_init__(self) -> None:
-        self.norm, self.eps = check_norm(self.norm), check_eps(self.eps)
+        self.threat: ThreatModel = threat_model(self.norm, self.eps)
+        self.eps = self.threat.eps
 
     @property
     def tag(self) -> str:
         """File-name-safe label such as ``l2_eps1``."""
-        return f"{self.norm}_eps{self.eps:g}"
+        return self.threat.tag
 
 
 @dataclass

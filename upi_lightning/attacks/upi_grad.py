@@ -19,16 +19,16 @@ from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
-from upi_lightning.perturbation import Norm, make_generator
+from upi_lightning.noise import make_generator
 from upi_lightning.sample_cache import SampleCache
+from upi_lightning.threat import ThreatModel
 
 
 def fit_upi_grad(
     model: nn.Module,
     batches: Batches,
+    threat: ThreatModel,
     *,
-    norm: Norm,
-    eps: float,
     objective: UPIObjective | None = None,
     cache_clean_maps: bool = True,
     **options: Unpack[AscentOptions],
@@ -51,7 +51,7 @@ def fit_upi_grad(
         clean = objective.clean_maps(model, x, y, cache)
         return objective.per_sample(model, x, y, delta, clean, generator)
 
-    result = fit_universal(model, batches, per_sample, norm=norm, eps=eps, name="upi_grad", **options)
+    result = fit_universal(model, batches, per_sample, threat, name="upi_grad", **options)
     result.info["objective"] = objective.settings()
     return result
 

@@ -37,15 +37,9 @@ from upi_lightning.attacks.upi_grad import mean_objective
 from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
-from upi_lightning.perturbation import (
-    Norm,
-    apply_perturbation,
-    check_eps,
-    check_norm,
-    draw_normal,
-    make_generator,
-)
+from upi_lightning.noise import draw_normal, make_generator
 from upi_lightning.sample_cache import SampleCache
+from upi_lightning.threat import ThreatModel, apply_perturbation
 
 Solver = Literal["power", "svd"]
 SOLVERS: tuple[str, ...] = get_args(Solver)
@@ -260,9 +254,8 @@ def _solve_power(
 def fit_upi_pca(
     model: nn.Module,
     batches: Batches,
+    threat: ThreatModel,
     *,
-    norm: Norm,
-    eps: float,
     objective: UPIObjective | None = None,
     solver: Solver = "power",
     n_iter: int = 20,
@@ -280,8 +273,8 @@ def fit_upi_pca(
         model: the classifier (run in eval mode, its modes restored, parameters untouched).
         batches: re-iterable of ``(x, y)`` batches of ``[0, 1]`` images; keep a fixed order (no
             shuffling) for the power solver to iterate on one fixed matrix.
-        norm: ``"l2"`` (:math:`\varepsilon v_1`) or ``"linf"`` (:math:`\varepsilon\,\mathrm{sign}(v_1)`).
-        eps: radius of the ball.
+        threat: the ball; ``delta`` is its :meth:`~upi_lightning.threat.ThreatModel.extreme_point` along
+            :math:`v_1` (L2: :math:`\varepsilon v_1`, Linf: :math:`\varepsilon\,\mathrm{sign}(v_1)`).
         objective: the UPI objective; needs ``sigma > 0`` (default: ``UPIObjective(sigma=0.1)``).
             ``keep_prediction`` is the :math:`\lambda` of :math:`M`.
         solver: ``power`` (streaming, any ``d``) or ``svd`` (exact, :math:`8d^2` bytes).
@@ -305,7 +298,6 @@ def fit_upi_pca(
         ``info``: solver diagnostics, the objective of both signs and the chosen sign.
 
     """
-    norm, eps = check_norm(norm), check_eps(eps)
     objective = UPIObjective(sigma=0.1) if objective is None else objective
     if solver not in SOLVERS:
         raise UPIError(f"Unknown UPI-PCA solver {solver!r}: use one of {', '.join(map(repr, SOLVERS))}.")
@@ -328,7 +320,7 @@ def fit_upi_pca(
             direction, history, diagnostics = _solve_power(
                 make_rows, lam, reduce, n_iter, block_size, tol, seed, device
             )
-        delta = eps * (direction if norm == "l2" else direction.sign())
+        delta = threat.extreme_point(direction)
         plus, minus = mean_objective(
             model, batches, objective, [delta, -delta], seed=seed, reduce=reduce, progress=progress, cache=cache
         )
@@ -336,8 +328,8 @@ def fit_upi_pca(
         delta = -delta
     info = {
         "method": "upi_pca",
-        "norm": norm,
-        "eps": eps,
+        "norm": threat.norm,
+        "eps": threat.eps,
         "solver": solver,
         "n_iter": n_iter,
         "block_size": block_size,

@@ -13,7 +13,8 @@ from typing_extensions import override
 from upi_lightning.attacks.engine import check_steps
 from upi_lightning.attacks.pgd import count_robust
 from upi_lightning.errors import UPIError
-from upi_lightning.perturbation import Norm, check_eps, check_norm, make_generator
+from upi_lightning.noise import make_generator
+from upi_lightning.threat import Norm, threat_model
 
 Stage = Literal["val", "test"]
 
@@ -57,9 +58,8 @@ class RobustAccuracy(Callback):
             raise UPIError(f"RobustAccuracy stages must be a non-empty subset of ['val', 'test'], got {list(stages)}.")
         if max_batches is not None and max_batches < 1:
             raise UPIError(f"max_batches must be None or >= 1, got {max_batches}.")
+        self.threat = threat_model(norm, eps)
         self.attack: dict[str, Any] = {
-            "norm": check_norm(norm),
-            "eps": check_eps(eps),
             "steps": steps,
             "step_size": step_size,
             "random_start": random_start,
@@ -82,7 +82,7 @@ class RobustAccuracy(Callback):
         if self.totals is None or (self.max_batches is not None and batch_idx >= self.max_batches):
             return
         x, y = batch[0], batch[1]
-        self.totals[0] += count_robust(pl_module, x, y, generator=self.generator, **self.attack)
+        self.totals[0] += count_robust(pl_module, x, y, self.threat, generator=self.generator, **self.attack)
         self.totals[1] += len(x)
 
     def finish(self, trainer: Trainer, pl_module: LightningModule, stage: Stage) -> None:

@@ -27,8 +27,9 @@ from upi_lightning.distributed import Reduce, ShardedBatches, destroy_process_gr
 from upi_lightning.errors import UPIError
 from upi_lightning.figures import perturbation_image, saliency_figure
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
-from upi_lightning.perturbation import Norm, UniversalPerturbation
+from upi_lightning.perturbation import UniversalPerturbation
 from upi_lightning.saliency import SaliencySettings
+from upi_lightning.threat import Norm
 
 Batch = tuple[Tensor, Tensor]
 
@@ -301,7 +302,7 @@ class UPIAttack(Callback):
         """Fit one method on this process's ``batches`` (sums reduced across processes); return ``delta``."""
         if method == "random":
             shape = (*batches[0][0].shape[1:],)
-            draws = random_universal(shape, self.budget.norm, self.budget.eps, 1, self.settings.seed)
+            draws = random_universal(shape, self.budget.threat, 1, self.settings.seed)
             return draws[0].to(model_device(model))
         previous = self.deltas.get(method) if self.warm_start else None
         init = "random" if previous is None else previous

@@ -39,6 +39,7 @@ stores their :meth:`Regularizer.state_dict` under :data:`CHECKPOINT_KEY` and the
 from upi_lightning.regularizers.adversarial import AdversarialExamples, PGDAdversarial
 from upi_lightning.regularizers.base import (
     CHECKPOINT_KEY,
+    BallRegularizer,
     Regularizer,
     TrainingBatch,
     build_regularizers,
@@ -63,6 +64,7 @@ __all__ = [
     "CHECKPOINT_KEY",
     "TEACHER_CHUNK",
     "AdversarialExamples",
+    "BallRegularizer",
     "Consistency",
     "InputGradientNorm",
     "InterpretationRegularization",

@@ -12,11 +12,11 @@ from torch import Tensor
 from upi_lightning.attacks.engine import check_steps
 from upi_lightning.attacks.pgd import pgd_attack
 from upi_lightning.errors import UPIError
-from upi_lightning.perturbation import Norm, check_eps, check_norm
-from upi_lightning.regularizers.base import Regularizer, TrainingBatch, check_weight
+from upi_lightning.regularizers.base import BallRegularizer, TrainingBatch, check_weight
+from upi_lightning.threat import Norm, threat_model
 
 
-class AdversarialExamples(Regularizer):
+class AdversarialExamples(BallRegularizer):
     """Base of the regularizers trained on PGD examples (:func:`upi_lightning.attacks.pgd.pgd_attack`).
 
     Args:
@@ -28,8 +28,7 @@ class AdversarialExamples(Regularizer):
     """
 
     def __init__(self, norm: Norm, eps: float, steps: int, step_size: float | None, random_start: bool) -> None:
-        self.norm = check_norm(norm)
-        self.eps = check_eps(eps)
+        self.threat = threat_model(norm, eps)
         check_steps("constant", step_size, "steps", steps)
         self.steps = steps
         self.step_size = step_size
@@ -41,8 +40,7 @@ class AdversarialExamples(Regularizer):
             batch.model,
             batch.x,
             batch.y,
-            norm=self.norm,
-            eps=self.eps,
+            self.threat,
             steps=self.steps,
             step_size=self.step_size,
             random_start=self.random_start,

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
+from upi_lightning.threat import Norm, ThreatModel
 
 CHECKPOINT_KEY = "upi_regularizers"
 """Checkpoint entry holding ``[{"class_path": ..., "state": ...}, ...]``, one per regularizer."""
@@ -127,6 +128,22 @@ class Regularizer:
 
     def on_train_epoch_end(self, module: LightningModule) -> None:
         """Called by the classifier's ``on_train_epoch_end`` (``module.log`` is allowed here)."""
+
+
+class BallRegularizer(Regularizer):
+    """A regularizer that attacks in a ball: its ``norm`` and ``eps`` arguments, checked once as :attr:`threat`."""
+
+    threat: ThreatModel
+
+    @property
+    def norm(self) -> Norm:
+        """The ball's norm (a constructor argument, so :meth:`config` rebuilds it)."""
+        return self.threat.norm
+
+    @property
+    def eps(self) -> float:
+        """The ball's radius (a constructor argument, so :meth:`config` rebuilds it)."""
+        return self.threat.eps
 
 
 def regularizer_from_config(config: Mapping[str, Any]) -> Regularizer:

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from upi_lightning.errors import UPIError
-from upi_lightning.perturbation import Norm
 from upi_lightning.regularizers.adversarial import AdversarialExamples
 from upi_lightning.regularizers.base import TrainingBatch, check_weight, per_sample_squared_norm
+from upi_lightning.threat import Norm
 
 
 class Consistency(AdversarialExamples):

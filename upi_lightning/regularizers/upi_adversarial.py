@@ -25,11 +25,11 @@ from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.distributed import Reduce
 from upi_lightning.errors import UPIError
-from upi_lightning.perturbation import Norm, check_eps, check_norm, perturbation_norm
-from upi_lightning.regularizers.base import Regularizer, TrainingBatch, check_count, check_weight
+from upi_lightning.regularizers.base import BallRegularizer, TrainingBatch, check_count, check_weight
+from upi_lightning.threat import Norm, threat_model
 
 
-class UPIAdversarial(Regularizer):
+class UPIAdversarial(BallRegularizer):
     r"""Training against a running universal perturbation for interpretation (this project's mode).
 
     .. math::
@@ -78,8 +78,7 @@ class UPIAdversarial(Regularizer):
         seed: int = 0,
     ) -> None:
         self.weight = check_weight("UPIAdversarial weight", weight)
-        self.norm = check_norm(norm)
-        self.eps = check_eps(eps)
+        self.threat = threat_model(norm, eps)
         check_count("every_n_steps", every_n_steps)
         check_steps("constant", step_size, "ascent_steps", ascent_steps)
         self.every_n_steps = every_n_steps
@@ -102,8 +101,7 @@ class UPIAdversarial(Regularizer):
         result = fit_upi_grad(
             model,
             [(x, y)] * self.ascent_steps,
-            norm=self.norm,
-            eps=self.eps,
+            self.threat,
             objective=self.attack_objective,
             epochs=1,
             step_size=self.step_size,
@@ -149,7 +147,7 @@ class UPIAdversarial(Regularizer):
             return
         delta = self.delta.detach().float().cpu()
         # identical on every rank: sync_dist only silences Lightning's epoch-level DDP warning
-        module.log("train/upi_delta_norm", perturbation_norm(delta, self.norm).item(), sync_dist=True)
+        module.log("train/upi_delta_norm", self.threat.norm_of(delta).item(), sync_dist=True)
         module.log("train/upi_objective", self.last_objective, sync_dist=True)
         image = 0.5 + delta / (2 * delta.abs().max().clamp_min(1e-12))
         for logger in module.loggers:
