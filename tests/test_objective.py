@@ -144,7 +144,7 @@ def test_objective_is_zero_with_zero_gradient_at_delta_zero() -> None:
     model = QuadraticScore()
     x, y = make_batches(1, 6)[0]
     delta = torch.zeros(1, 8, 8, requires_grad=True)
-    values = UPIObjective(k=5).per_sample(model, x, y, delta)
+    values = UPIObjective(k=5).per_sample(model, x, y, delta, create_graph=True)
     (grad,) = torch.autograd.grad(values.sum(), delta)
     assert torch.equal(values.detach(), torch.zeros(6))
     assert torch.equal(grad, torch.zeros_like(grad))
@@ -159,7 +159,7 @@ def test_objective_value_and_gradient_match_an_independent_computation() -> None
     clean = saliency_map(model, x, y)
     expected = 1 - F.cosine_similarity(saliency_map(model, x + start, y).flatten(1), clean.flatten(1), dim=1)
     delta = start.clone().requires_grad_(True)
-    values = objective.per_sample(model, x, y, delta)
+    values = objective.per_sample(model, x, y, delta, create_graph=True)
     assert torch.allclose(values.detach(), expected, atol=1e-12)
     (grad,) = torch.autograd.grad(values.sum(), delta)
     direction = L2Ball(1.0).random_on_sphere((1, 8, 8), make_generator(2)).double()
@@ -220,10 +220,10 @@ def test_relu_maps_have_no_second_order_signal_but_the_surrogate_does() -> None:
     before = snapshot(model)
     x, y = make_batches(1, 5, shape=(1, 6, 6), low=0.0, high=1.0)[0]
     delta = L2Ball(0.5).random_on_sphere((1, 6, 6), make_generator(6)).requires_grad_(True)
-    (relu_grad,) = torch.autograd.grad(UPIObjective().per_sample(model, x, y, delta).sum(), delta)
+    (relu_grad,) = torch.autograd.grad(UPIObjective().per_sample(model, x, y, delta, create_graph=True).sum(), delta)
     assert torch.equal(relu_grad, torch.zeros_like(relu_grad))
     smooth = UPIObjective(surrogate_beta=5.0)
-    (smooth_grad,) = torch.autograd.grad(smooth.per_sample(model, x, y, delta).sum(), delta)
+    (smooth_grad,) = torch.autograd.grad(smooth.per_sample(model, x, y, delta, create_graph=True).sum(), delta)
     assert smooth_grad.abs().max() > 1e-4
     assert_untouched(model, before)
     surrogate = smooth.network(model)

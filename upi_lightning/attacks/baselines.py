@@ -94,7 +94,7 @@ def fit_per_sample_attack(
         best_delta = delta.clone()
         for step in range(steps + 1):
             variable = delta.clone().requires_grad_(step < steps)
-            values = objective.per_sample(model, x, y, variable, clean, generator)
+            values = objective.per_sample(model, x, y, variable, clean, generator, create_graph=step < steps)
             improved = values.detach() > best_value
             best_value = torch.where(improved, values.detach(), best_value)
             best_delta[improved] = delta[improved]

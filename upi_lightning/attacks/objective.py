@@ -205,13 +205,16 @@ class UPIObjective:
         delta: Tensor,
         clean_maps: Tensor | None = None,
         generator: torch.Generator | None = None,
+        *,
+        create_graph: bool = False,
     ) -> Tensor:
         r"""Return the smoothed map change ``(N,)``.
 
         :math:`\frac{1}{m}\sum_j D(I(\mathrm{clip}(x + \delta + Z_j)), I(x))`, ``Z_j ~ N(0, sigma^2 I)``.
-        Differentiable w.r.t. ``delta`` when ``delta`` requires grad. The ``n_noise`` noisy copies form
+        With ``create_graph`` the perturbed maps keep their graph, so the result is differentiable w.r.t.
+        ``delta`` (when it requires grad) and the network's parameters. The ``n_noise`` noisy copies form
         one batch of ``N * n_noise`` images (one forward and one backward pass). The noise is keyed by
-        sample (:func:`~upi_lightning.perturbation.sample_normal`: one draw from ``generator`` per call),
+        sample (:func:`~upi_lightning.noise.sample_normal`: one draw from ``generator`` per call),
         so it does not depend on how the samples are batched or sharded across processes.
         """
         net = self.network(model)
@@ -226,7 +229,7 @@ class UPIObjective:
                 shifted = shifted.unsqueeze(0) + self.sigma * noise
             batch = shifted.expand(draws, *x.shape).flatten(0, 1).clamp(0.0, 1.0)
             maps = self.saliency.maps(
-                net, batch, y, clean=x, noise_seed=OBJECTIVE_NOISE_SEED, create_graph=delta.requires_grad
+                net, batch, y, clean=x, noise_seed=OBJECTIVE_NOISE_SEED, create_graph=create_graph
             )
             references = clean_maps.repeat(draws, 1, 1)
             values = map_dissimilarity(maps, references, self.dissimilarity, self.k)
@@ -254,6 +257,8 @@ class UPIObjective:
         delta: Tensor,
         clean_maps: Tensor | None = None,
         generator: torch.Generator | None = None,
+        *,
+        create_graph: bool = False,
     ) -> Tensor:
         r"""Return the per-sample objective :math:`J_i(\delta)` ``(N,)`` of the module docstring.
 
@@ -261,13 +266,14 @@ class UPIObjective:
             model: the original classifier (the surrogate, if any, is derived from it).
             x: clean images ``(N, C, H, W)`` in ``[0, 1]``.
             y: classes ``(N,)`` whose maps are attacked (true labels, or predictions).
-            delta: ``(C, H, W)`` universal or ``(N, C, H, W)`` per-sample perturbation; make it require
-                grad to differentiate (the maps are then built with ``create_graph=True``).
+            delta: ``(C, H, W)`` universal or ``(N, C, H, W)`` per-sample perturbation.
             clean_maps: precomputed :meth:`clean_maps` of ``x`` (recomputed when ``None``).
             generator: random generator of the smoothing noise.
+            create_graph: build the perturbed maps with a graph, so the objective can be differentiated
+                w.r.t. ``delta`` (make it require grad) or the parameters; off, the maps are detached.
 
         """
-        values = self.dissimilarity_term(model, x, y, delta, clean_maps, generator)
+        values = self.dissimilarity_term(model, x, y, delta, clean_maps, generator, create_graph=create_graph)
         if self.keep_prediction > 0:
             values = values - self.keep_prediction * self.prediction_penalty(model, x, y, delta)
         return values

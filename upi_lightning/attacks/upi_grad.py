@@ -49,7 +49,7 @@ def fit_upi_grad(
 
     def per_sample(x: Tensor, y: Tensor, delta: Tensor, generator: torch.Generator) -> Tensor:
         clean = objective.clean_maps(model, x, y, cache)
-        return objective.per_sample(model, x, y, delta, clean, generator)
+        return objective.per_sample(model, x, y, delta, clean, generator, create_graph=True)
 
     result = fit_universal(model, batches, per_sample, threat, name="upi_grad", **options)
     result.info["objective"] = objective.settings()

@@ -78,7 +78,7 @@ def per_sample_gradient_rows(
         )
     with gradients_enabled():
         delta = torch.zeros_like(x, requires_grad=True)
-        values = objective.dissimilarity_term(model, x, y, delta, clean_maps, generator)
+        values = objective.dissimilarity_term(model, x, y, delta, clean_maps, generator, create_graph=True)
         return _input_gradient_rows(values, delta)
 
 

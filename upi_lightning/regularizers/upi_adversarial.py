@@ -119,10 +119,10 @@ class UPIAdversarial(BallRegularizer):
         if self.train_steps % self.every_n_steps == 0:
             self.update(batch.model, x, batch.y, batch.reduce)
         self.train_steps += 1
-        # the objective builds the maps with create_graph=True for a delta that requires grad; this is what
-        # makes the term differentiable w.r.t. the parameters (the gradient w.r.t. delta is not used)
-        delta = self.delta.to(x).detach().requires_grad_(True)
-        return self.weight * self.train_objective.dissimilarity_term(batch.model, x, batch.y, delta).mean()
+        # maps built with their graph: the term is differentiable w.r.t. the parameters (double backprop)
+        delta = self.delta.to(x).detach()
+        term = self.train_objective.dissimilarity_term(batch.model, x, batch.y, delta, create_graph=True)
+        return self.weight * term.mean()
 
     def state_dict(self) -> dict[str, Any]:
         """Return ``delta`` (CPU, or ``None`` before the first update) and the counters."""
