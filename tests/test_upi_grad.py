@@ -86,9 +86,7 @@ def test_zero_start_stays_at_zero_without_smoothing() -> None:
     result = fit_upi_grad(QuadraticScore(), make_batches(2, 4), L2Ball(EPS), objective=OBJECTIVE, init="zero")
     assert torch.equal(result.delta, torch.zeros(1, 8, 8))
     warm = 5 * torch.ones(1, 8, 8)
-    result = fit_upi_grad(
-        QuadraticScore(), make_batches(2, 4), L2Ball(EPS), objective=OBJECTIVE, init=warm, epochs=1
-    )
+    result = fit_upi_grad(QuadraticScore(), make_batches(2, 4), L2Ball(EPS), objective=OBJECTIVE, init=warm, epochs=1)
     assert L2Ball(EPS).contains(result.delta) and result.delta.norm() > 0.9 * EPS
 
 

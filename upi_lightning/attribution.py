@@ -279,10 +279,9 @@ def _base_attribution(
     if not isinstance(target, Tensor) or target.dim() == 0:
         with torch.no_grad():
             target = _resolve_target(model(x), target)
+    assert baseline is not None, "integrated gradients get their full-shape baseline from attribution()"
     alphas = (torch.arange(n_steps, dtype=x.dtype, device=x.device) + 0.5) / n_steps
     span = x - baseline
     path = baseline + alphas.view(-1, *[1] * x.dim()) * span  # (n_steps, N, ...)
     grads = grad_fn(path.flatten(0, 1), target.repeat(n_steps))
     return span * grads.view(n_steps, *x.shape).mean(dim=0)
-
-

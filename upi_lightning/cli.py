@@ -14,14 +14,16 @@ import pickle
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.fabric import Fabric
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from torch import nn
 from typing_extensions import override
 
 from upi_lightning.attacks.runner import AttackRun
@@ -155,7 +157,7 @@ def load_classifier(ckpt: str | Path, device: torch.device | str = "cpu") -> Cla
 
 def check_model_fits_data(model: Classifier, datamodule: ImageDataModule) -> None:
     """Refuse a classifier trained on images or classes other than the data's."""
-    trained = (tuple(model.hparams.input_shape), int(model.hparams.num_classes))
+    trained = (tuple(model.hparams["input_shape"]), int(model.hparams["num_classes"]))
     data = (tuple(datamodule.input_shape), int(datamodule.num_classes))
     if trained != data:
         raise CheckpointMismatchError(
@@ -245,14 +247,14 @@ def attack_main(args: list[str] | None = None) -> dict[str, Any] | None:
         )
     except (ValueError, TypeError, RuntimeError, ImportError) as err:  # Lightning's own clear messages, one line
         raise UPIError(f"Invalid --trainer settings {vars(config.trainer)}: {one_line(err, 300)}") from None
-    return fabric.launch(attack_with_fabric, config)
+    return fabric.launch(partial(attack_with_fabric, config=config))
 
 
 def attack_with_fabric(fabric: Fabric, config: Namespace) -> dict[str, Any] | None:
     """One process of a multi-process attack: its rank, its device, sums through ``fabric.all_reduce``."""
 
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
-        return fabric.all_reduce(tensor, reduce_op="sum")
+        return cast(torch.Tensor, fabric.all_reduce(tensor, reduce_op="sum"))
 
     report = attack_process(config, fabric.device, Processes(fabric.global_rank, fabric.world_size, reduce))
     return report if fabric.is_global_zero else None
@@ -263,10 +265,12 @@ def attack_process(config: Namespace, device: torch.device, processes: Processes
     destroy_process_group_at_exit()  # several processes on the CPU: a clean exit for gloo
     init = attack_parser().instantiate_classes(config)
     datamodule: ImageDataModule = init.data
+    model: nn.Module
     if config.ckpt is not None:
-        model = load_classifier(config.ckpt, device)
-        check_model_fits_data(model, datamodule)
-        description = {"model": str(model.hparams.arch), "ckpt": str(config.ckpt)}
+        classifier = load_classifier(config.ckpt, device)
+        check_model_fits_data(classifier, datamodule)
+        description = {"model": str(classifier.hparams["arch"]), "ckpt": str(config.ckpt)}
+        model = classifier
     else:
         torch.manual_seed(init.attack.seed)  # the same weights on every process (and run) without --pretrained
         net = build_classifier(
@@ -281,11 +285,11 @@ def attack_process(config: Namespace, device: torch.device, processes: Processes
         description = {"model": config.model, "pretrained": config.pretrained}
     description["data"] = type(datamodule).__name__
     model.eval().requires_grad_(False)
-    eval_models = {}
+    eval_models: dict[str, nn.Module] = {}
     for path in config.eval_ckpt:
         other = load_classifier(path, device)
         check_model_fits_data(other, datamodule)
-        eval_models[f"{other.hparams.arch} ({path})"] = other.eval().requires_grad_(False)
+        eval_models[f"{other.hparams['arch']} ({path})"] = other.eval().requires_grad_(False)
     run = AttackRun(
         model,
         datamodule,

@@ -231,9 +231,9 @@ class TorchvisionDataModule(ImageDataModule):
     def load_arrays(self, train: bool) -> tuple[Tensor, Tensor]:
         """Images and labels as tensors (torchvision keeps them in ``.data``/``.targets``)."""
         dataset = self.open_dataset(train)
-        images = torch.as_tensor(np.asarray(dataset.data))  # type: ignore[attr-defined]
+        images = torch.as_tensor(np.asarray(dataset.data))
         images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
-        return images.contiguous(), torch.as_tensor(dataset.targets)  # type: ignore[attr-defined]
+        return images.contiguous(), torch.as_tensor(dataset.targets)
 
 
 class MNISTDataModule(TorchvisionDataModule):

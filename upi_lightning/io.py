@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(stream)`` on a temporary file next to ``path``, fsync it, then ``os.replace`` it.
 
     The temporary file is removed if ``write`` fails or the run is interrupted (``KeyboardInterrupt``),

@@ -25,7 +25,7 @@ returns); the functions do not check it.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -241,12 +241,15 @@ def map_ssim(a: Tensor, b: Tensor, sigma: float = 1.5) -> Tensor:
             f"SSIM with sigma={sigma} needs sigma > 0 and maps larger than {pad} pixels per side, got "
             f"{tuple(a.shape[-2:])}; use a smaller sigma."
         )
-    return structural_similarity_index_measure(
-        _rescale_to_unit_max(a)[:, None],
-        _rescale_to_unit_max(b)[:, None],
-        sigma=sigma,
-        data_range=1.0,
-        reduction="none",
+    return cast(
+        Tensor,
+        structural_similarity_index_measure(
+            _rescale_to_unit_max(a)[:, None],
+            _rescale_to_unit_max(b)[:, None],
+            sigma=sigma,
+            data_range=1.0,
+            reduction="none",
+        ),
     )
 
 

@@ -33,6 +33,9 @@ class Normalize(nn.Module):
         std: per-channel standard deviation, all entries > 0.
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):

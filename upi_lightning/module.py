@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
@@ -102,7 +103,7 @@ class Classifier(LightningModule):
 
     def log_step(self, stage: str, logits: Tensor, y: Tensor, loss: Tensor) -> None:
         """Log ``{stage}/loss`` and update and log the accuracy ``{stage}/acc`` of one batch."""
-        accuracy = self.accuracy[f"{stage}_"]
+        accuracy = cast(MulticlassAccuracy, self.accuracy[f"{stage}_"])
         accuracy(logits, y)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
@@ -197,8 +198,9 @@ class Classifier(LightningModule):
 
     @override
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig | torch.optim.Optimizer:
-        hp = self.hparams
+        hp = cast(AttributeDict, self.hparams)
         params = self.parameters()
+        optimizer: torch.optim.Optimizer
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(
                 params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov

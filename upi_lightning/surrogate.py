@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from typing import cast
 
 import torch
 import torch.fx
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 from torch.nn.utils.parametrize import is_parametrized
 
@@ -139,7 +142,7 @@ def fold_batchnorm(module: nn.Module) -> list[tuple[str, str]]:
             continue
         if norm.running_mean is None or norm.running_var is None:
             continue
-        module.set_submodule(first, fuse_conv_bn_eval(layer, norm))
+        module.set_submodule(first, fuse_conv_bn_eval(cast(_ConvNd, layer), cast(_BatchNorm, norm)))
         module.set_submodule(second, nn.Identity())
         folded.append((first, second))
     return folded
@@ -163,13 +166,15 @@ def refold_batchnorm(folded_module: nn.Module, source: nn.Module, folded: list[t
             if name.rpartition(".")[0] not in convolutions:
                 tensor.copy_(state[name])
         for conv_name, norm_name in folded:
-            conv, norm = source.get_submodule(conv_name), source.get_submodule(norm_name)
+            conv = cast(_ConvNd, source.get_submodule(conv_name))
+            norm = cast(_BatchNorm, source.get_submodule(norm_name))
+            assert norm.running_mean is not None and norm.running_var is not None  # fold_batchnorm checked it
             weight, bias = fuse_conv_bn_weights(
                 conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
             )
-            target = folded_module.get_submodule(conv_name)
+            target = cast(_ConvNd, folded_module.get_submodule(conv_name))
             target.weight.copy_(weight)
-            target.bias.copy_(bias)
+            cast(Tensor, target.bias).copy_(bias)
 
 
 def softplus_surrogate(model: nn.Module, beta: float = 10.0) -> nn.Module:
@@ -200,5 +205,5 @@ def softplus_surrogate(model: nn.Module, beta: float = 10.0) -> nn.Module:
         )
     surrogate.eval()
     pool_before_activation(surrogate)
-    surrogate.folded_batchnorms = fold_batchnorm(surrogate)
+    surrogate.folded_batchnorms = fold_batchnorm(surrogate)  # type: ignore[assignment]  # a plain attribute
     return surrogate.requires_grad_(False)

@@ -33,9 +33,7 @@ from upi_lightning.noise import make_generator, sample_generators
 from upi_lightning.threat import ThreatModel, apply_perturbation
 
 
-def random_universal(
-    shape: tuple[int, int, int], threat: ThreatModel, n_draws: int = 5, seed: int = 0
-) -> list[Tensor]:
+def random_universal(shape: tuple[int, ...], threat: ThreatModel, n_draws: int = 5, seed: int = 0) -> list[Tensor]:
     """Return ``n_draws`` random ``(C, H, W)`` perturbations on the sphere of radius ``eps`` (CPU, float32).
 
     L2: uniform random directions scaled to ``eps``; Linf: random signs times ``eps``
@@ -129,8 +127,6 @@ def fit_classification_uap(
     def clamped_cross_entropy(x: Tensor, y: Tensor, delta: Tensor, generator: torch.Generator) -> Tensor:
         return F.cross_entropy(model(apply_perturbation(x, delta)), y, reduction="none").clamp(max=clamp)
 
-    result = fit_universal(
-        model, batches, clamped_cross_entropy, threat, name="classification_uap", **options
-    )
+    result = fit_universal(model, batches, clamped_cross_entropy, threat, name="classification_uap", **options)
     result.info["clamp"] = clamp
     return result

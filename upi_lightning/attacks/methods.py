@@ -35,7 +35,6 @@ def fit_method(
     ``reduce`` sums the per-process contributions under DDP (identity on one process); ``init`` warm-starts
     UPI-Grad and the UAP from a previous perturbation.
     """
-    common = {"seed": settings.seed, "progress": progress, "reduce": reduce}
     if method == "upi_grad":
         grad = settings.upi_grad
         return fit_upi_grad(
@@ -48,7 +47,9 @@ def fit_method(
             schedule=grad.schedule,
             init=init,
             cache_clean_maps=grad.cache_clean_maps,
-            **common,
+            seed=settings.seed,
+            progress=progress,
+            reduce=reduce,
         )
     if method == "upi_pca":
         pca = settings.upi_pca
@@ -60,12 +61,22 @@ def fit_method(
             solver=pca.solver,
             n_iter=pca.n_iter,
             cache_clean_maps=pca.cache_clean_maps,
-            **common,
+            seed=settings.seed,
+            progress=progress,
+            reduce=reduce,
         )
     if method == "uap":
         base = settings.baselines
         return fit_classification_uap(
-            model, batches, budget.threat, epochs=base.uap_epochs, clamp=base.uap_clamp, init=init, **common
+            model,
+            batches,
+            budget.threat,
+            epochs=base.uap_epochs,
+            clamp=base.uap_clamp,
+            init=init,
+            seed=settings.seed,
+            progress=progress,
+            reduce=reduce,
         )
     raise UPIError(f"{method!r} is not a fitted universal method: use one of {list(FITTED_METHODS)}.")
 

@@ -67,7 +67,7 @@ def attack_loaders(datamodule: LightningDataModule, settings: AttackSettings) ->
     )
 
 
-def figure_batch(model: nn.Module, loader: DataLoader, count: int) -> tuple[Tensor, Tensor]:
+def figure_batch(model: nn.Module, loader: Batches, count: int) -> tuple[Tensor, Tensor]:
     """The first ``count`` correctly classified held-out samples (for figures)."""
     device = model_device(model)
     images, labels = [], []
@@ -235,9 +235,7 @@ class AttackRun:
         count, seed = self.settings.baselines.random_draws, self.settings.seed
         return random_universal(self.image_shape, budget.threat, count, seed)
 
-    def transfer_budget(
-        self, budget: Budget, deltas: dict[str, Tensor], eval_loader: Batches
-    ) -> list[dict[str, Any]]:
+    def transfer_budget(self, budget: Budget, deltas: dict[str, Tensor], eval_loader: Batches) -> list[dict[str, Any]]:
         """Evaluate this budget's universal perturbations (random: every draw) on each of ``eval_models``."""
         rows = []
         evaluate = self.evaluation_options()
@@ -287,5 +285,3 @@ class AttackRun:
         figure = saliency_figure(images.cpu(), clean, rows)
         save_png(figure, self.output / f"figure_{budget.tag}.png")
         writer.add_image(f"figure/{budget.tag}", figure)
-
-

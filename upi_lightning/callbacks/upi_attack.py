@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
 from upi_lightning.attacks.baselines import random_universal
+from upi_lightning.attacks.engine import Init
 from upi_lightning.attacks.evaluate import evaluate_perturbation, maps_under_perturbations
 from upi_lightning.attacks.methods import fit_method
 from upi_lightning.attacks.runner import figure_batch
@@ -242,7 +243,7 @@ class UPIAttack(Callback):
         Raises:
             UPIError: if the trainer's datamodule has no ``attack_fit_dataloader``/``attack_eval_dataloader``.
         """
-        datamodule = trainer.datamodule
+        datamodule: Any = getattr(trainer, "datamodule", None)
         if not all(hasattr(datamodule, f"attack_{split}_dataloader") for split in ("fit", "eval")):
             raise UPIError(
                 "UPIAttack takes its samples from the datamodule's attack_fit_dataloader() and "
@@ -290,10 +291,10 @@ class UPIAttack(Callback):
         if stage == "fit":
             self.fit_epoch = trainer.current_epoch
         tag = f"{STAGE_PREFIX[stage]}{self.prefix}"
-        for method, metrics in results.items():
-            for name, value in metrics.items():
+        for name, metrics in results.items():
+            for metric, value in metrics.items():
                 # identical on every rank (fit_seconds aside): sync_dist only averages away Lightning's warning
-                pl_module.log(f"{tag}/{method}/{name}", value, sync_dist=True)
+                pl_module.log(f"{tag}/{name}/{metric}", value, sync_dist=True)
         if trainer.is_global_zero:
             self.write(trainer, pl_module, stage, tag, folder, figure)
         return results
@@ -305,7 +306,7 @@ class UPIAttack(Callback):
             draws = random_universal(shape, self.budget.threat, 1, self.settings.seed)
             return draws[0].to(model_device(model))
         previous = self.deltas.get(method) if self.warm_start else None
-        init = "random" if previous is None else previous
+        init: Init | Tensor = "random" if previous is None else previous
         return fit_method(method, model, batches, self.budget, self.settings, reduce=reduce, init=init).delta
 
     def figure(self, pl_module: LightningModule, batches: list[Batch]) -> Tensor | None:
@@ -313,7 +314,7 @@ class UPIAttack(Callback):
         images, labels = figure_batch(pl_module, batches, self.num_images)
         if len(images) == 0:
             return None
-        deltas = {name: self.deltas[name] for name in self.methods}
+        deltas: dict[str, Tensor] = {name: self.deltas[name] for name in self.methods}
         clean, perturbed = maps_under_perturbations(pl_module, images, labels, deltas, self.settings.saliency)
         return saliency_figure(images.cpu(), clean, [(name, perturbed[name], delta) for name, delta in deltas.items()])
 

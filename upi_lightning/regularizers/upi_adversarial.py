@@ -120,6 +120,7 @@ class UPIAdversarial(BallRegularizer):
             self.update(batch.model, x, batch.y, batch.reduce)
         self.train_steps += 1
         # maps built with their graph: the term is differentiable w.r.t. the parameters (double backprop)
+        assert self.delta is not None  # set by the update above, at the first step at the latest
         delta = self.delta.to(x).detach()
         term = self.train_objective.dissimilarity_term(batch.model, x, batch.y, delta, create_graph=True)
         return self.weight * term.mean()
