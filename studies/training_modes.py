@@ -69,7 +69,7 @@ def robust_callbacks(eval_batch_size: int, robust_samples: int) -> list[dict[str
     max_batches = max(1, robust_samples // eval_batch_size)
     return [
         {
-            "class_path": "upi_lightning.attacks.pgd.RobustAccuracy",
+            "class_path": "upi_lightning.callbacks.RobustAccuracy",
             "init_args": {"norm": norm, "eps": eps, "steps": 40, "max_batches": max_batches},
         }
         for norm, eps in ROBUST_BUDGETS

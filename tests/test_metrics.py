@@ -26,6 +26,8 @@ from upi_lightning.metrics import (
     RelativeL2Dissimilarity,
     SpearmanRankCorrelation,
     TopKIntersection,
+)
+from upi_lightning.stability import (
     average_ranks,
     center_of_mass_shift,
     kendall_rank_correlation,
@@ -283,7 +285,7 @@ def test_attribution_stability_collection_keeps_metrics_apart() -> None:
 def test_kendall_chunking_matches_single_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = random_maps(6)
     full = kendall_rank_correlation(a, b, 6)
-    monkeypatch.setattr("upi_lightning.metrics._KENDALL_PAIRS_PER_CHUNK", 1)
+    monkeypatch.setattr("upi_lightning.stability._KENDALL_PAIRS_PER_CHUNK", 1)
     torch.testing.assert_close(kendall_rank_correlation(a, b, 6), full)
 
 

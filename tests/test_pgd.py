@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from upi_lightning.attacks.pgd import RobustAccuracy, pgd_attack, robust_accuracy
+from upi_lightning.attacks.pgd import pgd_attack, robust_accuracy
+from upi_lightning.callbacks import RobustAccuracy
 from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import UPIError
 from upi_lightning.module import Classifier

@@ -152,12 +152,3 @@ def robust_accuracy(
     if count == 0:
         raise UPIError("robust_accuracy: the data yielded no sample.")
     return correct / count
-
-
-def __getattr__(name: str) -> Any:
-    """``upi_lightning.attacks.pgd.RobustAccuracy``, the path earlier configs name, is the callback's."""
-    if name == "RobustAccuracy":
-        from upi_lightning.callbacks.robust_accuracy import RobustAccuracy
-
-        return RobustAccuracy
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
