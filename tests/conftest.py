@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import REPO
+
 # Tiny tensors on a 2-core machine: one thread per process avoids OpenMP oversubscription (the DDP tests
 # run two processes) and is faster than two threads waiting on each other. Child processes inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
-
-REPO = Path(__file__).resolve().parents[1]
 
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
 

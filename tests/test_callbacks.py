@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from upi_lightning.attacks.settings import UPIGradSettings, UPIPCASettings
 from upi_lightning.callbacks import SaliencyMonitor, UPIAttack
 from upi_lightning.cli import train_cli

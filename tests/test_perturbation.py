@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import Payload, example_perturbation, write_payload
 from upi_lightning.errors import CheckpointMismatchError, UPIError
 from upi_lightning.noise import make_generator, sample_normal
 from upi_lightning.perturbation import FORMAT_NAME, FORMAT_VERSION, UniversalPerturbation
@@ -100,13 +101,8 @@ def test_bad_norm_or_eps_is_refused(norm: str, eps: float) -> None:
         threat_model(norm, eps).project(torch.zeros(3))  # type: ignore[arg-type]
 
 
-def _perturbation() -> UniversalPerturbation:
-    delta = L2Ball(1.5).random_on_sphere((1, 5, 5), make_generator(7))
-    return UniversalPerturbation(delta, "l2", 1.5, {"method": "upi_grad", "settings": {"epochs": 2, "lr": [0.1]}})
-
-
 def test_save_load_round_trip_is_bit_exact(tmp_path: Path) -> None:
-    original = _perturbation()
+    original = example_perturbation()
     path = original.save(tmp_path / "sub" / "delta.pt")
     assert sorted(p.name for p in path.parent.iterdir()) == ["delta.pt"]  # no temporary file left
     loaded = UniversalPerturbation.load(path, expected_shape=(1, 5, 5))
@@ -120,7 +116,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path: Path) -> None:
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = _perturbation()
+    original = example_perturbation()
     path = original.save(tmp_path / "delta.pt")
 
     def crash(obj: object, stream: BinaryIO) -> None:
@@ -136,7 +132,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest
 
 
 def test_apply_and_project() -> None:
-    pert = _perturbation()
+    pert = example_perturbation()
     x = torch.rand(2, 1, 5, 5)
     assert torch.equal(pert.apply(x), (x + pert.delta).clamp(0, 1))
     with pytest.raises(UPIError, match="shape"):
@@ -156,32 +152,18 @@ def test_constructor_refuses_bad_values() -> None:
         UniversalPerturbation(torch.zeros(1, 3, 3), "linf", 1.0, {"where": Path("x")})
 
 
-def _write_payload(path: Path, **changes: object) -> Path:
-    payload = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "delta": torch.zeros(1, 5, 5),
-        "norm": "linf",
-        "eps": 0.1,
-        "metadata": {},
-    }
-    payload.update(changes)
-    torch.save(payload, path)
-    return path
-
-
 def test_load_refuses_mismatches(tmp_path: Path) -> None:
-    good = _write_payload(tmp_path / "good.pt")
+    good = write_payload(tmp_path / "good.pt")
     assert UniversalPerturbation.load(good).shape == (1, 5, 5)
     with pytest.raises(CheckpointMismatchError, match=r"shape \(1, 5, 5\).*\(3, 5, 5\)"):
         UniversalPerturbation.load(good, expected_shape=(3, 5, 5))
-    outside = _write_payload(tmp_path / "outside.pt", delta=torch.full((1, 5, 5), 0.2))
+    outside = write_payload(tmp_path / "outside.pt", delta=torch.full((1, 5, 5), 0.2))
     with pytest.raises(CheckpointMismatchError, match="eps"):
         UniversalPerturbation.load(outside)
-    newer = _write_payload(tmp_path / "newer.pt", format_version=FORMAT_VERSION + 1)
+    newer = write_payload(tmp_path / "newer.pt", format_version=FORMAT_VERSION + 1)
     with pytest.raises(CheckpointMismatchError, match="format_version"):
         UniversalPerturbation.load(newer)
-    bad_norm = _write_payload(tmp_path / "norm.pt", norm="l1")
+    bad_norm = write_payload(tmp_path / "norm.pt", norm="l1")
     with pytest.raises(CheckpointMismatchError, match="norm"):
         UniversalPerturbation.load(bad_norm)
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "model.pt")
@@ -192,26 +174,18 @@ def test_load_refuses_mismatches(tmp_path: Path) -> None:
 
 
 def test_load_refuses_truncated_file(tmp_path: Path) -> None:
-    path = _perturbation().save(tmp_path / "delta.pt")
+    path = example_perturbation().save(tmp_path / "delta.pt")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointMismatchError, match="not a readable"):
         UniversalPerturbation.load(path)
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
-
-
 def test_load_never_executes_a_malicious_pickle(tmp_path: Path) -> None:
     marker = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pt"
-    torch.save({"format": FORMAT_NAME, "delta": _Payload(marker)}, path)
-    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload does run when unpickled unsafely
+    torch.save({"format": FORMAT_NAME, "delta": Payload(marker)}, path)
+    pickle.loads(pickle.dumps(Payload(marker)))  # the payload does run when unpickled unsafely
     assert marker.exists()
     marker.unlink()
     with pytest.raises(CheckpointMismatchError, match="not a readable"):

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.helpers import Payload
 from upi_lightning.attacks import runner
 from upi_lightning.attacks.settings import ALL_METHODS, AttackSettings, Budget, UPIGradSettings
 from upi_lightning.cli import attack_main
@@ -135,17 +136,14 @@ def test_checkpoint_with_weights_of_another_architecture_is_refused(checkpoint: 
         attack_main([f"--ckpt={tmp_path / 'other.ckpt'}", *DATA, *SMALL, f"--output={tmp_path}"])
 
 
-class Payload:
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (print, ("pwned",))
-
-
 def test_pickled_code_in_a_checkpoint_is_refused_not_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "evil.ckpt"
-    path.write_bytes(pickle.dumps({"state_dict": Payload()}))
+    marker = tmp_path / "pwned.txt"
+    path.write_bytes(pickle.dumps({"state_dict": Payload(marker)}))
     with pytest.raises(CheckpointMismatchError):
         attack_main([f"--ckpt={path}", *DATA, *SMALL, f"--output={tmp_path}"])
     assert "pwned" not in capsys.readouterr().out
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize(
