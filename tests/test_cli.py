@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from tests.helpers import REPO
-from tests.test_runner import checkpoint as checkpoint
 from upi_lightning.cli import attack_main, train_cli
 from upi_lightning.module import Classifier
 from upi_lightning.perturbation import UniversalPerturbation

@@ -10,7 +10,7 @@ result.
 4. empty fit data              8. checkpoints of other models     12. same seed, same bits
 
 The tiny models, batches and file helpers come from ``tests/helpers.py``; the trained checkpoint is
-the module-scoped ``checkpoint`` fixture of ``tests/test_runner.py``.
+the module-scoped ``checkpoint`` fixture of ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from tests.helpers import (
     write_payload,
 )
 from tests.helpers import SMOOTH_OBJECTIVE as PCA_OBJECTIVE
-from tests.test_runner import checkpoint as checkpoint  # the module-scoped fixture, re-exported for pytest
 from upi_lightning.attacks import evaluate_perturbation, fit_upi_grad, fit_upi_pca, runner
 from upi_lightning.attacks.engine import UPIFitResult
 from upi_lightning.attacks.methods import fit_method

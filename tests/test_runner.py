@@ -4,7 +4,6 @@ import json
 import pickle
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from PIL import Image
@@ -34,22 +33,6 @@ SMALL = [
     "--attack.baselines.uap_epochs=1",
     "--progress=false",
 ]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small CNN trained for a few steps on the synthetic data (well above chance)."""
-    pl.seed_everything(0)
-    root = tmp_path_factory.mktemp("ckpt")
-    dm = SyntheticDataModule(num_train=512, num_test=128, batch_size=32)
-    model = Classifier(num_classes=dm.num_classes, input_shape=dm.input_shape, mean=dm.mean, std=dm.std, lr=3e-3)
-    trainer = pl.Trainer(
-        max_epochs=2, default_root_dir=root, logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.fit(model, dm)
-    path = root / "model.ckpt"
-    trainer.save_checkpoint(path)
-    return path
 
 
 def test_attack_writes_report_figures_perturbations_and_tensorboard(checkpoint: Path, tmp_path: Path) -> None:
