@@ -149,14 +149,6 @@ def test_bad_attack_arguments_are_clear(
     assert message in text and "Traceback" not in text
 
 
-def test_step_scale_sets_the_step_per_budget() -> None:
-    assert UPIGradSettings().base_step(0.3) is None  # the fit's own default (eps/4 for L2)
-    assert UPIGradSettings(step_scale=0.5).base_step(0.3) == pytest.approx(0.15)
-    assert UPIGradSettings(step_size=0.2, step_scale=0.5).base_step(0.3) == 0.2
-    with pytest.raises(UPIError, match="step_scale"):
-        UPIGradSettings(step_scale=0.0)
-
-
 def test_fit_method_uses_the_scaled_step(checkpoint: Path) -> None:
     model = Classifier.load_from_checkpoint(checkpoint, weights_only=True).eval()
     settings = AttackSettings(upi_grad=UPIGradSettings(epochs=1, step_scale=0.5, surrogate_beta=None))

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from tests.helpers import (
     snapshot,
     split_batches,
 )
-from upi_lightning.attacks.engine import step_size_at
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import fit_upi_grad, mean_objective
 from upi_lightning.errors import UPIError
@@ -29,15 +27,6 @@ from upi_lightning.threat import L2Ball, threat_model
 
 EPS = 0.25
 OBJECTIVE = UPIObjective(k=10)
-
-
-def test_step_size_schedules_closed_form() -> None:
-    assert step_size_at("constant", 0.4, 7, None) == 0.4
-    assert step_size_at("cosine", 0.4, 0, 10) == 0.4
-    assert math.isclose(step_size_at("cosine", 0.4, 5, 10), 0.2)
-    assert [round(step_size_at("step", 1.0, t, 8), 6) for t in range(8)] == [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01]
-    with pytest.raises(UPIError, match="constant"):
-        step_size_at("cosine", 0.4, 0, None)
 
 
 def test_upi_grad_finds_the_known_direction_and_beats_random(tmp_path: Path) -> None:
