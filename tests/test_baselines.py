@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.test_objective import QuadraticScore, TinyCNN, assert_untouched, make_batches, snapshot
+from tests.helpers import QuadraticScore, TinyCNN, assert_untouched, make_batches, snapshot
 from upi_lightning.attacks.baselines import fit_classification_uap, fit_per_sample_attack, random_universal
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import fit_upi_grad

@@ -19,12 +19,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from upi_lightning.attacks.settings import UPIGradSettings, UPIPCASettings
-from upi_lightning.callbacks import SaliencyMonitor, UPIAttack
+from upi_lightning.callbacks import RobustAccuracy, SaliencyMonitor, UPIAttack
 from upi_lightning.cli import train_cli
 from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import UPIError
+from upi_lightning.module import Classifier
 from upi_lightning.perturbation import UniversalPerturbation
 from upi_lightning.saliency import SaliencySettings
 
@@ -486,3 +487,32 @@ def test_upi_attack_config_parses(capsys: pytest.CaptureFixture[str], monkeypatc
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "upi_lightning.callbacks.UPIAttack" in printed and "surrogate_beta: 10.0" in printed
+
+
+# ----------------------------------------------------------- RobustAccuracy
+
+
+def test_robust_accuracy_callback_logs_during_fit_and_test(tmp_path: Path) -> None:
+    dm = SyntheticDataModule(num_train=128, num_test=32, batch_size=16)
+    model = Classifier(num_classes=dm.num_classes, input_shape=dm.input_shape, mean=dm.mean, std=dm.std)
+    callback = RobustAccuracy(norm="l2", eps=0.5, steps=2, stages=("val", "test"), max_batches=1)
+    trainer = Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=2,
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, dm)
+    assert 0 <= trainer.callback_metrics["val/robust_acc_l2_0.5"] <= 1
+    (result,) = trainer.test(model, dm, verbose=False)  # runs under torch.inference_mode
+    assert 0 <= result["test/robust_acc_l2_0.5"] <= 1
+
+
+def test_bad_callback_stages_are_refused() -> None:
+    with pytest.raises(UPIError, match="stages"):
+        RobustAccuracy(stages=("train",))

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.test_runner import checkpoint as checkpoint
+from tests.helpers import REPO
 from upi_lightning.cli import attack_main, train_cli
 from upi_lightning.module import Classifier
 from upi_lightning.perturbation import UniversalPerturbation

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from tests.test_objective import QuadraticScore, assert_untouched, make_batches, snapshot
+from tests.helpers import QuadraticScore, assert_untouched, make_batches, snapshot
 from upi_lightning.attacks.baselines import random_universal
 from upi_lightning.attacks.evaluate import evaluate_draws, evaluate_perturbation
 from upi_lightning.errors import UPIError

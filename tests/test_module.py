@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from upi_lightning.callbacks import RobustAccuracy
 from upi_lightning.cli import train_cli
 from upi_lightning.data import SyntheticDataModule

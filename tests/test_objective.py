@@ -1,4 +1,4 @@
-"""Tests of the UPI objective; also home of the tiny models and helpers shared by the attack tests."""
+"""Tests of the UPI objective (``upi_lightning.attacks.objective``)."""
 
 from __future__ import annotations
 
@@ -7,86 +7,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
+from tests.helpers import QuadraticScore, TinyCNN, assert_untouched, make_batches, snapshot
 from upi_lightning.attacks.objective import OBJECTIVE_NOISE_SEED, UPIObjective, map_dissimilarity
 from upi_lightning.errors import UPIError
 from upi_lightning.noise import make_generator, sample_normal
 from upi_lightning.saliency import SaliencySettings, saliency_map, smoothgrad_noise
 from upi_lightning.threat import L2Ball
-
-
-class QuadraticScore(nn.Module):
-    r"""Logits :math:`f_c(x) = w_c^\top x + \tfrac12 a_c (u^\top x)^2` with a unit vector ``u``.
-
-    The input gradient is :math:`w_c + a_c (u^\top x) u`, so the saliency map depends on ``x`` only
-    through :math:`u^\top x`: the best universal perturbation of the map is :math:`\pm\varepsilon u`.
-    The dropout on the logits is a trap: outside eval mode the maps would be random.
-    """
-
-    def __init__(self, shape: tuple[int, int, int] = (1, 8, 8), classes: int = 3, seed: int = 0) -> None:
-        super().__init__()
-        gen = make_generator(seed)
-        dim = math.prod(shape)
-        self.w = nn.Parameter(0.3 * torch.randn(classes, dim, generator=gen))
-        direction = torch.randn(dim, generator=gen)
-        self.u = nn.Parameter(direction / direction.norm())
-        self.a = nn.Parameter(torch.linspace(1.0, 3.0, classes))
-        self.drop = nn.Dropout(0.5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.flatten(1)
-        return self.drop(flat @ self.w.T + 0.5 * (flat @ self.u)[:, None] ** 2 * self.a)
-
-
-class TinyCNN(nn.Module):
-    """Conv-BatchNorm-ReLU-linear net with non-trivial BatchNorm statistics (eval mode matters)."""
-
-    def __init__(self, shape: tuple[int, int, int] = (1, 6, 6), classes: int = 3, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv = nn.Conv2d(shape[0], 4, 3, padding=1)
-        self.norm = nn.BatchNorm2d(4)
-        self.act = nn.ReLU()
-        self.fc = nn.Linear(4 * shape[1] * shape[2], classes)
-        with torch.no_grad():
-            for _ in range(3):
-                self(torch.rand(16, *shape))
-        self.eval()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.act(self.norm(self.conv(x))).flatten(1))
-
-
-def make_batches(
-    n_batches: int,
-    batch_size: int,
-    shape: tuple[int, int, int] = (1, 8, 8),
-    seed: int = 0,
-    classes: int = 3,
-    low: float = 0.3,
-    high: float = 0.7,
-) -> list[tuple[Tensor, Tensor]]:
-    """Uniform images in ``[low, high]`` (no clipping for small perturbations) with random labels."""
-    gen = make_generator(seed)
-    return [
-        (
-            low + (high - low) * torch.rand(batch_size, *shape, generator=gen),
-            torch.randint(0, classes, (batch_size,), generator=gen),
-        )
-        for _ in range(n_batches)
-    ]
-
-
-def snapshot(model: nn.Module) -> tuple[dict[str, Tensor], list[bool]]:
-    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
-
-
-def assert_untouched(model: nn.Module, before: tuple[dict[str, Tensor], list[bool]]) -> None:
-    state, modes = before
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert [m.training for m in model.modules()] == modes
-    assert all(p.grad is None for p in model.parameters())
 
 
 def test_map_dissimilarity_closed_forms() -> None:

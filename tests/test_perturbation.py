@@ -1,112 +1,22 @@
+"""The perturbation file format (``upi_lightning.perturbation``): save, load, and what loading refuses."""
+
+from __future__ import annotations
+
 import math
 import pickle
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
 import pytest
 import torch
 
+from tests.helpers import Payload, example_perturbation, write_payload
 from upi_lightning.errors import CheckpointMismatchError, UPIError
-from upi_lightning.noise import make_generator, sample_normal
 from upi_lightning.perturbation import FORMAT_NAME, FORMAT_VERSION, UniversalPerturbation
-from upi_lightning.threat import L2Ball, LinfBall, apply_perturbation, threat_model
-
-
-def _np_project(delta: np.ndarray, norm: str, eps: float) -> np.ndarray:
-    """Closed-form projection in float64 numpy (the oracle)."""
-    if norm == "linf":
-        return np.clip(delta, -eps, eps)
-    length = np.sqrt((delta.astype(np.float64) ** 2).sum())
-    return delta if length <= eps else delta * (eps / length)
-
-
-@pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_project_matches_closed_form_and_is_idempotent(norm: str) -> None:
-    gen = make_generator(0)
-    eps = 0.7
-    for scale in (0.01, 10.0):
-        delta = scale * torch.randn(3, 5, 4, generator=gen)
-        projected = threat_model(norm, eps).project(delta)
-        np.testing.assert_allclose(projected.numpy(), _np_project(delta.numpy(), norm, eps), rtol=1e-6, atol=1e-7)
-        assert torch.equal(threat_model(norm, eps).project(projected), projected)
-    inside = 0.001 * torch.randn(3, 5, 4, generator=gen)
-    assert torch.equal(threat_model(norm, eps).project(inside), inside)
-
-
-@pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_projection_is_the_nearest_point_of_the_ball(norm: str) -> None:
-    gen = make_generator(1)
-    eps = 0.5
-    point = 3 * torch.randn(12, generator=gen, dtype=torch.float64)
-    best = torch.linalg.vector_norm(point - threat_model(norm, eps).project(point))
-    candidates = threat_model(norm, eps).random_start((2000, 12), generator=gen, per_sample=True).double()
-    distances = torch.linalg.vector_norm(point - candidates, dim=1)
-    assert bool((distances >= best - 1e-9).all())
-
-
-def test_per_sample_projection_projects_each_row_on_its_own() -> None:
-    delta = torch.stack([torch.full((2, 3), 0.1), torch.full((2, 3), 5.0)])
-    projected = L2Ball(1.0).project(delta, per_sample=True)
-    assert torch.equal(projected[0], delta[0])
-    assert math.isclose(projected[1].norm().item(), 1.0, rel_tol=1e-6)
-    np.testing.assert_allclose(projected[1].numpy(), _np_project(delta[1].numpy(), "l2", 1.0), rtol=1e-6)
-
-
-def test_ascent_direction_l2_unit_linf_sign_zero_stays_zero() -> None:
-    grad = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
-    assert torch.allclose(L2Ball(1.0).direction(grad, per_sample=True), torch.tensor([[0.6, 0.8], [0, 0]]))
-    assert torch.allclose(L2Ball(1.0).direction(grad), grad / 5.0)
-    assert torch.equal(LinfBall(1.0).direction(torch.tensor([-2.0, 0.0, 0.3])), torch.tensor([-1.0, 0.0, 1.0]))
-    assert torch.equal(L2Ball(1.0).direction(torch.zeros(4)), torch.zeros(4))
-
-
-def test_projected_ascent_step_closed_form() -> None:
-    delta = torch.tensor([0.0, 0.5])
-    grad = torch.tensor([2.0, 0.0])
-    assert torch.allclose(L2Ball(1.0).step(delta, grad, 0.5), torch.tensor([0.5, 0.5]))
-    stepped = L2Ball(0.6).step(delta, grad, 0.5)
-    assert torch.allclose(stepped, torch.tensor([0.5, 0.5]) * 0.6 / math.sqrt(0.5))
-    grad = torch.tensor([-1.0, 3.0])
-    assert torch.allclose(LinfBall(0.6).step(delta, grad, 0.4), torch.tensor([-0.4, 0.6]))
-
-
-def test_random_draws_norms_reproducibility_and_per_sample() -> None:
-    shape = (6, 1, 4, 4)
-    sphere = L2Ball(2.0).random_on_sphere(shape, make_generator(3), per_sample=True)
-    assert torch.allclose(sphere.flatten(1).norm(dim=1), torch.full((6,), 2.0))
-    assert torch.equal(sphere, L2Ball(2.0).random_on_sphere(shape, make_generator(3), per_sample=True))
-    whole = L2Ball(2.0).random_on_sphere(shape, make_generator(3))
-    assert math.isclose(whole.norm().item(), 2.0, rel_tol=1e-6)
-    signs = LinfBall(0.3).random_on_sphere(shape, make_generator(4))
-    assert torch.equal(signs.abs(), torch.full(shape, 0.3))
-    assert 0.2 < (signs > 0).float().mean().item() < 0.8
-    ball = L2Ball(2.0).random_start(shape, make_generator(5), per_sample=True)
-    radii = ball.flatten(1).norm(dim=1)
-    assert bool((radii <= 2.0 + 1e-6).all()) and len(set(radii.tolist())) == 6
-    cube = LinfBall(0.3).random_start(shape, make_generator(6))
-    assert cube.abs().max() <= 0.3 and cube.abs().max() > 0.25 and cube.dtype == torch.float32
-
-
-def test_apply_perturbation_clips_to_pixel_range() -> None:
-    x = torch.tensor([[[[0.0, 0.5, 1.0]]]])
-    delta = torch.tensor([[[-0.2, 0.2, 0.2]]])
-    assert torch.equal(apply_perturbation(x, delta), torch.tensor([[[[0.0, 0.7, 1.0]]]]))
-
-
-@pytest.mark.parametrize(("norm", "eps"), [("l2", 0.0), ("l3", 1.0), ("l2", float("nan")), ("linf", -1.0)])
-def test_bad_norm_or_eps_is_refused(norm: str, eps: float) -> None:
-    with pytest.raises(UPIError, match=r"eps|norm"):
-        threat_model(norm, eps).project(torch.zeros(3))  # type: ignore[arg-type]
-
-
-def _perturbation() -> UniversalPerturbation:
-    delta = L2Ball(1.5).random_on_sphere((1, 5, 5), make_generator(7))
-    return UniversalPerturbation(delta, "l2", 1.5, {"method": "upi_grad", "settings": {"epochs": 2, "lr": [0.1]}})
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path: Path) -> None:
-    original = _perturbation()
+    original = example_perturbation()
     path = original.save(tmp_path / "sub" / "delta.pt")
     assert sorted(p.name for p in path.parent.iterdir()) == ["delta.pt"]  # no temporary file left
     loaded = UniversalPerturbation.load(path, expected_shape=(1, 5, 5))
@@ -120,7 +30,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path: Path) -> None:
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = _perturbation()
+    original = example_perturbation()
     path = original.save(tmp_path / "delta.pt")
 
     def crash(obj: object, stream: BinaryIO) -> None:
@@ -136,7 +46,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest
 
 
 def test_apply_and_project() -> None:
-    pert = _perturbation()
+    pert = example_perturbation()
     x = torch.rand(2, 1, 5, 5)
     assert torch.equal(pert.apply(x), (x + pert.delta).clamp(0, 1))
     with pytest.raises(UPIError, match="shape"):
@@ -156,32 +66,18 @@ def test_constructor_refuses_bad_values() -> None:
         UniversalPerturbation(torch.zeros(1, 3, 3), "linf", 1.0, {"where": Path("x")})
 
 
-def _write_payload(path: Path, **changes: object) -> Path:
-    payload = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "delta": torch.zeros(1, 5, 5),
-        "norm": "linf",
-        "eps": 0.1,
-        "metadata": {},
-    }
-    payload.update(changes)
-    torch.save(payload, path)
-    return path
-
-
 def test_load_refuses_mismatches(tmp_path: Path) -> None:
-    good = _write_payload(tmp_path / "good.pt")
+    good = write_payload(tmp_path / "good.pt")
     assert UniversalPerturbation.load(good).shape == (1, 5, 5)
     with pytest.raises(CheckpointMismatchError, match=r"shape \(1, 5, 5\).*\(3, 5, 5\)"):
         UniversalPerturbation.load(good, expected_shape=(3, 5, 5))
-    outside = _write_payload(tmp_path / "outside.pt", delta=torch.full((1, 5, 5), 0.2))
+    outside = write_payload(tmp_path / "outside.pt", delta=torch.full((1, 5, 5), 0.2))
     with pytest.raises(CheckpointMismatchError, match="eps"):
         UniversalPerturbation.load(outside)
-    newer = _write_payload(tmp_path / "newer.pt", format_version=FORMAT_VERSION + 1)
+    newer = write_payload(tmp_path / "newer.pt", format_version=FORMAT_VERSION + 1)
     with pytest.raises(CheckpointMismatchError, match="format_version"):
         UniversalPerturbation.load(newer)
-    bad_norm = _write_payload(tmp_path / "norm.pt", norm="l1")
+    bad_norm = write_payload(tmp_path / "norm.pt", norm="l1")
     with pytest.raises(CheckpointMismatchError, match="norm"):
         UniversalPerturbation.load(bad_norm)
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "model.pt")
@@ -192,45 +88,20 @@ def test_load_refuses_mismatches(tmp_path: Path) -> None:
 
 
 def test_load_refuses_truncated_file(tmp_path: Path) -> None:
-    path = _perturbation().save(tmp_path / "delta.pt")
+    path = example_perturbation().save(tmp_path / "delta.pt")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointMismatchError, match="not a readable"):
         UniversalPerturbation.load(path)
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
-
-
 def test_load_never_executes_a_malicious_pickle(tmp_path: Path) -> None:
     marker = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pt"
-    torch.save({"format": FORMAT_NAME, "delta": _Payload(marker)}, path)
-    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload does run when unpickled unsafely
+    torch.save({"format": FORMAT_NAME, "delta": Payload(marker)}, path)
+    pickle.loads(pickle.dumps(Payload(marker)))  # the payload does run when unpickled unsafely
     assert marker.exists()
     marker.unlink()
     with pytest.raises(CheckpointMismatchError, match="not a readable"):
         UniversalPerturbation.load(path)
     assert not marker.exists()
-
-
-def test_sample_normal_is_keyed_by_sample_not_by_batch() -> None:
-    x, y = torch.rand(6, 1, 4, 4, generator=make_generator(0)), torch.arange(6)
-    whole = sample_normal(x, y, 3, make_generator(7))
-    assert whole.shape == (3, 6, 1, 4, 4)
-    # each half alone (what two processes see), and the batch reversed, give every sample the same noise
-    first, second = sample_normal(x[:3], y[:3], 3, make_generator(7)), sample_normal(x[3:], y[3:], 3, make_generator(7))
-    assert torch.equal(torch.cat([first, second], dim=1), whole)
-    assert torch.equal(sample_normal(x.flip(0), y.flip(0), 3, make_generator(7)), whole.flip(1))
-    # the next call (next step) and another seed draw new noise; a sample's draws are not all equal
-    generator = make_generator(7)
-    sample_normal(x, y, 3, generator)
-    assert not torch.equal(sample_normal(x, y, 3, generator), whole)
-    assert not torch.equal(sample_normal(x, y, 3, make_generator(8)), whole)
-    assert not torch.equal(whole[0], whole[1])
-    assert abs(whole.mean().item()) < 0.2 and abs(whole.std().item() - 1) < 0.2

@@ -1,15 +1,10 @@
 from __future__ import annotations
 
-from pathlib import Path
-
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 
 from upi_lightning.attacks.pgd import pgd_attack, robust_accuracy
-from upi_lightning.callbacks import RobustAccuracy
-from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import UPIError
 from upi_lightning.module import Classifier
 from upi_lightning.noise import make_generator
@@ -120,27 +115,6 @@ def test_robust_accuracy_is_at_most_the_clean_accuracy(
     assert clean > 0.5 and strong <= weak <= clean and strong < clean
 
 
-def test_robust_accuracy_callback_logs_during_fit_and_test(tmp_path: Path) -> None:
-    dm = SyntheticDataModule(num_train=128, num_test=32, batch_size=16)
-    model = Classifier(num_classes=dm.num_classes, input_shape=dm.input_shape, mean=dm.mean, std=dm.std)
-    callback = RobustAccuracy(norm="l2", eps=0.5, steps=2, stages=("val", "test"), max_batches=1)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=2,
-        callbacks=[callback],
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, dm)
-    assert 0 <= trainer.callback_metrics["val/robust_acc_l2_0.5"] <= 1
-    (result,) = trainer.test(model, dm, verbose=False)  # runs under torch.inference_mode
-    assert 0 <= result["test/robust_acc_l2_0.5"] <= 1
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -154,8 +128,3 @@ def test_bad_attack_settings_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(UPIError, match=message):
         threat = threat_model(kwargs.pop("norm"), kwargs.pop("eps"))
         pgd_attack(binary_linear(), torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), threat, **kwargs)
-
-
-def test_bad_callback_stages_are_refused() -> None:
-    with pytest.raises(UPIError, match="stages"):
-        RobustAccuracy(stages=("train",))

@@ -9,8 +9,8 @@ result.
 3. one-sample batches          7. bad perturbation files          11. SIGKILL of attack.py mid-fit
 4. empty fit data              8. checkpoints of other models     12. same seed, same bits
 
-The tiny models, batches and file helpers come from the other test modules; the trained checkpoint is
-the module-scoped ``checkpoint`` fixture of ``tests/test_runner.py``.
+The tiny models, batches and file helpers come from ``tests/helpers.py``; the trained checkpoint is
+the module-scoped ``checkpoint`` fixture of ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -33,12 +33,17 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import REPO
-from tests.test_objective import TinyCNN, make_batches
-from tests.test_perturbation import _Payload, _perturbation, _write_payload
-from tests.test_runner import checkpoint as checkpoint  # the module-scoped fixture, re-exported for pytest
-from tests.test_upi_pca import SMOOTH as PCA_OBJECTIVE
-from tests.test_upi_pca import abs_cosine, gradient_matrix
+from tests.helpers import (
+    REPO,
+    Payload,
+    TinyCNN,
+    abs_cosine,
+    example_perturbation,
+    gradient_matrix,
+    make_batches,
+    write_payload,
+)
+from tests.helpers import SMOOTH_OBJECTIVE as PCA_OBJECTIVE
 from upi_lightning.attacks import evaluate_perturbation, fit_upi_grad, fit_upi_pca, runner
 from upi_lightning.attacks.engine import UPIFitResult
 from upi_lightning.attacks.methods import fit_method
@@ -348,7 +353,7 @@ def test_unknown_names_on_the_attack_command_line_list_the_choices(
 
 
 def test_perturbation_file_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
-    path = _write_payload(tmp_path / "delta.pt")  # a (1, 5, 5) perturbation
+    path = write_payload(tmp_path / "delta.pt")  # a (1, 5, 5) perturbation
     with pytest.raises(
         CheckpointMismatchError,
         match=re.escape(
@@ -357,13 +362,13 @@ def test_perturbation_file_of_the_wrong_shape_is_refused(tmp_path: Path) -> None
         ),
     ):
         UniversalPerturbation.load(path, expected_shape=(3, 5, 5))
-    batch = _write_payload(tmp_path / "batch.pt", delta=torch.zeros(2, 1, 5, 5))  # not one (C, H, W) image
+    batch = write_payload(tmp_path / "batch.pt", delta=torch.zeros(2, 1, 5, 5))  # not one (C, H, W) image
     with pytest.raises(CheckpointMismatchError, match=r"holds an invalid perturbation: delta must be .* \(C, H, W\)"):
         UniversalPerturbation.load(batch)
 
 
 def test_perturbation_file_of_a_newer_format_is_refused(tmp_path: Path) -> None:
-    path = _write_payload(tmp_path / "delta.pt", format_version=FORMAT_VERSION + 1)
+    path = write_payload(tmp_path / "delta.pt", format_version=FORMAT_VERSION + 1)
     message = f"has format_version {FORMAT_VERSION + 1}, this version of upi_lightning reads 1..{FORMAT_VERSION}; "
     with pytest.raises(CheckpointMismatchError, match=re.escape(message + "upgrade upi_lightning to load it.")):
         UniversalPerturbation.load(path)
@@ -371,7 +376,7 @@ def test_perturbation_file_of_a_newer_format_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("keep", [0.0, 0.001, 0.5, 0.99], ids=["empty", "header", "half", "all-but-the-end"])
 def test_truncated_perturbation_file_is_refused(tmp_path: Path, keep: float) -> None:
-    path = _perturbation().save(tmp_path / "delta.pt")
+    path = example_perturbation().save(tmp_path / "delta.pt")
     data = path.read_bytes()
     path.write_bytes(data[: int(keep * len(data))])
     with pytest.raises(CheckpointMismatchError, match=r"is not a readable perturbation file \(truncated, corrupt"):
@@ -433,12 +438,12 @@ def test_checkpoint_of_other_data_on_the_attack_command_line_is_one_line(
 
 def write_malicious(path: Path, marker: Path, container: str) -> Path:
     """A file whose unpickling creates ``marker``: torch's zip format or a bare pickle."""
-    payload = {"format": "upi_lightning.universal_perturbation", "state_dict": _Payload(marker), "delta": 0}
+    payload = {"format": "upi_lightning.universal_perturbation", "state_dict": Payload(marker), "delta": 0}
     if container == "zip":
         torch.save(payload, path)
     else:
         path.write_bytes(pickle.dumps(payload))
-    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload does work when unpickled unsafely
+    pickle.loads(pickle.dumps(Payload(marker)))  # the payload does work when unpickled unsafely
     assert marker.exists()
     marker.unlink()
     return path

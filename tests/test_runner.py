@@ -4,12 +4,12 @@ import json
 import pickle
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.helpers import Payload
 from upi_lightning.attacks import runner
 from upi_lightning.attacks.settings import ALL_METHODS, AttackSettings, Budget, UPIGradSettings
 from upi_lightning.cli import attack_main
@@ -33,22 +33,6 @@ SMALL = [
     "--attack.baselines.uap_epochs=1",
     "--progress=false",
 ]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small CNN trained for a few steps on the synthetic data (well above chance)."""
-    pl.seed_everything(0)
-    root = tmp_path_factory.mktemp("ckpt")
-    dm = SyntheticDataModule(num_train=512, num_test=128, batch_size=32)
-    model = Classifier(num_classes=dm.num_classes, input_shape=dm.input_shape, mean=dm.mean, std=dm.std, lr=3e-3)
-    trainer = pl.Trainer(
-        max_epochs=2, default_root_dir=root, logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.fit(model, dm)
-    path = root / "model.ckpt"
-    trainer.save_checkpoint(path)
-    return path
 
 
 def test_attack_writes_report_figures_perturbations_and_tensorboard(checkpoint: Path, tmp_path: Path) -> None:
@@ -135,17 +119,14 @@ def test_checkpoint_with_weights_of_another_architecture_is_refused(checkpoint: 
         attack_main([f"--ckpt={tmp_path / 'other.ckpt'}", *DATA, *SMALL, f"--output={tmp_path}"])
 
 
-class Payload:
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (print, ("pwned",))
-
-
 def test_pickled_code_in_a_checkpoint_is_refused_not_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "evil.ckpt"
-    path.write_bytes(pickle.dumps({"state_dict": Payload()}))
+    marker = tmp_path / "pwned.txt"
+    path.write_bytes(pickle.dumps({"state_dict": Payload(marker)}))
     with pytest.raises(CheckpointMismatchError):
         attack_main([f"--ckpt={path}", *DATA, *SMALL, f"--output={tmp_path}"])
     assert "pwned" not in capsys.readouterr().out
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize(
@@ -166,14 +147,6 @@ def test_bad_attack_arguments_are_clear(
         attack_main([*DATA, *args, f"--output={tmp_path}"])
     text = str(error.value) if isinstance(error.value, UPIError) else capsys.readouterr().err
     assert message in text and "Traceback" not in text
-
-
-def test_step_scale_sets_the_step_per_budget() -> None:
-    assert UPIGradSettings().base_step(0.3) is None  # the fit's own default (eps/4 for L2)
-    assert UPIGradSettings(step_scale=0.5).base_step(0.3) == pytest.approx(0.15)
-    assert UPIGradSettings(step_size=0.2, step_scale=0.5).base_step(0.3) == 0.2
-    with pytest.raises(UPIError, match="step_scale"):
-        UPIGradSettings(step_scale=0.0)
 
 
 def test_fit_method_uses_the_scaled_step(checkpoint: Path) -> None:

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
-from upi_lightning.models import build_classifier, replace_relu
+from upi_lightning.models import CifarResNet18, SmallCNN, build_classifier, replace_relu
 from upi_lightning.saliency import saliency_map
 from upi_lightning.surrogate import fold_batchnorm, pool_before_activation, refold_batchnorm, softplus_surrogate
 
@@ -225,3 +227,43 @@ def test_surrogate_follows_weight_changes_by_refolding() -> None:
     fresh = softplus_surrogate(model, beta=10.0)
     for name, tensor in fresh.state_dict().items():
         torch.testing.assert_close(surrogate.state_dict()[name], tensor, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("factory", "shape"),
+    [
+        (lambda: build_classifier("small_cnn", 10, (1, 28, 28), [0.5], [0.25]), (2, 1, 28, 28)),
+        (lambda: CifarResNet18(num_classes=10), (2, 3, 32, 32)),
+        (lambda: torchvision.models.resnet18(weights=None, num_classes=10), (2, 3, 32, 32)),
+        (lambda: torchvision.models.vgg11(weights=None, num_classes=10), (1, 3, 32, 32)),
+    ],
+    ids=["small_cnn", "cifar_resnet18", "tv_resnet18", "tv_vgg11"],
+)
+def test_softplus_surrogate(factory: Callable[[], nn.Module], shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)  # what the autouse seed of test_saliency.py, its former home, did
+    model = factory()
+    model.eval()
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    relus = sum(isinstance(m, nn.ReLU) for m in model.modules())
+    x = torch.rand(shape)
+    with torch.no_grad():
+        reference = model(x)
+        surrogate = softplus_surrogate(model, beta=1e4)
+        error = (surrogate(x) - reference).abs().max().item()
+    assert surrogate is not model
+    assert not any(isinstance(m, nn.ReLU) for m in surrogate.modules())
+    assert sum(isinstance(m, nn.Softplus) for m in surrogate.modules()) == relus > 0
+    assert sum(isinstance(m, nn.ReLU) for m in model.modules()) == relus
+    assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    assert 0 < error < 1e-2 * reference.abs().max().item()
+
+
+def test_softplus_surrogate_error_shrinks_with_beta() -> None:
+    torch.manual_seed(0)  # what the autouse seed of test_saliency.py, its former home, did
+    model = SmallCNN().eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        reference = model(x)
+        errors = [(softplus_surrogate(model, beta)(x) - reference).abs().max().item() for beta in (1, 10, 100, 1e3)]
+    assert errors == sorted(errors, reverse=True)

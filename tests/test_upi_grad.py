@@ -1,18 +1,23 @@
 from __future__ import annotations
 
-import math
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tests.test_objective import QuadraticScore, TinyCNN, assert_untouched, make_batches, snapshot
-from upi_lightning.attacks.engine import step_size_at
+from tests.helpers import (
+    QuadraticScore,
+    TinyCNN,
+    assert_untouched,
+    count_clean_maps,
+    make_batches,
+    run_ranks,
+    snapshot,
+    split_batches,
+)
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import fit_upi_grad, mean_objective
 from upi_lightning.errors import UPIError
@@ -22,15 +27,6 @@ from upi_lightning.threat import L2Ball, threat_model
 
 EPS = 0.25
 OBJECTIVE = UPIObjective(k=10)
-
-
-def test_step_size_schedules_closed_form() -> None:
-    assert step_size_at("constant", 0.4, 7, None) == 0.4
-    assert step_size_at("cosine", 0.4, 0, 10) == 0.4
-    assert math.isclose(step_size_at("cosine", 0.4, 5, 10), 0.2)
-    assert [round(step_size_at("step", 1.0, t, 8), 6) for t in range(8)] == [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01]
-    with pytest.raises(UPIError, match="constant"):
-        step_size_at("cosine", 0.4, 0, None)
 
 
 def test_upi_grad_finds_the_known_direction_and_beats_random(tmp_path: Path) -> None:
@@ -108,54 +104,6 @@ def test_model_is_untouched_and_fit_works_under_inference_mode() -> None:
     assert_untouched(model, before)
 
 
-class ThreadAllReduce:
-    """A sum all-reduce between threads: what a DDP ``reduce`` hook does between ranks."""
-
-    def __init__(self, world_size: int) -> None:
-        self.barrier = threading.Barrier(world_size)
-        self.slots: list[Tensor | None] = [None] * world_size
-        self.calls = [0] * world_size
-
-    def hook(self, rank: int) -> Callable[[Tensor], Tensor]:
-        def reduce(tensor: Tensor) -> Tensor:
-            self.calls[rank] += 1
-            self.slots[rank] = tensor.clone()
-            self.barrier.wait()
-            total = sum(self.slots[1:], self.slots[0])  # same order on every rank: identical bits
-            self.barrier.wait()
-            return total  # type: ignore[return-value]
-
-        return reduce
-
-
-def run_ranks(fit: Callable[[int, Callable[[Tensor], Tensor]], object], world_size: int = 2) -> list[object]:
-    """Run ``fit(rank, reduce)`` in one thread per simulated rank; return the results in rank order."""
-    allreduce = ThreadAllReduce(world_size)
-    results: list[object] = [None] * world_size
-    errors: list[BaseException] = []
-
-    def target(rank: int) -> None:
-        try:
-            results[rank] = fit(rank, allreduce.hook(rank))
-        except BaseException as err:
-            errors.append(err)
-            allreduce.barrier.abort()
-
-    threads = [threading.Thread(target=target, args=(rank,)) for rank in range(world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
-def split_batches(batches: list[tuple[Tensor, Tensor]], world_size: int = 2) -> list[list[tuple[Tensor, Tensor]]]:
-    """The shard of every rank: each batch cut into ``world_size`` equal parts."""
-    return [[(x.chunk(world_size)[r], y.chunk(world_size)[r]) for x, y in batches] for r in range(world_size)]
-
-
 def test_reduce_hook_two_ranks_equal_one_process_on_all_data() -> None:
     model = TinyCNN()  # generic per-sample gradients (those of QuadraticScore are all parallel to u)
     batches = make_batches(3, 8, shape=(1, 6, 6))
@@ -207,20 +155,6 @@ def test_bad_inputs_are_refused(batches: object, kwargs: dict[str, object], matc
     with pytest.raises(UPIError, match=match):
         threat = threat_model(settings.pop("norm"), settings.pop("eps"))  # type: ignore[arg-type]
         fit_upi_grad(QuadraticScore(), batches, threat, **settings)  # type: ignore[arg-type]
-
-
-def count_clean_maps(objective: UPIObjective, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record the batch size of every map computation of clean images (no ``clean`` reference) of ``objective``."""
-    sizes: list[int] = []
-    original = objective.saliency.maps
-
-    def counted(model: torch.nn.Module, x: Tensor, y: Tensor, **kwargs: Any) -> Tensor:
-        if kwargs.get("clean") is None:
-            sizes.append(len(x))
-        return original(model, x, y, **kwargs)
-
-    monkeypatch.setattr(objective.saliency, "maps", counted)
-    return sizes
 
 
 def test_clean_maps_are_computed_once_per_sample_and_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

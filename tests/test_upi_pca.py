@@ -2,11 +2,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-from tests.test_objective import QuadraticScore, TinyCNN, assert_untouched, make_batches, snapshot
-from tests.test_upi_grad import count_clean_maps, run_ranks, split_batches
+from tests.helpers import (
+    SMOOTH_OBJECTIVE,
+    QuadraticScore,
+    TinyCNN,
+    abs_cosine,
+    assert_untouched,
+    count_clean_maps,
+    gradient_matrix,
+    make_batches,
+    run_ranks,
+    snapshot,
+    split_batches,
+)
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import mean_objective
 from upi_lightning.attacks.upi_pca import (
@@ -21,18 +30,6 @@ from upi_lightning.noise import make_generator, sample_normal
 from upi_lightning.saliency import saliency_map
 from upi_lightning.surrogate import softplus_surrogate
 from upi_lightning.threat import L2Ball, LinfBall
-
-SMOOTH = UPIObjective(k=5, sigma=0.05, surrogate_beta=5.0)
-
-
-def abs_cosine(a: Tensor, b: Tensor) -> float:
-    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).abs().item()
-
-
-def gradient_matrix(model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]], objective: UPIObjective) -> Tensor:
-    """``G`` stacked by the test, with the noise stream a fit pass uses (generator seeded once per pass)."""
-    generator = make_generator(0)
-    return torch.cat([per_sample_gradient_rows(model, x, y, objective, generator) for x, y in batches])
 
 
 @pytest.mark.parametrize("solver", ["power", "svd"])
@@ -76,10 +73,10 @@ def test_rows_are_per_sample_gradients_in_one_batch() -> None:
 def test_power_method_agrees_with_exact_svd_of_g() -> None:
     model = TinyCNN()
     batches = make_batches(4, 12, shape=(1, 6, 6), low=0.1, high=0.9)
-    matrix = gradient_matrix(model, batches, SMOOTH)
+    matrix = gradient_matrix(model, batches, SMOOTH_OBJECTIVE)
     top = torch.linalg.svd(matrix.double(), full_matrices=False).Vh[0]
-    power = fit_upi_pca(model, batches, L2Ball(1.0), objective=SMOOTH, solver="power")
-    exact = fit_upi_pca(model, batches, L2Ball(1.0), objective=SMOOTH, solver="svd")
+    power = fit_upi_pca(model, batches, L2Ball(1.0), objective=SMOOTH_OBJECTIVE, solver="power")
+    exact = fit_upi_pca(model, batches, L2Ball(1.0), objective=SMOOTH_OBJECTIVE, solver="svd")
     assert abs_cosine(power.delta, top) > 0.99
     assert abs_cosine(exact.delta, top) > 0.9999
     sigma_1 = torch.linalg.svdvals(matrix.double())[0].item()
@@ -105,8 +102,8 @@ def test_sign_is_chosen_on_the_fit_data(solver: str) -> None:
     model = TinyCNN()
     for seed in range(3):  # the sign of an eigenvector is arbitrary: some of these runs must flip it
         batches = make_batches(2, 8, shape=(1, 6, 6), seed=seed)
-        result = fit_upi_pca(model, batches, L2Ball(1.0), objective=SMOOTH, solver=solver, seed=seed)  # type: ignore[arg-type]
-        plus, minus = mean_objective(model, batches, SMOOTH, [result.delta, -result.delta], seed=seed)
+        result = fit_upi_pca(model, batches, L2Ball(1.0), objective=SMOOTH_OBJECTIVE, solver=solver, seed=seed)  # type: ignore[arg-type]
+        plus, minus = mean_objective(model, batches, SMOOTH_OBJECTIVE, [result.delta, -result.delta], seed=seed)
         assert plus > minus
         assert sorted([result.info["objective_plus"], result.info["objective_minus"]]) == pytest.approx([minus, plus])
 
@@ -116,16 +113,16 @@ def test_reduce_hook_two_ranks_equal_one_process() -> None:
     batches = make_batches(3, 8, shape=(1, 6, 6), low=0.1, high=0.9)
     shards = split_batches(batches)
     # the smoothing noise is keyed by sample, so both ranks together see the noise of the single process
-    SMOOTH.network(model)  # build the surrogate before the rank threads: fx tracing patches Module.__call__
+    SMOOTH_OBJECTIVE.network(model)  # build the surrogate before the rank threads: fx tracing patches Module.__call__
     for solver in ("power", "svd"):
-        kwargs = {"objective": SMOOTH, "solver": solver}
+        kwargs = {"objective": SMOOTH_OBJECTIVE, "solver": solver}
         ranks = run_ranks(
             lambda rank, reduce, kw=kwargs: fit_upi_pca(model, shards[rank], L2Ball(1.0), reduce=reduce, **kw)  # type: ignore[arg-type]
         )
         assert torch.equal(ranks[0].delta, ranks[1].delta)  # type: ignore[attr-defined]
         alone = fit_upi_pca(model, batches, L2Ball(1.0), **kwargs)  # type: ignore[arg-type]
         torch.testing.assert_close(ranks[0].delta, alone.delta, atol=1e-5, rtol=0)  # type: ignore[attr-defined]
-        rows = torch.cat([gradient_matrix(model, shard, SMOOTH) for shard in shards]).double()
+        rows = torch.cat([gradient_matrix(model, shard, SMOOTH_OBJECTIVE) for shard in shards]).double()
         top = torch.linalg.svd(rows, full_matrices=False).Vh[0]
         assert abs_cosine(ranks[0].delta, top) > 0.99  # type: ignore[attr-defined]
         alone = fit_upi_pca(model, shards[0], L2Ball(1.0), **kwargs)  # type: ignore[arg-type]
