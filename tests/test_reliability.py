@@ -6,7 +6,7 @@ result.
 
 1. NaN / Inf pixels            5. eps <= 0 and huge eps            9. pickles that would run code
 2. all-black images            6. unknown norm / method names     10. SIGKILL of train.py, then resume
-3. one-sample batches          7. bad perturbation files          11. SIGKILL of attack.py mid-fit
+3. one-sample batches          7. bad perturbation files          11. SIGKILL of attack.py, then resume
 4. empty fit data              8. checkpoints of other models     12. same seed, same bits
 
 The tiny models, batches and file helpers come from the other test modules; the trained checkpoint is
@@ -15,6 +15,7 @@ the module-scoped ``checkpoint`` fixture of ``tests/test_runner.py``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -37,6 +38,7 @@ from tests.conftest import REPO
 from tests.test_objective import TinyCNN, make_batches
 from tests.test_perturbation import _Payload, _perturbation, _write_payload
 from tests.test_runner import checkpoint as checkpoint  # the module-scoped fixture, re-exported for pytest
+from tests.test_runner import numbers, scalar_points
 from tests.test_upi_pca import SMOOTH as PCA_OBJECTIVE
 from tests.test_upi_pca import abs_cosine, gradient_matrix
 from upi_lightning.attacks import evaluate_perturbation, fit_upi_grad, fit_upi_pca, runner
@@ -617,7 +619,7 @@ def test_train_py_killed_mid_epoch_resumes_from_last_ckpt(tmp_path: Path) -> Non
     assert all(state["step"] == step + EVERY for state in resumed["optimizer_states"][0]["state"].values())
 
 
-# ------------------------------------------------------------------ 11. SIGKILL of attack.py mid-fit
+# ------------------------------------------------------------------ 11. SIGKILL of attack.py, then resume
 
 FINAL_PERTURBATION = re.compile(r"^(upi_grad|upi_pca|uap)_(l2|linf)_eps[0-9.e+-]+\.pt$")
 TEMPORARY = re.compile(r"^\..+\.tmp$")  # upi_lightning.io.atomic_write: hidden, never a final name
@@ -651,14 +653,73 @@ def test_attack_py_killed_mid_fit_leaves_complete_files_and_no_report(checkpoint
     assert proc.returncode == -signal.SIGKILL
 
     assert not (output / "report.json").exists() and not (output / "report.md").exists()
-    files = [path for path in output.rglob("*") if path.is_file() and "tensorboard" not in path.parts]
+    files = [path for path in output.rglob("*") if path.is_file()]
     final = [path for path in files if not TEMPORARY.match(path.name)]
+    saved = [output / "run.json", output / "results" / "upi_grad_l2_eps1.json"]
+    for path in saved:
+        json.loads(path.read_text())  # complete
+    final = [path for path in final if path not in saved]
     assert all(path.parent == output / "perturbations" and FINAL_PERTURBATION.match(path.name) for path in final), files
     assert output / "perturbations" / "upi_grad_l2_eps1.pt" in final
     for path in final:  # every final-looking file is complete
         perturbation = UniversalPerturbation.load(path, expected_shape=(1, 28, 28))
         assert perturbation.metadata["ckpt"] == str(checkpoint) and perturbation.norm in ("l2", "linf")
         assert in_ball(perturbation.delta, perturbation.norm, perturbation.eps)
+
+
+def attack_sweep_args(checkpoint: Path, output: Path) -> list[str]:
+    """configs/attack_quickstart.yaml at tiny sizes: 2 budgets x 5 methods, a few seconds in all."""
+    return [
+        f"--config={REPO / 'configs' / 'attack_quickstart.yaml'}",
+        f"--ckpt={checkpoint}",
+        f"--output={output}",
+        "--device=cpu",
+        "--attack.fit_samples=64",
+        "--attack.eval_samples=64",
+        "--attack.batch_size=32",
+        "--attack.upi_grad.epochs=1",
+        "--attack.upi_pca.n_iter=3",
+    ]
+
+
+def run_lines(log: Path, marker: str) -> list[str]:
+    """``"[<budget>] <method>"`` of every per-method line of ``attack.py`` whose text holds ``marker``."""
+    lines = log.read_text(errors="replace").splitlines()
+    return [" ".join(line.split()[:2]) for line in lines if line.startswith("[") and marker in line]
+
+
+def test_attack_py_sweep_killed_then_rerun_finishes_with_the_report_of_an_uninterrupted_run(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    output, logs = tmp_path / "killed", [tmp_path / "first.log", tmp_path / "second.log"]
+    command = [sys.executable, str(REPO / "attack.py"), *attack_sweep_args(checkpoint, output)]
+    with logs[0].open("wb") as stream:
+        proc = subprocess.Popen(command, stdout=stream, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        try:
+            results = output / "results"
+            wait_for(proc, lambda: len(list(results.glob("*.json"))) >= 3, logs[0], "3 saved results")
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            kill(proc)
+    assert proc.returncode == -signal.SIGKILL and not (output / "report.json").exists()
+    saved = {path.name: path.stat().st_mtime_ns for path in results.glob("*.json")}
+    order = [f"[{norm}_eps{eps}] {method}" for norm, eps in (("l2", 1), ("linf", 0.05)) for method in ALL_METHODS]
+    done = order[: len(saved)]  # methods run in order: the saved ones are a prefix, the next one was in progress
+    assert sorted(saved) == sorted(f"{line.split()[1]}_{line[1:].split(']')[0]}.json" for line in done)
+
+    with logs[1].open("wb") as stream:
+        subprocess.run(command, stdout=stream, stderr=subprocess.DEVNULL, cwd=tmp_path, check=True, timeout=120)
+    assert run_lines(logs[1], "done before") == done  # read back, not refitted
+    assert run_lines(logs[1], "relative_l2=") == order[len(saved) :]  # only the one in progress is fitted again
+    assert {path.name: path.stat().st_mtime_ns for path in results.glob("*.json") if path.name in saved} == saved
+
+    uninterrupted = attack_main([*attack_sweep_args(checkpoint, tmp_path / "whole"), "--progress=false"])
+    resumed = json.loads((output / "report.json").read_text())
+    assert numbers(resumed["results"]) == numbers(uninterrupted["results"])  # same numbers, timings aside
+    assert len(resumed["results"]) == len(order)
+    assert len(list((output / "tensorboard").iterdir())) == 1  # one event file: the old attempt's are gone
+    assert scalar_points(output / "tensorboard") == scalar_points(tmp_path / "whole" / "tensorboard")
 
 
 # ------------------------------------------------------------------ 12. determinism

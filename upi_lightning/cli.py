@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from upi_lightning.attacks.run_folder import RunFolder, file_digest
 from upi_lightning.attacks.runner import AttackRun
 from upi_lightning.attacks.settings import AttackSettings
 from upi_lightning.data import ImageDataModule
@@ -33,6 +34,11 @@ from upi_lightning.models import build_classifier
 from upi_lightning.module import Classifier
 
 T = TypeVar("T")
+Report = dict[str, Any]
+"""An attack report (``report.json``)."""
+
+WHERE_IT_RUNS = ("config", "output", "device", "trainer", "progress")
+"""``attack.py`` options that do not change a run's numbers: a run resumes under other values of them."""
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -164,6 +170,18 @@ def check_model_fits_data(model: Classifier, datamodule: ImageDataModule) -> Non
         )
 
 
+def run_identity(config: Namespace) -> dict[str, Any]:
+    """What the numbers of an ``attack.py`` run depend on, its ``run.json``.
+
+    Every option but :data:`WHERE_IT_RUNS`, and the content (SHA-256) of every checkpoint (``None`` for
+    a missing one, which :func:`load_classifier` then reports).
+    """
+    options = {key: value for key, value in config.as_dict().items() if key not in WHERE_IT_RUNS}
+    checkpoints = [Path(path) for path in [config.ckpt, *config.eval_ckpt] if path is not None]
+    digests = {str(path): file_digest(path) if path.is_file() else None for path in checkpoints}
+    return {"options": options, "sha256": digests}
+
+
 def attack_parser() -> ArgumentParser:
     """The ``attack.py`` argument parser (YAML config via ``--config``; every option documented)."""
     parser = ArgumentParser(
@@ -224,41 +242,52 @@ class DeviceSettings:
         """Whether these settings ask for more than this one process."""
         return self.devices not in (1, "1") or self.num_nodes != 1 or self.strategy != "auto"
 
+    def fabric(self) -> Fabric:
+        """Lightning Fabric on these settings.
 
-def attack_main(args: list[str] | None = None) -> dict[str, Any] | None:
+        Raises:
+            UPIError: with Lightning's message, if the settings are invalid.
+        """
+        try:
+            return Fabric(
+                accelerator=self.accelerator,
+                devices=self.devices,
+                strategy=self.strategy,
+                num_nodes=self.num_nodes,
+            )
+        except (ValueError, TypeError, RuntimeError, ImportError) as err:  # Lightning's own clear messages
+            raise UPIError(f"Invalid --trainer settings {vars(self)}: {one_line(err, 300)}") from None
+
+
+def attack_main(args: list[str] | None = None) -> Report | None:
     """Entry point of ``attack.py``: parse, then attack in this process or in several (``--trainer.*``)."""
     config = attack_parser().parse_args(args)
     if (config.ckpt is None) == (config.model is None):
         raise UPIError("Give exactly one of --ckpt (a checkpoint from train.py) or --model torchvision.<name>.")
     devices: DeviceSettings = DeviceSettings(**vars(config.trainer))
-    if not devices.several():
+    fabric = devices.fabric() if devices.several() else None
+    identity = run_identity(config)
+    RunFolder(config.output, identity).check()  # refuse a folder of another run before any process starts
+    if fabric is None:
         device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
         )
-        return attack_process(config, device, Processes())
-    try:
-        fabric = Fabric(
-            accelerator=devices.accelerator,
-            devices=devices.devices,
-            strategy=devices.strategy,
-            num_nodes=devices.num_nodes,
-        )
-    except (ValueError, TypeError, RuntimeError, ImportError) as err:  # Lightning's own clear messages, one line
-        raise UPIError(f"Invalid --trainer settings {vars(config.trainer)}: {one_line(err, 300)}") from None
-    return fabric.launch(attack_with_fabric, config)
+        return attack_process(config, device, Processes(), identity)
+    return fabric.launch(attack_with_fabric, config, identity)
 
 
-def attack_with_fabric(fabric: Fabric, config: Namespace) -> dict[str, Any] | None:
+def attack_with_fabric(fabric: Fabric, config: Namespace, identity: dict[str, Any]) -> Report | None:
     """One process of a multi-process attack: its rank, its device, sums through ``fabric.all_reduce``."""
 
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
         return fabric.all_reduce(tensor, reduce_op="sum")
 
-    report = attack_process(config, fabric.device, Processes(fabric.global_rank, fabric.world_size, reduce))
+    processes = Processes(fabric.global_rank, fabric.world_size, reduce)
+    report = attack_process(config, fabric.device, processes, identity)
     return report if fabric.is_global_zero else None
 
 
-def attack_process(config: Namespace, device: torch.device, processes: Processes) -> dict[str, Any]:
+def attack_process(config: Namespace, device: torch.device, processes: Processes, identity: dict[str, Any]) -> Report:
     """Load the model, run :class:`AttackRun` (this process's part), print where the files are (rank 0)."""
     destroy_process_group_at_exit()  # several processes on the CPU: a clean exit for gloo
     init = attack_parser().instantiate_classes(config)
@@ -295,11 +324,16 @@ def attack_process(config: Namespace, device: torch.device, processes: Processes
         progress=config.progress,
         processes=processes,
         eval_models=eval_models,
+        identity=identity,
     )
     try:
         report = run.run()
     except KeyboardInterrupt:
-        print(f"\nInterrupted: no report written; perturbation files in {config.output} are complete.", file=sys.stderr)
+        print(
+            f"\nInterrupted: no report written; the results in {Path(config.output) / 'results'} are complete, "
+            "rerun the same command to finish the run.",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
     if processes.is_main:
         print(f"Report: {Path(config.output) / 'report.md'} (and report.json, figure_*.png, perturbations/)")
