@@ -722,6 +722,39 @@ def test_attack_py_sweep_killed_then_rerun_finishes_with_the_report_of_an_uninte
     assert scalar_points(output / "tensorboard") == scalar_points(tmp_path / "whole" / "tensorboard")
 
 
+def child_processes(pid: int) -> list[int]:
+    """The process ids of the children of ``pid`` (Linux ``/proc``)."""
+    return [
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    ]
+
+
+@pytest.mark.parametrize("signal_to_child", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_lost_process_of_a_two_process_attack_ends_the_survivor_in_one_line(
+    checkpoint: Path, tmp_path: Path, signal_to_child: signal.Signals
+) -> None:
+    output, log = tmp_path / "attack", tmp_path / "attack.log"
+    args = [*attack_sweep_args(checkpoint, output), "--attack.methods=[upi_pca]", "--attack.upi_pca.n_iter=1000"]
+    args += ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.timeout=5"]
+    with log.open("wb") as stream:  # rank 0 is this process, rank 1 its child (the ddp launcher re-runs attack.py)
+        proc = subprocess.Popen([sys.executable, str(REPO / "attack.py"), *args], stderr=stream, cwd=tmp_path)
+        children: list[int] = []
+        try:
+            wait_for(proc, lambda: "upi_pca pass 2" in log.read_text(errors="replace"), log, "UPI-PCA pass 2")
+            children = child_processes(proc.pid)
+            os.kill(children[0], signal_to_child)
+            proc.wait(timeout=60)  # the survivor stops by itself: at once (killed) or after the 5 s timeout (hung)
+        finally:
+            kill(proc)
+            for child in children:
+                os.kill(child, signal.SIGKILL)
+    stderr = log.read_text(errors="replace")
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("error: process 0 of 2 lost another process"), errors
+    assert not (output / "report.json").exists()
+
+
 # ------------------------------------------------------------------ 12. determinism
 
 

@@ -14,12 +14,15 @@ import pickle
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.fabric import Fabric
+from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy, Strategy
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
@@ -29,7 +32,7 @@ from upi_lightning.attacks.runner import AttackRun
 from upi_lightning.attacks.settings import AttackSettings
 from upi_lightning.data import ImageDataModule
 from upi_lightning.distributed import Processes, destroy_process_group_at_exit
-from upi_lightning.errors import CheckpointMismatchError, UPIError, one_line
+from upi_lightning.errors import CheckpointMismatchError, ProcessLostError, UPIError, one_line
 from upi_lightning.models import build_classifier
 from upi_lightning.module import Classifier
 
@@ -231,19 +234,27 @@ class DeviceSettings:
         devices: devices per node (an int, a list of indices, or ``auto``).
         strategy: ``auto``, ``ddp``, ``ddp_spawn``...
         num_nodes: machines.
+        timeout: seconds a process waits for the others in a collective (a fit's all-reduce, a metric's
+            sync) before it stops with an error, so a process that dies or hangs ends the run in bounded
+            time (DDP strategies).
     """
 
     accelerator: str = "auto"
     devices: int | str | list[int] = 1
     strategy: str = "auto"
     num_nodes: int = 1
+    timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not self.timeout > 0:
+            raise UPIError(f"--trainer.timeout is in seconds and must be > 0, got {self.timeout}.")
 
     def several(self) -> bool:
         """Whether these settings ask for more than this one process."""
         return self.devices not in (1, "1") or self.num_nodes != 1 or self.strategy != "auto"
 
     def fabric(self) -> Fabric:
-        """Lightning Fabric on these settings.
+        """Lightning Fabric on these settings (:meth:`fabric_strategy`).
 
         Raises:
             UPIError: with Lightning's message, if the settings are invalid.
@@ -252,11 +263,22 @@ class DeviceSettings:
             return Fabric(
                 accelerator=self.accelerator,
                 devices=self.devices,
-                strategy=self.strategy,
+                strategy=self.fabric_strategy(),
                 num_nodes=self.num_nodes,
             )
         except (ValueError, TypeError, RuntimeError, ImportError) as err:  # Lightning's own clear messages
             raise UPIError(f"Invalid --trainer settings {vars(self)}: {one_line(err, 300)}") from None
+
+    def fabric_strategy(self) -> Strategy | str:
+        """The strategy to give Fabric: a DDP strategy (``auto`` means ``ddp`` here) with :attr:`timeout`.
+
+        Any other name is passed on as it is (Fabric's own timeout, if any, then applies).
+        """
+        name = "ddp" if self.strategy == "auto" else self.strategy
+        registered = STRATEGY_REGISTRY.get(name, "unknown")  # the registry's get builds the strategy
+        if not isinstance(registered, DDPStrategy):
+            return self.strategy
+        return type(registered)(timeout=timedelta(seconds=self.timeout), **STRATEGY_REGISTRY[name]["init_params"])
 
 
 def attack_main(args: list[str] | None = None) -> Report | None:
@@ -273,17 +295,40 @@ def attack_main(args: list[str] | None = None) -> Report | None:
             ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
         )
         return attack_process(config, device, Processes(), identity)
-    return fabric.launch(attack_with_fabric, config, identity)
+    return fabric.launch(attack_with_fabric, config, identity, devices.timeout)
 
 
-def attack_with_fabric(fabric: Fabric, config: Namespace, identity: dict[str, Any]) -> Report | None:
-    """One process of a multi-process attack: its rank, its device, sums through ``fabric.all_reduce``."""
+def lost_another_process(err: BaseException) -> bool:
+    """Whether a collective failed because another process died or did not answer in time.
+
+    NCCL raises :class:`torch.distributed.DistError`; gloo raises a ``RuntimeError`` quoting its own
+    source (``.../gloo/transport/tcp/pair.cc: Read error ...: Connection reset by peer``, ``Timed out
+    waiting ...``).
+    """
+    return isinstance(err, torch.distributed.DistError) or "/gloo/" in str(err)
+
+
+def attack_with_fabric(fabric: Fabric, config: Namespace, identity: dict[str, Any], timeout: float) -> Report | None:
+    """One process of a multi-process attack: its rank, its device, sums through ``fabric.all_reduce``.
+
+    Raises:
+        ProcessLostError: when another process died or did not answer within ``timeout`` seconds.
+    """
 
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
         return fabric.all_reduce(tensor, reduce_op="sum")
 
     processes = Processes(fabric.global_rank, fabric.world_size, reduce)
-    report = attack_process(config, fabric.device, processes, identity)
+    try:
+        report = attack_process(config, fabric.device, processes, identity)
+    except RuntimeError as err:
+        if not lost_another_process(err):
+            raise
+        raise ProcessLostError(
+            f"process {fabric.global_rank} of {fabric.world_size} lost another process (it died, or did not "
+            f"answer within --trainer.timeout={timeout:g} s), so no report was written; rerun the same command "
+            f"to resume. ({one_line(err)})"
+        ) from None
     return report if fabric.is_global_zero else None
 
 
