@@ -8,6 +8,7 @@ result.
 2. all-black images            6. unknown norm / method names     10. SIGKILL of train.py, then resume
 3. one-sample batches          7. bad perturbation files          11. SIGKILL of attack.py, then resume
 4. empty fit data              8. checkpoints of other models     12. same seed, same bits
+13. every entry point fails in one line (train.py, attack.py, the studies)
 
 The tiny models, batches and file helpers come from the other test modules; the trained checkpoint is
 the module-scoped ``checkpoint`` fixture of ``tests/test_runner.py``.
@@ -34,6 +35,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from studies import transfer_matrix
 from tests.conftest import REPO
 from tests.test_objective import TinyCNN, make_batches
 from tests.test_perturbation import _Payload, _perturbation, _write_payload
@@ -47,7 +49,7 @@ from upi_lightning.attacks.methods import fit_method
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.settings import ALL_METHODS, AttackSettings, Budget
 from upi_lightning.cli import attack_main, check_model_fits_data, load_classifier, run_reporting_errors, train_cli
-from upi_lightning.data import SyntheticDataModule
+from upi_lightning.data import MNISTDataModule, SyntheticDataModule
 from upi_lightning.errors import CheckpointMismatchError, UPIError
 from upi_lightning.perturbation import FORMAT_VERSION, UniversalPerturbation, in_ball, make_generator
 from upi_lightning.saliency import SALIENCY_METHODS, SaliencySettings, attribution, saliency_map
@@ -765,3 +767,68 @@ def test_same_seed_same_perturbation_bit_for_bit_other_seed_another(method: str)
     assert torch.equal(first, again)
     assert not torch.allclose(first, other, atol=1e-3)  # seeds the random start / smoothing noise and power start
     assert first.norm().item() == pytest.approx(0.5, rel=1e-5)
+
+
+# ------------------------------------------------------------------ 13. every entry point fails in one line
+
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "malicious"])
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
+def test_train_py_refuses_a_bad_ckpt_path_in_one_line(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], subcommand: str, kind: str
+) -> None:
+    marker, path = tmp_path / "pwned.txt", tmp_path / f"{kind}.ckpt"
+    if kind == "truncated":
+        path.write_bytes(checkpoint.read_bytes()[:100_000])
+    elif kind == "malicious":
+        write_malicious(path, marker, "zip")
+    err = cli_error(lambda: train_cli([subcommand, f"--config={QUICKSTART}", f"--ckpt_path={path}"]), capsys)
+    expected = {
+        "missing": f"No checkpoint at {path}; pass --ckpt_path",
+        "truncated": f"{path} is not a Classifier checkpoint this version can rebuild (truncated",
+        "malicious": f"{path} holds objects that safe (weights_only) loading refuses",
+    }[kind]
+    assert expected in err and not marker.exists()
+
+
+def test_a_dataset_neither_on_disk_nor_downloadable_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def offline(root: str, train: bool, download: bool) -> None:  # torchvision's message, without network
+        raise RuntimeError(
+            "Error downloading train-images-idx3-ubyte.gz:\nTried https://ossci-datasets.s3.amazonaws.com/mnist/, "
+            "got:\n<urlopen error [Errno -2] Name or service not known>\n"
+        )
+
+    monkeypatch.setattr(MNISTDataModule, "dataset_cls", staticmethod(offline))
+    err = cli_error(
+        lambda: train_cli(["fit", "--data=upi_lightning.data.MNISTDataModule", f"--data.root={tmp_path}"]), capsys
+    )
+    assert f"error: MNIST not found under {tmp_path.resolve()} (download=True needs network access" in err
+    assert "urlopen" not in err
+
+
+def test_a_torchvision_model_that_cannot_take_the_images_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = ["--data=upi_lightning.data.SyntheticDataModule", "--data.num_train=64", "--data.num_test=32"]
+    err = cli_error(lambda: attack_main(["--model=torchvision.resnet18", *data, f"--output={tmp_path}"]), capsys)
+    assert "error: torchvision.resnet18 cannot classify the images of SyntheticDataModule (shape (1, 28, 28))" in err
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        (["a", "b"], "error: --model takes NAME=CKPT, got 'a'."),
+        (["a=/no.ckpt", "b=/no.ckpt"], "No checkpoint at /no.ckpt"),
+    ],
+    ids=["not-name-equals-ckpt", "missing-checkpoint"],
+)
+def test_the_transfer_matrix_study_fails_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], models: list[str], message: str
+) -> None:
+    args = [f"--model={model}" for model in models] + [f"--output={tmp_path}"]
+    assert message in cli_error(lambda: transfer_matrix.main(args), capsys)

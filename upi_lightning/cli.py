@@ -25,6 +25,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy, Strategy
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from torch import nn
 from typing_extensions import override
 
 from upi_lightning.attacks.run_folder import RunFolder, file_digest
@@ -33,6 +34,7 @@ from upi_lightning.attacks.settings import AttackSettings
 from upi_lightning.data import ImageDataModule
 from upi_lightning.distributed import Processes, destroy_process_group_at_exit
 from upi_lightning.errors import CheckpointMismatchError, ProcessLostError, UPIError, one_line
+from upi_lightning.model_modes import model_device
 from upi_lightning.models import build_classifier
 from upi_lightning.module import Classifier
 
@@ -42,6 +44,9 @@ Report = dict[str, Any]
 
 WHERE_IT_RUNS = ("config", "output", "device", "trainer", "progress")
 """``attack.py`` options that do not change a run's numbers: a run resumes under other values of them."""
+
+LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")
+"""``--ckpt_path`` values the Trainer resolves itself (not files)."""
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -72,6 +77,21 @@ class UPILightningCLI(LightningCLI):
                 "last_checkpoint.enable_version_counter": False,
             }
         )
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's reading of the ``--ckpt_path`` hyperparameters, a missing or unreadable file in one line.
+
+        Lightning loads the checkpoint here (safely, ``weights_only``), right after parsing.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt is not None and ckpt not in LIGHTNING_CKPT_NAMES:
+            checkpoint_file(ckpt, "--ckpt_path")
+        try:
+            super()._parse_ckpt_path()
+        except CHECKPOINT_ERRORS as err:
+            raise unreadable_checkpoint(Path(ckpt), err) from None
 
     def after_fit(self) -> None:
         """Tell the user where the logs and checkpoints are."""
@@ -143,23 +163,42 @@ def load_classifier(ckpt: str | Path, device: torch.device | str = "cpu") -> Cla
         CheckpointMismatchError: if the file is not a readable Classifier checkpoint (corrupt, another
             architecture than its hyperparameters say, or holding pickled objects, which are refused).
     """
+    path = checkpoint_file(ckpt, "--ckpt")
+    try:
+        return Classifier.load_from_checkpoint(path, map_location=device, weights_only=True)
+    except CHECKPOINT_ERRORS as err:
+        raise unreadable_checkpoint(path, err) from None
+
+
+CHECKPOINT_ERRORS = (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError, EOFError)
+"""What loading a bad checkpoint raises (pickled objects, truncated file, weights of another model)."""
+
+
+def checkpoint_file(ckpt: str | Path, flag: str) -> Path:
+    """``ckpt`` as a path, checked to be a file (``flag``: the option that gave it, for the message).
+
+    Raises:
+        UPIError: if there is no file at ``ckpt``.
+    """
     path = Path(ckpt)
     if not path.is_file():
         raise UPIError(
-            f"No checkpoint at {path}; pass --ckpt path/to/last.ckpt (train.py writes runs/.../checkpoints)."
+            f"No checkpoint at {path}; pass {flag} path/to/last.ckpt (train.py writes runs/.../checkpoints)."
         )
-    try:
-        return Classifier.load_from_checkpoint(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointMismatchError(
+    return path
+
+
+def unreadable_checkpoint(path: Path, err: BaseException) -> CheckpointMismatchError:
+    """The one-line error for a checkpoint whose loading raised ``err`` (one of :data:`CHECKPOINT_ERRORS`)."""
+    if isinstance(err, pickle.UnpicklingError):
+        return CheckpointMismatchError(
             f"{path} holds objects that safe (weights_only) loading refuses; only load checkpoints you trust "
             f"written by train.py. ({one_line(err)})"
-        ) from None
-    except (RuntimeError, KeyError, TypeError, ValueError, EOFError) as err:
-        raise CheckpointMismatchError(
-            f"{path} is not a Classifier checkpoint this version can rebuild (truncated, or weights of another "
-            f"architecture): {one_line(err)}"
-        ) from None
+        )
+    return CheckpointMismatchError(
+        f"{path} is not a Classifier checkpoint this version can rebuild (truncated, or weights of another "
+        f"architecture): {one_line(err)}"
+    )
 
 
 def check_model_fits_data(model: Classifier, datamodule: ImageDataModule) -> None:
@@ -171,6 +210,25 @@ def check_model_fits_data(model: Classifier, datamodule: ImageDataModule) -> Non
             f"The checkpoint was trained on images {trained[0]} with {trained[1]} classes, but the data has "
             f"images {data[0]} with {data[1]} classes; attack it with the data it was trained on."
         )
+
+
+def check_model_takes_images(model: nn.Module, name: str, datamodule: ImageDataModule) -> None:
+    """Refuse a classifier that cannot take the data's images (e.g. a 3-channel torchvision net on MNIST).
+
+    Runs it (in eval mode) on two black images of the data's shape.
+
+    Raises:
+        CheckpointMismatchError: with the model's own error, in one line.
+    """
+    images = torch.zeros(2, *datamodule.input_shape, device=model_device(model))
+    try:
+        with torch.no_grad():
+            model(images)
+    except RuntimeError as err:
+        raise CheckpointMismatchError(
+            f"{name} cannot classify the images of {type(datamodule).__name__} (shape "
+            f"{tuple(datamodule.input_shape)}): {one_line(err)}"
+        ) from None
 
 
 def run_identity(config: Namespace) -> dict[str, Any]:
@@ -355,6 +413,7 @@ def attack_process(config: Namespace, device: torch.device, processes: Processes
         description = {"model": config.model, "pretrained": config.pretrained}
     description["data"] = type(datamodule).__name__
     model.eval().requires_grad_(False)
+    check_model_takes_images(model, str(description["model"]), datamodule)
     eval_models = {}
     for path in config.eval_ckpt:
         other = load_classifier(path, device)
