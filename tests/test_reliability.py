@@ -751,10 +751,14 @@ def test_a_lost_process_of_a_two_process_attack_ends_the_survivor_in_one_line(
             for child in children:
                 os.kill(child, signal.SIGKILL)
     stderr = log.read_text(errors="replace")
-    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
-    assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
-    assert len(errors) == 1 and errors[0].startswith("error: process 0 of 2 lost another process"), errors
-    assert not (output / "report.json").exists()
+    assert "Traceback" not in stderr and not (output / "report.json").exists(), stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if "error" in line.lower() or "terminated" in line]
+    if proc.returncode == -signal.SIGKILL:  # Lightning's watch over the child (every 5 s) was faster than a collective
+        assert signal_to_child == signal.SIGKILL and len(lines) == 1, lines
+        assert f"Child process with PID {children[0]} terminated with code -9. Forcefully terminating" in lines[0]
+    else:
+        assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, lines)
+        assert lines[0].startswith("error: process 0 of 2 lost another process"), lines
 
 
 # ------------------------------------------------------------------ 12. determinism
