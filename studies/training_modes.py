@@ -33,7 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from upi_lightning.cli import attack_main, train_cli  # noqa: E402
+from upi_lightning.cli import attack_main, run_reporting_errors, train_cli  # noqa: E402
 from upi_lightning.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 MODES = {
@@ -234,4 +234,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)

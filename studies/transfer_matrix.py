@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from upi_lightning.charts import heat_map  # noqa: E402
-from upi_lightning.cli import attack_main  # noqa: E402
+from upi_lightning.cli import attack_main, run_reporting_errors  # noqa: E402
+from upi_lightning.errors import UPIError  # noqa: E402
 from upi_lightning.figures import save_png  # noqa: E402
 from upi_lightning.io import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -43,9 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=1000, help="Fit and held-out samples (each).")
     parser.add_argument("--output", default="runs/transfer_mnist")
     args = parser.parse_args(argv)
+    if bad := [item for item in args.model if "=" not in item]:
+        raise UPIError(f"--model takes NAME=CKPT, got {bad[0]!r}.")
     args.models = dict(item.split("=", 1) for item in args.model)
     if len(args.models) < 2:
-        parser.error("give at least two --model NAME=CKPT")
+        raise UPIError("give at least two --model NAME=CKPT (two different names).")
     return args
 
 
@@ -118,4 +121,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)

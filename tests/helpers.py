@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 
 from upi_lightning.attacks.objective import UPIObjective
@@ -350,3 +351,15 @@ class Payload:
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned'); print('pwned')",))
+
+
+def numbers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Report rows without their timings (the only values two runs of the same settings may differ in)."""
+    return [{key: value for key, value in row.items() if not key.endswith("seconds")} for row in rows]
+
+
+def scalar_points(folder: Path) -> dict[str, list[int]]:
+    """Steps logged under every scalar tag of a TensorBoard folder (all its event files)."""
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [event.step for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

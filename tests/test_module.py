@@ -190,7 +190,13 @@ def test_a_mid_training_checkpoint_restores_the_regularizer_state(tmp_path: Path
 
     record = RecordDelta()
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    common = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0}
+    common = {
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "default_root_dir": tmp_path,  # the resumed Trainer checkpoints there, not into the working directory
+    }
     pl.Trainer(max_steps=3, callbacks=[record, checkpoints], **common).fit(make(), dm)
     path = tmp_path / "step=2.ckpt"
     # load_from_checkpoint rebuilds the regularizers from the hyperparameters and restores their state

@@ -6,8 +6,9 @@ result.
 
 1. NaN / Inf pixels            5. eps <= 0 and huge eps            9. pickles that would run code
 2. all-black images            6. unknown norm / method names     10. SIGKILL of train.py, then resume
-3. one-sample batches          7. bad perturbation files          11. SIGKILL of attack.py mid-fit
+3. one-sample batches          7. bad perturbation files          11. SIGKILL of attack.py, then resume
 4. empty fit data              8. checkpoints of other models     12. same seed, same bits
+13. every entry point fails in one line (train.py, attack.py, the studies)
 
 The tiny models, batches and file helpers come from ``tests/helpers.py``; the trained checkpoint is
 the module-scoped ``checkpoint`` fixture of ``tests/conftest.py``.
@@ -15,6 +16,7 @@ the module-scoped ``checkpoint`` fixture of ``tests/conftest.py``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -33,6 +35,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from studies import transfer_matrix
 from tests.helpers import (
     REPO,
     Payload,
@@ -41,6 +44,8 @@ from tests.helpers import (
     example_perturbation,
     gradient_matrix,
     make_batches,
+    numbers,
+    scalar_points,
     write_payload,
 )
 from tests.helpers import SMOOTH_OBJECTIVE as PCA_OBJECTIVE
@@ -50,7 +55,7 @@ from upi_lightning.attacks.methods import fit_method
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.settings import ALL_METHODS, AttackSettings, Budget
 from upi_lightning.cli import attack_main, check_model_fits_data, load_classifier, run_reporting_errors, train_cli
-from upi_lightning.data import SyntheticDataModule
+from upi_lightning.data import MNISTDataModule, SyntheticDataModule
 from upi_lightning.errors import CheckpointMismatchError, UPIError
 from upi_lightning.noise import make_generator
 from upi_lightning.perturbation import FORMAT_VERSION, UniversalPerturbation
@@ -624,7 +629,7 @@ def test_train_py_killed_mid_epoch_resumes_from_last_ckpt(tmp_path: Path) -> Non
     assert all(state["step"] == step + EVERY for state in resumed["optimizer_states"][0]["state"].values())
 
 
-# ------------------------------------------------------------------ 11. SIGKILL of attack.py mid-fit
+# ------------------------------------------------------------------ 11. SIGKILL of attack.py, then resume
 
 FINAL_PERTURBATION = re.compile(r"^(upi_grad|upi_pca|uap)_(l2|linf)_eps[0-9.e+-]+\.pt$")
 TEMPORARY = re.compile(r"^\..+\.tmp$")  # upi_lightning.io.atomic_write: hidden, never a final name
@@ -658,14 +663,110 @@ def test_attack_py_killed_mid_fit_leaves_complete_files_and_no_report(checkpoint
     assert proc.returncode == -signal.SIGKILL
 
     assert not (output / "report.json").exists() and not (output / "report.md").exists()
-    files = [path for path in output.rglob("*") if path.is_file() and "tensorboard" not in path.parts]
+    files = [path for path in output.rglob("*") if path.is_file()]
     final = [path for path in files if not TEMPORARY.match(path.name)]
+    saved = [output / "run.json", output / "results" / "upi_grad_l2_eps1.json"]
+    for path in saved:
+        json.loads(path.read_text())  # complete
+    final = [path for path in final if path not in saved]
     assert all(path.parent == output / "perturbations" and FINAL_PERTURBATION.match(path.name) for path in final), files
     assert output / "perturbations" / "upi_grad_l2_eps1.pt" in final
     for path in final:  # every final-looking file is complete
         perturbation = UniversalPerturbation.load(path, expected_shape=(1, 28, 28))
         assert perturbation.metadata["ckpt"] == str(checkpoint) and perturbation.norm in ("l2", "linf")
         assert threat_model(perturbation.norm, perturbation.eps).contains(perturbation.delta)
+
+
+def attack_sweep_args(checkpoint: Path, output: Path) -> list[str]:
+    """configs/attack_quickstart.yaml at tiny sizes: 2 budgets x 5 methods, a few seconds in all."""
+    return [
+        f"--config={REPO / 'configs' / 'attack_quickstart.yaml'}",
+        f"--ckpt={checkpoint}",
+        f"--output={output}",
+        "--device=cpu",
+        "--attack.fit_samples=64",
+        "--attack.eval_samples=64",
+        "--attack.batch_size=32",
+        "--attack.upi_grad.epochs=1",
+        "--attack.upi_pca.n_iter=3",
+    ]
+
+
+def run_lines(log: Path, marker: str) -> list[str]:
+    """``"[<budget>] <method>"`` of every per-method line of ``attack.py`` whose text holds ``marker``."""
+    lines = log.read_text(errors="replace").splitlines()
+    return [" ".join(line.split()[:2]) for line in lines if line.startswith("[") and marker in line]
+
+
+def test_attack_py_sweep_killed_then_rerun_finishes_with_the_report_of_an_uninterrupted_run(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    output, logs = tmp_path / "killed", [tmp_path / "first.log", tmp_path / "second.log"]
+    command = [sys.executable, str(REPO / "attack.py"), *attack_sweep_args(checkpoint, output)]
+    with logs[0].open("wb") as stream:
+        proc = subprocess.Popen(command, stdout=stream, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        try:
+            results = output / "results"
+            wait_for(proc, lambda: len(list(results.glob("*.json"))) >= 3, logs[0], "3 saved results")
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            kill(proc)
+    assert proc.returncode == -signal.SIGKILL and not (output / "report.json").exists()
+    saved = {path.name: path.stat().st_mtime_ns for path in results.glob("*.json")}
+    order = [f"[{norm}_eps{eps}] {method}" for norm, eps in (("l2", 1), ("linf", 0.05)) for method in ALL_METHODS]
+    done = order[: len(saved)]  # methods run in order: the saved ones are a prefix, the next one was in progress
+    assert sorted(saved) == sorted(f"{line.split()[1]}_{line[1:].split(']')[0]}.json" for line in done)
+
+    with logs[1].open("wb") as stream:
+        subprocess.run(command, stdout=stream, stderr=subprocess.DEVNULL, cwd=tmp_path, check=True, timeout=120)
+    assert run_lines(logs[1], "done before") == done  # read back, not refitted
+    assert run_lines(logs[1], "relative_l2=") == order[len(saved) :]  # only the one in progress is fitted again
+    assert {path.name: path.stat().st_mtime_ns for path in results.glob("*.json") if path.name in saved} == saved
+
+    uninterrupted = attack_main([*attack_sweep_args(checkpoint, tmp_path / "whole"), "--progress=false"])
+    resumed = json.loads((output / "report.json").read_text())
+    assert numbers(resumed["results"]) == numbers(uninterrupted["results"])  # same numbers, timings aside
+    assert len(resumed["results"]) == len(order)
+    assert len(list((output / "tensorboard").iterdir())) == 1  # one event file: the old attempt's are gone
+    assert scalar_points(output / "tensorboard") == scalar_points(tmp_path / "whole" / "tensorboard")
+
+
+def child_processes(pid: int) -> list[int]:
+    """The process ids of the children of ``pid`` (Linux ``/proc``)."""
+    return [
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    ]
+
+
+@pytest.mark.parametrize("signal_to_child", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_lost_process_of_a_two_process_attack_ends_the_survivor_in_one_line(
+    checkpoint: Path, tmp_path: Path, signal_to_child: signal.Signals
+) -> None:
+    output, log = tmp_path / "attack", tmp_path / "attack.log"
+    args = [*attack_sweep_args(checkpoint, output), "--attack.methods=[upi_pca]", "--attack.upi_pca.n_iter=1000"]
+    args += ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.timeout=5"]
+    with log.open("wb") as stream:  # rank 0 is this process, rank 1 its child (the ddp launcher re-runs attack.py)
+        proc = subprocess.Popen([sys.executable, str(REPO / "attack.py"), *args], stderr=stream, cwd=tmp_path)
+        children: list[int] = []
+        try:
+            wait_for(proc, lambda: "upi_pca pass 2" in log.read_text(errors="replace"), log, "UPI-PCA pass 2")
+            children = child_processes(proc.pid)
+            os.kill(children[0], signal_to_child)
+            proc.wait(timeout=60)  # the survivor stops by itself: at once (killed) or after the 5 s timeout (hung)
+        finally:
+            kill(proc)
+            for child in children:
+                os.kill(child, signal.SIGKILL)
+    stderr = log.read_text(errors="replace")
+    assert "Traceback" not in stderr and not (output / "report.json").exists(), stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if "error" in line.lower() or "terminated" in line]
+    if proc.returncode == -signal.SIGKILL:  # Lightning's watch over the child (every 5 s) was faster than a collective
+        assert signal_to_child == signal.SIGKILL and len(lines) == 1, lines
+        assert f"Child process with PID {children[0]} terminated with code -9. Forcefully terminating" in lines[0]
+    else:
+        assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, lines)
+        assert lines[0].startswith("error: process 0 of 2 lost another process"), lines
 
 
 # ------------------------------------------------------------------ 12. determinism
@@ -678,3 +779,68 @@ def test_same_seed_same_perturbation_bit_for_bit_other_seed_another(method: str)
     assert torch.equal(first, again)
     assert not torch.allclose(first, other, atol=1e-3)  # seeds the random start / smoothing noise and power start
     assert first.norm().item() == pytest.approx(0.5, rel=1e-5)
+
+
+# ------------------------------------------------------------------ 13. every entry point fails in one line
+
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "malicious"])
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
+def test_train_py_refuses_a_bad_ckpt_path_in_one_line(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], subcommand: str, kind: str
+) -> None:
+    marker, path = tmp_path / "pwned.txt", tmp_path / f"{kind}.ckpt"
+    if kind == "truncated":
+        path.write_bytes(checkpoint.read_bytes()[:100_000])
+    elif kind == "malicious":
+        write_malicious(path, marker, "zip")
+    err = cli_error(lambda: train_cli([subcommand, f"--config={QUICKSTART}", f"--ckpt_path={path}"]), capsys)
+    expected = {
+        "missing": f"No checkpoint at {path}; pass --ckpt_path",
+        "truncated": f"{path} is not a Classifier checkpoint this version can rebuild (truncated",
+        "malicious": f"{path} holds objects that safe (weights_only) loading refuses",
+    }[kind]
+    assert expected in err and not marker.exists()
+
+
+def test_a_dataset_neither_on_disk_nor_downloadable_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def offline(root: str, train: bool, download: bool) -> None:  # torchvision's message, without network
+        raise RuntimeError(
+            "Error downloading train-images-idx3-ubyte.gz:\nTried https://ossci-datasets.s3.amazonaws.com/mnist/, "
+            "got:\n<urlopen error [Errno -2] Name or service not known>\n"
+        )
+
+    monkeypatch.setattr(MNISTDataModule, "dataset_cls", staticmethod(offline))
+    err = cli_error(
+        lambda: train_cli(["fit", "--data=upi_lightning.data.MNISTDataModule", f"--data.root={tmp_path}"]), capsys
+    )
+    assert f"error: MNIST not found under {tmp_path.resolve()} (download=True needs network access" in err
+    assert "urlopen" not in err
+
+
+def test_a_torchvision_model_that_cannot_take_the_images_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = ["--data=upi_lightning.data.SyntheticDataModule", "--data.num_train=64", "--data.num_test=32"]
+    err = cli_error(lambda: attack_main(["--model=torchvision.resnet18", *data, f"--output={tmp_path}"]), capsys)
+    assert "error: torchvision.resnet18 cannot classify the images of SyntheticDataModule (shape (1, 28, 28))" in err
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        (["a", "b"], "error: --model takes NAME=CKPT, got 'a'."),
+        (["a=/no.ckpt", "b=/no.ckpt"], "No checkpoint at /no.ckpt"),
+    ],
+    ids=["not-name-equals-ckpt", "missing-checkpoint"],
+)
+def test_the_transfer_matrix_study_fails_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], models: list[str], message: str
+) -> None:
+    args = [f"--model={model}" for model in models] + [f"--output={tmp_path}"]
+    assert message in cli_error(lambda: transfer_matrix.main(args), capsys)

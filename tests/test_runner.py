@@ -2,14 +2,17 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import Payload
+from tests.helpers import Payload, numbers, scalar_points
 from upi_lightning.attacks import runner
 from upi_lightning.attacks.settings import ALL_METHODS, AttackSettings, Budget, UPIGradSettings
 from upi_lightning.cli import attack_main
@@ -116,7 +119,7 @@ def test_checkpoint_with_weights_of_another_architecture_is_refused(checkpoint: 
     content["hyper_parameters"]["arch"] = "cifar_resnet18"
     torch.save(content, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointMismatchError, match="another architecture"):
-        attack_main([f"--ckpt={tmp_path / 'other.ckpt'}", *DATA, *SMALL, f"--output={tmp_path}"])
+        attack_main([f"--ckpt={tmp_path / 'other.ckpt'}", *DATA, *SMALL, f"--output={tmp_path / 'out'}"])
 
 
 def test_pickled_code_in_a_checkpoint_is_refused_not_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -124,7 +127,7 @@ def test_pickled_code_in_a_checkpoint_is_refused_not_run(tmp_path: Path, capsys:
     marker = tmp_path / "pwned.txt"
     path.write_bytes(pickle.dumps({"state_dict": Payload(marker)}))
     with pytest.raises(CheckpointMismatchError):
-        attack_main([f"--ckpt={path}", *DATA, *SMALL, f"--output={tmp_path}"])
+        attack_main([f"--ckpt={path}", *DATA, *SMALL, f"--output={tmp_path / 'out'}"])
     assert "pwned" not in capsys.readouterr().out
     assert not marker.exists()
 
@@ -195,3 +198,92 @@ def test_an_eval_checkpoint_of_other_data_is_refused(checkpoint: Path, tmp_path:
     data = ["--data=upi_lightning.data.SyntheticDataModule", "--data.num_classes=5"]
     with pytest.raises(CheckpointMismatchError, match="with 10 classes, but the data has"):
         attack_main([f"--ckpt={checkpoint}", *DATA, *SMALL, f"--eval-ckpt={checkpoint}", f"--output={tmp_path}", *data])
+
+
+def test_a_rerun_after_an_interruption_fits_only_what_is_missing_and_reports_the_same(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [
+        f"--ckpt={checkpoint}",
+        *DATA,
+        *SMALL,
+        "--attack.methods=[upi_grad, random, uap]",
+        f"--eval-ckpt={checkpoint}",
+    ]
+    args.append("--attack.budgets=[{norm: l2, eps: 0.5}, {norm: l2, eps: 1.0}]")
+    whole = attack_main([*args, f"--output={tmp_path / 'whole'}"])
+    fit, fitted = runner.fit_method, []
+
+    def fit_then_interrupt(method: str, model: object, batches: object, budget: Budget, *rest: Any, **kw: Any) -> Any:
+        fitted.append((method, budget.eps))
+        if len(fitted) == 3:  # in the second budget's upi_grad
+            raise KeyboardInterrupt
+        return fit(method, model, batches, budget, *rest, **kw)
+
+    monkeypatch.setattr(runner, "fit_method", fit_then_interrupt)
+    with pytest.raises(SystemExit):
+        attack_main([*args, f"--output={tmp_path / 'resumed'}"])
+    saved = sorted(path.name for path in (tmp_path / "resumed" / "results").iterdir())
+    assert saved == ["random_l2_eps0.5.json", "uap_l2_eps0.5.json", "upi_grad_l2_eps0.5.json"]
+    assert not list((tmp_path / "resumed").glob("tensorboard/*"))  # written at the end only
+    fitted.clear()
+    resumed = attack_main([*args, f"--output={tmp_path / 'resumed'}"])
+    assert fitted == [("upi_grad", 1.0), ("uap", 1.0)]
+    assert numbers(resumed["results"]) == numbers(whole["results"])
+    assert numbers(resumed["transfer"]) == numbers(whole["transfer"])
+    assert json.loads((tmp_path / "resumed" / "report.json").read_text())["results"] == resumed["results"]
+    points = scalar_points(tmp_path / "resumed" / "tensorboard")
+    assert points == scalar_points(tmp_path / "whole" / "tensorboard")
+    assert all(steps == [500, 1000] for steps in points.values())  # one point per budget, whatever ran when
+    assert len(list((tmp_path / "resumed" / "tensorboard").iterdir())) == 1
+
+
+def test_a_rerun_of_a_finished_run_fits_nothing_and_keeps_one_tensorboard_point_per_step(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [f"--ckpt={checkpoint}", *DATA, *SMALL, "--attack.methods=[upi_grad, random]", f"--output={tmp_path}"]
+    first = attack_main(args)
+    monkeypatch.setattr(runner, "fit_method", lambda *args, **kwargs: pytest.fail("refitted a saved method"))
+    again = attack_main(args)
+    assert numbers(again["results"]) == numbers(first["results"])
+    assert all(steps == [1000] for steps in scalar_points(tmp_path / "tensorboard").values())
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "difference"),
+    [
+        (["--attack.upi_grad.epochs=2"], "options.attack.upi_grad.epochs: 1 there, 2 now"),
+        (["--attack.methods=[upi_grad, uap]"], 'options.attack.methods: ["upi_grad"] there, ["upi_grad", "uap"] now'),
+        (["--data.num_test=96"], "options.data.init_args.num_test: 128 there, 96 now"),
+        (["--model=torchvision.resnet18", "--ckpt=null"], "options.ckpt: "),
+    ],
+    ids=["setting", "methods", "data", "model"],
+)
+def test_a_folder_holding_another_run_is_refused_naming_the_difference(
+    checkpoint: Path, tmp_path: Path, change: list[str], difference: str
+) -> None:
+    args = [f"--ckpt={checkpoint}", *DATA, *SMALL, "--attack.methods=[upi_grad]", f"--output={tmp_path}"]
+    attack_main(args)
+    before = sorted(path.stat().st_mtime_ns for path in tmp_path.rglob("*"))
+    with pytest.raises(UPIError, match=f"{tmp_path} holds another attack run \\({re.escape(difference)}"):
+        attack_main([*args, *change])
+    assert sorted(path.stat().st_mtime_ns for path in tmp_path.rglob("*")) == before  # nothing touched
+
+
+def test_another_checkpoint_at_the_same_path_is_another_run(checkpoint: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "model.ckpt"
+    shutil.copy(checkpoint, ckpt)
+    args = [f"--ckpt={ckpt}", *DATA, *SMALL, "--attack.methods=[random]", f"--output={tmp_path / 'out'}"]
+    attack_main(args)
+    content = torch.load(ckpt, weights_only=True)
+    content["state_dict"] = {key: value + 1 for key, value in content["state_dict"].items()}
+    torch.save(content, ckpt)
+    with pytest.raises(UPIError, match=re.escape(f"(sha256.{ckpt}: ")):
+        attack_main(args)
+
+
+def test_a_folder_of_other_files_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+    (tmp_path / "report.json").write_text("{}")  # e.g. a run of an older version, without run.json
+    with pytest.raises(UPIError, match="is not an empty folder and holds no attack run"):
+        attack_main([f"--ckpt={checkpoint}", *DATA, *SMALL, f"--output={tmp_path}"])

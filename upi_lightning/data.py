@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from upi_lightning.errors import DatasetNotFoundError, UPIError
+from upi_lightning.errors import DatasetNotFoundError, UPIError, one_line
 
 
 class UInt8ImageDataset(Dataset[tuple[Tensor, Tensor]]):
@@ -222,8 +222,8 @@ class TorchvisionDataModule(ImageDataModule):
             return self.dataset_cls(str(self.root), train=train, download=self.download)
         except (RuntimeError, OSError) as err:
             how = "download=True needs network access" if self.download else "download is off"
-            raise DatasetNotFoundError(
-                f"{self.dataset_name} not found under {self.root.resolve()} ({how}; {err}). "
+            raise DatasetNotFoundError(  # torchvision's message lists every mirror tried: its first line only
+                f"{self.dataset_name} not found under {self.root.resolve()} ({how}; {one_line(err).rstrip(':')}). "
                 f"Put the original files in {self.root.resolve() / self.dataset_name / 'raw'} "
                 "(or the torchvision layout) or point data.root at a folder that has them."
             ) from None

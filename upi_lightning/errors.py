@@ -20,6 +20,10 @@ class CheckpointMismatchError(UPIError):
     """A checkpoint or perturbation file does not fit the model or data it is loaded into."""
 
 
+class ProcessLostError(UPIError):
+    """A process of a multi-process run died or stopped answering, so the others stopped too."""
+
+
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 

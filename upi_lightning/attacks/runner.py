@@ -5,19 +5,22 @@ For each budget (norm, eps) the runner fits the requested universal perturbation
 per-sample attack, evaluates everything on the held-out ``attack_eval`` split (correctly classified
 samples, maps of the original model), and writes into the output folder:
 
-* ``perturbations/<method>_<norm>_eps<eps>.pt`` (:class:`~upi_lightning.perturbation.UniversalPerturbation`);
-* ``figure_<norm>_eps<eps>.png``: clean images, their maps, the perturbed maps and the perturbations;
-* ``tensorboard/``: every metric as a scalar (step = eps in thousandths, so curves run along eps) and
-  the figures and perturbations as images;
-* ``report.json`` and ``report.md``, written last.
+* ``run.json`` first: the run's identity (:class:`~upi_lightning.attacks.run_folder.RunFolder`);
+* ``perturbations/<method>_<norm>_eps<eps>.pt`` (:class:`~upi_lightning.perturbation.UniversalPerturbation`)
+  and ``results/<method>_<norm>_eps<eps>.json`` (its result and transfer rows), as each method completes;
+* at the end, from every saved result: ``figure_<norm>_eps<eps>.png`` (clean images, their maps, the
+  perturbed maps and the perturbations), ``sweep_<norm>.png``, ``tensorboard/`` (every metric as a
+  scalar, step = eps in thousandths so curves run along eps, and the figures and perturbations as
+  images), then ``report.json`` and ``report.md``.
 
-Every file is written atomically, so an interrupted run leaves complete files or none.
+Every file is written atomically, so an interrupted run leaves complete files or none; rerunning it
+into the same folder skips the saved results and gives the report of an uninterrupted run. Every random
+choice is seeded per fit, draw or evaluated batch, so a result does not depend on what ran before it.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,17 +34,27 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
 from upi_lightning.attacks.baselines import random_universal
-from upi_lightning.attacks.engine import Batches
-from upi_lightning.attacks.evaluate import evaluate_draws, evaluate_perturbation, maps_under_perturbations
+from upi_lightning.attacks.engine import Batches, UPIFitResult
+from upi_lightning.attacks.evaluate import (
+    PerSampleDeltas,
+    evaluate_draws,
+    evaluate_perturbation,
+    maps_under_perturbations,
+)
 from upi_lightning.attacks.methods import fit_method, per_sample_deltas
 from upi_lightning.attacks.report import TABLE_METRICS, machine_description, markdown_report
-from upi_lightning.attacks.settings import AttackSettings, Budget
+from upi_lightning.attacks.run_folder import RunFolder
+from upi_lightning.attacks.settings import AttackSettings, Budget, MethodName
 from upi_lightning.charts import line_chart
 from upi_lightning.distributed import Processes, ShardedBatches
 from upi_lightning.errors import UPIError
 from upi_lightning.figures import perturbation_image, saliency_figure, save_png
 from upi_lightning.io import atomic_write_json, atomic_write_text
 from upi_lightning.model_modes import model_device
+from upi_lightning.perturbation import UniversalPerturbation
+
+Perturbation = Tensor | PerSampleDeltas | list[Tensor]
+"""What a method evaluates: a universal delta, per-sample deltas of each batch, or random draws."""
 
 
 def first_samples(dataset: Dataset[Any], count: int | None) -> Dataset[Any]:
@@ -98,6 +111,9 @@ class AttackRun:
             rank 0 alone writes files and prints.
         eval_models: other classifiers of the same data, by name, on which every universal perturbation
             (and the random draws) is evaluated too: the report's ``transfer`` rows.
+        identity: what the run's numbers depend on, the ``run.json`` of :class:`RunFolder` (default: the
+            description, the settings and the names of ``eval_models``): a rerun with the same identity
+            resumes the run, another one is refused.
     """
 
     def __init__(
@@ -110,11 +126,15 @@ class AttackRun:
         progress: bool = True,
         processes: Processes | None = None,
         eval_models: dict[str, nn.Module] | None = None,
+        identity: dict[str, Any] | None = None,
     ) -> None:
         self.model, self.datamodule, self.settings = model, datamodule, settings
         self.eval_models = eval_models or {}
         self.output = Path(output)
         self.description = description or {}
+        if identity is None:
+            identity = {"description": self.description, "settings": asdict(settings), "eval": [*self.eval_models]}
+        self.folder = RunFolder(self.output, identity)
         self.processes = processes or Processes()
         self.progress = progress and self.processes.is_main
         self.image_shape: tuple[int, ...] = ()  # set by run() from the data
@@ -126,32 +146,29 @@ class AttackRun:
         return loader if processes.world_size == 1 else ShardedBatches(loader, processes.rank, processes.world_size)
 
     def run(self) -> dict[str, Any]:
-        """Fit, evaluate and write everything; return the report (also in ``report.json``)."""
+        """Fit and evaluate what the folder does not hold yet, write everything; return the report.
+
+        The report (also in ``report.json``) lists every (budget, method), in the order of the settings,
+        whether computed now or read from ``results/``.
+        """
         settings = self.settings
         fit_loader, eval_loader = attack_loaders(self.datamodule, settings)
         self.image_shape = tuple(fit_loader.dataset[0][0].shape)
         self.fit_shuffling = fit_loader.generator
         main = self.processes.is_main
         if main:
-            images, labels = figure_batch(self.model, eval_loader, settings.figure_images)
+            self.folder.claim()
         fit_batches, eval_batches = self.shard(fit_loader), self.shard(eval_loader)
-        results: list[dict[str, Any]] = []
-        transfer: list[dict[str, Any]] = []
         started = time.perf_counter()
-        with SummaryWriter(str(self.output / "tensorboard")) if main else nullcontext() as writer:
-            for budget in settings.budgets:
-                budget_results, deltas = self.attack_budget(budget, fit_batches, eval_batches)
-                results.extend(budget_results)
-                transfer.extend(self.transfer_budget(budget, deltas, eval_batches))
-                if not main:
-                    continue
-                self.write_figure(budget, images, labels, deltas, writer)
-                for row in budget_results:
-                    for metric, value in row["metrics"].items():
-                        step = round(budget.eps * 1000)
-                        writer.add_scalar(f"{budget.norm}/{metric}/{row['method']}", value, global_step=step)
-            if main:
-                self.write_sweeps(results, writer)
+        records = [
+            self.result(budget, method, fit_batches, eval_batches)
+            for budget in settings.budgets
+            for method in settings.methods
+        ]
+        results = [record["result"] for record in records]
+        transfer = [row for record in records for row in record["transfer"]]
+        if main:
+            self.write_figures_and_tensorboard(results, *figure_batch(self.model, eval_loader, settings.figure_images))
         report = {
             "complete": True,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -169,85 +186,117 @@ class AttackRun:
             atomic_write_text(self.output / "report.md", markdown_report(report))
         return report
 
-    def attack_budget(
-        self, budget: Budget, fit_loader: Batches, eval_loader: Batches
-    ) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
-        """Run every method in one budget; return the result rows and the universal deltas by method."""
-        rows: list[dict[str, Any]] = []
-        deltas: dict[str, Tensor] = {}
-        evaluate = self.evaluation_options()
-        for method in self.settings.methods:
-            started = time.perf_counter()
-            if method == "random":
-                draws = self.random_draws(budget)
-                metrics = evaluate_draws(self.model, eval_loader, draws, **evaluate)
-                deltas[method] = draws[0]
-                fit_seconds = 0.0
-            elif method == "per_sample":
-                metrics = evaluate_perturbation(
-                    self.model, eval_loader, per_sample_deltas(self.model, budget, self.settings), **evaluate
-                )
-                fit_seconds = time.perf_counter() - started
-            else:
-                if self.fit_shuffling is not None:  # every fit sees the same shuffles, whatever ran before it
-                    self.fit_shuffling.manual_seed(self.settings.seed)
-                fitted = fit_method(
-                    method,
-                    self.model,
-                    fit_loader,
-                    budget,
-                    self.settings,
-                    progress=self.progress,
-                    reduce=self.processes.reduce,
-                )
-                fit_seconds = fitted.seconds
-                deltas[method] = fitted.delta.cpu()
-                if self.processes.is_main:
-                    path = self.output / "perturbations" / f"{method}_{budget.tag}.pt"
-                    saliency = asdict(self.settings.saliency)
-                    fitted.to_perturbation(**self.description, saliency=saliency, k=self.settings.k).save(path)
-                metrics = evaluate_perturbation(self.model, eval_loader, fitted.delta, **evaluate)
-            rows.append(
-                {
-                    "method": method,
-                    "norm": budget.norm,
-                    "eps": budget.eps,
-                    "fit_seconds": fit_seconds,
-                    "total_seconds": time.perf_counter() - started,
-                    "metrics": metrics,
-                }
-            )
-            if self.progress:
-                print(
-                    f"[{budget.tag}] {method:10s} relative_l2={metrics['relative_l2']:.4f} "
-                    f"topk={metrics['topk_intersection']:.4f} flip={metrics['flip_rate']:.4f} "
-                    f"({rows[-1]['total_seconds']:.1f}s)",
-                    flush=True,
-                )
-        return rows, deltas
+    def result(self, budget: Budget, method: MethodName, fit_loader: Batches, eval_loader: Batches) -> dict[str, Any]:
+        """``method``'s record in ``budget`` (``{"result": row, "transfer": rows}``): saved earlier, else computed.
 
-    def evaluation_options(self) -> dict[str, Any]:
-        """The keyword arguments of every evaluation of this run (maps, top-k size, progress bars)."""
-        return {"saliency": self.settings.saliency, "k": self.settings.k, "progress": self.progress}
+        Every process reads the folder; they must agree (an output folder all of them share) since the
+        processes that compute take part in collectives together.
+
+        Raises:
+            UPIError: if some processes find the result saved and others do not.
+        """
+        saved = self.folder.saved(method, budget)
+        found = self.processes.reduce(torch.tensor(float(saved is not None), device=model_device(self.model)))
+        if 0 < found.item() < self.processes.world_size:
+            raise UPIError(
+                f"only some processes find {self.folder.result_path(method, budget)}: a resumed multi-process "
+                "run needs an --output folder every process shares."
+            )
+        if saved is None:
+            saved = self.attack(budget, method, fit_loader, eval_loader)
+            if self.processes.is_main:
+                self.folder.save(method, budget, saved)
+        elif self.progress:
+            print(f"[{budget.tag}] {method:10s} done before: {self.folder.result_path(method, budget)}", flush=True)
+        return saved
+
+    def attack(self, budget: Budget, method: MethodName, fit_loader: Batches, eval_loader: Batches) -> dict[str, Any]:
+        """Fit or draw ``method`` in ``budget``, evaluate it on the model and on every ``eval_models``; its record."""
+        started = time.perf_counter()
+        fit_seconds = 0.0
+        if method == "per_sample":
+            perturbation: Perturbation = per_sample_deltas(self.model, budget, self.settings)
+        elif method == "random":
+            perturbation = self.random_draws(budget)
+        else:
+            fitted = self.fit(budget, method, fit_loader)
+            perturbation, fit_seconds = fitted.delta, fitted.seconds
+        metrics = self.evaluate(self.model, perturbation, eval_loader)
+        if method == "per_sample":  # its fit is the whole per-sample attack of the evaluated samples
+            fit_seconds = time.perf_counter() - started
+        row = {
+            "method": method,
+            "norm": budget.norm,
+            "eps": budget.eps,
+            "fit_seconds": fit_seconds,
+            "total_seconds": time.perf_counter() - started,
+            "metrics": metrics,
+        }
+        if self.progress:
+            print(
+                f"[{budget.tag}] {method:10s} relative_l2={metrics['relative_l2']:.4f} "
+                f"topk={metrics['topk_intersection']:.4f} flip={metrics['flip_rate']:.4f} "
+                f"({row['total_seconds']:.1f}s)",
+                flush=True,
+            )
+        # per-sample perturbations are made for the attacked model's batches: they have no transfer rows
+        eval_models = {} if method == "per_sample" else self.eval_models
+        transfer = [
+            {"method": method, "norm": budget.norm, "eps": budget.eps, "eval_model": name}
+            | {"metrics": self.evaluate(model, perturbation, eval_loader)}
+            for name, model in eval_models.items()
+        ]
+        return {"result": row, "transfer": transfer}
+
+    def fit(self, budget: Budget, method: MethodName, fit_loader: Batches) -> UPIFitResult:
+        """Fit the universal ``method`` in ``budget`` and save its perturbation file (rank 0)."""
+        if self.fit_shuffling is not None:  # every fit sees the same shuffles, whatever ran before it
+            self.fit_shuffling.manual_seed(self.settings.seed)
+        fitted = fit_method(
+            method, self.model, fit_loader, budget, self.settings, progress=self.progress, reduce=self.processes.reduce
+        )
+        if self.processes.is_main:
+            saliency = asdict(self.settings.saliency)
+            perturbation = fitted.to_perturbation(**self.description, saliency=saliency, k=self.settings.k)
+            perturbation.save(self.folder.perturbation_path(method, budget))
+        return fitted
+
+    def evaluate(self, model: nn.Module, perturbation: Perturbation, eval_loader: Batches) -> dict[str, float]:
+        """Metrics of a perturbation (a delta, per-sample deltas, or random draws summarized) on ``model``."""
+        settings, k, progress = self.settings.saliency, self.settings.k, self.progress
+        if isinstance(perturbation, list):
+            return evaluate_draws(model, eval_loader, perturbation, saliency=settings, k=k, progress=progress)
+        return evaluate_perturbation(model, eval_loader, perturbation, saliency=settings, k=k, progress=progress)
 
     def random_draws(self, budget: Budget) -> list[Tensor]:
         """The random baseline's draws in ``budget`` (seeded: the same at every call)."""
         count, seed = self.settings.baselines.random_draws, self.settings.seed
         return random_universal(self.image_shape, budget.threat, count, seed)
 
-    def transfer_budget(self, budget: Budget, deltas: dict[str, Tensor], eval_loader: Batches) -> list[dict[str, Any]]:
-        """Evaluate this budget's universal perturbations (random: every draw) on each of ``eval_models``."""
-        rows = []
-        evaluate = self.evaluation_options()
-        for name, model in self.eval_models.items():
-            for method, delta in deltas.items():
-                if method == "random":
-                    metrics = evaluate_draws(model, eval_loader, self.random_draws(budget), **evaluate)
-                else:
-                    metrics = evaluate_perturbation(model, eval_loader, delta, **evaluate)
-                rows.append({"method": method, "norm": budget.norm, "eps": budget.eps, "eval_model": name})
-                rows[-1]["metrics"] = metrics
-        return rows
+    def universal_deltas(self, budget: Budget) -> dict[str, Tensor]:
+        """This budget's universal perturbations by method: the saved files, random's first draw."""
+        return {
+            method: self.random_draws(budget)[0]
+            if method == "random"
+            else UniversalPerturbation.load(self.folder.perturbation_path(method, budget), self.image_shape).delta
+            for method in self.settings.methods
+            if method != "per_sample"
+        }
+
+    def write_figures_and_tensorboard(self, results: list[dict[str, Any]], images: Tensor, labels: Tensor) -> None:
+        """Figures, sweeps and TensorBoard of the whole run, from its rows and saved perturbations (rank 0).
+
+        ``tensorboard/`` is emptied first, so a resumed run logs one point per tag and step, like a run
+        that was never interrupted.
+        """
+        with SummaryWriter(str(self.folder.fresh_tensorboard())) as writer:
+            for budget in self.settings.budgets:
+                self.write_figure(budget, images, labels, self.universal_deltas(budget), writer)
+            for row in results:
+                step = round(row["eps"] * 1000)
+                for metric, value in row["metrics"].items():
+                    writer.add_scalar(f"{row['norm']}/{metric}/{row['method']}", value, global_step=step)
+            self.write_sweeps(results, writer)
 
     def write_sweeps(self, results: list[dict[str, Any]], writer: SummaryWriter) -> None:
         """For each norm attacked at several eps: every table metric against eps, one curve per method.

@@ -1,0 +1,121 @@
+"""The output folder of one attack run: whose run it is, which results are done, nothing of another run.
+
+``run.json``, written before anything else, holds the run's *identity*: everything its numbers depend on
+(the options, the checkpoint digests). A rerun with the same identity resumes the run; a folder whose
+``run.json`` differs, or that holds files but no ``run.json``, is refused with one line naming the first
+difference, so a folder never mixes two runs.
+
+Each (budget, method) result is saved to ``results/<method>_<norm>_eps<eps>.json`` as soon as it is
+evaluated (after its perturbation file in ``perturbations/``): the result row and its transfer rows. A
+resumed run reads them instead of fitting again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from upi_lightning.attacks.settings import Budget
+from upi_lightning.errors import UPIError
+from upi_lightning.io import atomic_write_json
+
+RUN_FILE = "run.json"
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's content (hex)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """``value`` as compact JSON, cut to ``limit`` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def first_difference(saved: Any, current: Any, where: str = "") -> str | None:
+    """``"key.path: <saved> there, <current> now"`` for the first difference of two JSON values (``None``: equal).
+
+    Mappings are compared key by key (so the path names the option); any other values as a whole.
+    """
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in dict.fromkeys([*current, *saved]):
+            found = first_difference(saved.get(key), current.get(key), f"{where}.{key}" if where else str(key))
+            if found is not None:
+                return found
+        return None
+    return None if saved == current else f"{where or 'run'}: {short(saved)} there, {short(current)} now"
+
+
+class RunFolder:
+    """The output folder ``path`` of the run ``identity``: its run file, saved results and TensorBoard folder.
+
+    Args:
+        path: the output folder.
+        identity: what the run's numbers depend on (JSON-able; stored as ``run.json``).
+    """
+
+    def __init__(self, path: str | Path, identity: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.identity = json.loads(json.dumps(identity, default=str))  # as it reads back from run.json
+
+    def check(self) -> None:
+        """Refuse a folder that holds another run, or files of no run.
+
+        Raises:
+            UPIError: naming the first option that differs from the folder's ``run.json``, or saying the
+                folder holds files but no ``run.json`` (another program's, or a run of an older version).
+        """
+        run_file = self.path / RUN_FILE
+        if run_file.is_file():
+            try:
+                saved = json.loads(run_file.read_text())
+            except (OSError, ValueError) as err:
+                raise UPIError(f"{run_file} is unreadable ({err}); delete {self.path} to start over.") from None
+            difference = first_difference(saved, self.identity)
+            if difference is not None:
+                raise UPIError(
+                    f"{self.path} holds another attack run ({difference}); rerun with its settings to resume "
+                    "it, or choose another --output."
+                )
+        elif self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise UPIError(
+                f"{self.path} is not an empty folder and holds no attack run ({RUN_FILE}); choose another --output."
+            )
+
+    def claim(self) -> None:
+        """:meth:`check`, then write ``run.json`` if the folder does not hold it yet (the run's first file)."""
+        self.check()
+        if not (self.path / RUN_FILE).is_file():
+            atomic_write_json(self.path / RUN_FILE, self.identity)
+
+    def perturbation_path(self, method: str, budget: Budget) -> Path:
+        """Where the universal perturbation of ``method`` in ``budget`` is saved."""
+        return self.path / "perturbations" / f"{method}_{budget.tag}.pt"
+
+    def result_path(self, method: str, budget: Budget) -> Path:
+        """Where the result of ``method`` in ``budget`` is saved."""
+        return self.path / "results" / f"{method}_{budget.tag}.json"
+
+    def saved(self, method: str, budget: Budget) -> dict[str, Any] | None:
+        """The saved ``{"result": row, "transfer": rows}`` of ``method`` in ``budget`` (``None``: not done)."""
+        path = self.result_path(method, budget)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save(self, method: str, budget: Budget, record: dict[str, Any]) -> None:
+        """Save the result of ``method`` in ``budget`` (atomically: a killed run leaves it whole or absent)."""
+        atomic_write_json(self.result_path(method, budget), record)
+
+    def fresh_tensorboard(self) -> Path:
+        """The ``tensorboard/`` folder, emptied: event files of an interrupted attempt of this run are removed."""
+        folder = self.path / "tensorboard"
+        shutil.rmtree(folder, ignore_errors=True)
+        return folder
