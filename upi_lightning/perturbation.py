@@ -121,6 +121,21 @@ def apply_perturbation(x: Tensor, delta: Tensor) -> Tensor:
     return (x + delta).clamp(0.0, 1.0)
 
 
+def straight_through_clip(x: Tensor) -> Tensor:
+    r"""``clip(x, 0, 1)`` in the forward pass, the identity in the backward pass (straight-through).
+
+    ``torch.clamp`` passes a zero gradient to every coordinate on or beyond a face of the box (``0`` and
+    ``1`` included), so a per-sample attack that differentiates :math:`f(\mathrm{clip}(x + \delta))`
+    w.r.t. :math:`\delta` never moves a saturated pixel again. Here the gradient w.r.t. ``x`` is the
+    gradient w.r.t. the clipped image, as in textbook PGD (which differentiates w.r.t. ``x_adv``). The
+    value is exactly ``x.clamp(0, 1)``.
+
+    Use it for per-sample perturbations only: for a universal ``delta`` the plain clamp gives the exact
+    gradient of the objective (a pixel clipped for one sample still moves the others).
+    """
+    return x.clamp(0.0, 1.0).detach() + (x - x.detach())
+
+
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """Return a ``torch.Generator`` on ``device`` seeded with ``seed``."""
     return torch.Generator(device=device).manual_seed(seed)

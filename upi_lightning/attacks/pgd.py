@@ -7,12 +7,17 @@ in ``[0, 1]``:
 .. math::
 
     \delta_i \leftarrow \mathrm{clip}_{[0,1]}\big(x_i + \mathrm{Proj}_{B_\varepsilon}(\delta_i + \eta\,
-    s(\nabla_{\delta_i} \mathrm{CE}(f(x_i + \delta_i), y_i)))\big) - x_i,
+    s(\nabla_{x'} \mathrm{CE}(f(x'), y_i)|_{x' = x_i + \delta_i}))\big) - x_i,
 
 ``s`` = normalized gradient (L2) or sign (Linf): the shared step
 :func:`upi_lightning.perturbation.projected_ascent_step`, one ball per sample. The start is a uniform
 random point of the ball (``random_start``) or ``x`` itself. Clipping to the box after the projection
 can only shrink each coordinate of ``delta``, so the result stays in the ball.
+
+The gradient is taken w.r.t. the adversarial image :math:`x' = \mathrm{clip}(x_i + \delta_i)` (textbook
+PGD), through :func:`upi_lightning.perturbation.straight_through_clip`: differentiating through
+``torch.clamp`` instead gives a zero gradient to every pixel on the box's faces, and after the random
+start about half of MNIST's pixels sit there and never move (issue 14).
 
 :func:`robust_accuracy` evaluates a model on a data set and :class:`RobustAccuracy` does it as a
 Lightning callback during validation and/or test.
@@ -39,6 +44,7 @@ from upi_lightning.perturbation import (
     make_generator,
     projected_ascent_step,
     random_in_ball,
+    straight_through_clip,
 )
 from upi_lightning.saliency import evaluation_mode, gradients_enabled
 
@@ -95,7 +101,7 @@ def pgd_attack(
             delta = torch.zeros_like(x)
         for _ in range(steps):
             variable = delta.requires_grad_(True)
-            loss = F.cross_entropy(model(apply_perturbation(x, variable)), y, reduction="sum")
+            loss = F.cross_entropy(model(straight_through_clip(x + variable)), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, variable)
             delta = projected_ascent_step(delta.detach(), grad, norm, eps, eta, per_sample=True)
             delta = apply_perturbation(x, delta) - x
