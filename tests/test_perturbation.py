@@ -20,6 +20,7 @@ from upi_lightning.perturbation import (
     random_in_ball,
     random_on_sphere,
     sample_normal,
+    straight_through_clip,
 )
 
 
@@ -102,6 +103,17 @@ def test_apply_perturbation_clips_to_pixel_range() -> None:
     x = torch.tensor([[[[0.0, 0.5, 1.0]]]])
     delta = torch.tensor([[[-0.2, 0.2, 0.2]]])
     assert torch.equal(apply_perturbation(x, delta), torch.tensor([[[[0.0, 0.7, 1.0]]]]))
+
+
+def test_straight_through_clip_has_the_clamp_value_and_the_identity_gradient() -> None:
+    # torch.clamp gives 0 and 1 themselves a zero gradient (issue 14); the straight-through clip passes
+    # the gradient of the clipped point to every coordinate, inside, on or beyond the box
+    x = torch.tensor([-0.3, 0.0, 1e-8, 0.5, 1.0, 1.0 + 1e-7, 3.7], requires_grad=True)
+    weights = torch.arange(1.0, 8.0)
+    clipped = straight_through_clip(x)
+    assert torch.equal(clipped, x.detach().clamp(0, 1))
+    (grad,) = torch.autograd.grad((weights * clipped).sum(), x)
+    assert torch.equal(grad, weights)
 
 
 @pytest.mark.parametrize(("norm", "eps"), [("l2", 0.0), ("l3", 1.0), ("l2", float("nan")), ("linf", -1.0)])
