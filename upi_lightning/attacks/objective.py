@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
 from upi_lightning.models import refold_batchnorm, softplus_surrogate
-from upi_lightning.perturbation import apply_perturbation, sample_normal
+from upi_lightning.perturbation import sample_normal, straight_through_clip
 from upi_lightning.saliency import (
     SALIENCY_METHODS,
     SCORE_KINDS,
@@ -84,6 +84,11 @@ def map_dissimilarity(perturbed: Tensor, clean: Tensor, kind: Dissimilarity = "l
     kept = a.gather(1, top).sum(dim=1)
     reference = b.gather(1, top).sum(dim=1)
     return 1 - kept / torch.where(reference > 0, reference, torch.ones_like(reference))
+
+
+def clip(x: Tensor, straight_through: bool = False) -> Tensor:
+    """``x`` clipped to ``[0, 1]``: :func:`~upi_lightning.perturbation.straight_through_clip` or ``torch.clamp``."""
+    return straight_through_clip(x) if straight_through else x.clamp(0.0, 1.0)
 
 
 def _normal_tensor(x: Tensor) -> Tensor:
@@ -211,6 +216,7 @@ class UPIObjective:
         delta: Tensor,
         clean_maps: Tensor | None = None,
         generator: torch.Generator | None = None,
+        straight_through: bool = False,
     ) -> Tensor:
         r"""Return the smoothed map change ``(N,)``.
 
@@ -219,6 +225,8 @@ class UPIObjective:
         one batch of ``N * n_noise`` images (one forward and one backward pass). The noise is keyed by
         sample (:func:`~upi_lightning.perturbation.sample_normal`: one draw from ``generator`` per call),
         so it does not depend on how the samples are batched or sharded across processes.
+        ``straight_through``: clip with :func:`~upi_lightning.perturbation.straight_through_clip` (see
+        :meth:`per_sample`).
         """
         net = self.network(model)
         with evaluation_mode(net), gradients_enabled():
@@ -230,24 +238,26 @@ class UPIObjective:
             if self.sigma > 0:
                 noise = sample_normal(x, y, draws, generator)
                 shifted = shifted.unsqueeze(0) + self.sigma * noise
-            batch = shifted.expand(draws, *x.shape).flatten(0, 1).clamp(0.0, 1.0)
+            batch = clip(shifted.expand(draws, *x.shape).flatten(0, 1), straight_through)
             maps = self.maps(net, batch, y.repeat(draws), clean=x, create_graph=delta.requires_grad)
             references = clean_maps.repeat(draws, 1, 1)
             values = map_dissimilarity(maps, references, self.dissimilarity, self.k)
             return values.view(draws, -1).mean(dim=0)
 
-    def prediction_penalty(self, model: nn.Module, x: Tensor, y: Tensor, delta: Tensor) -> Tensor:
+    def prediction_penalty(
+        self, model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, straight_through: bool = False
+    ) -> Tensor:
         r"""Return the cross-entropy increase ``(N,)``.
 
         :math:`\max(0, \mathrm{CE}(f(\mathrm{clip}(x + \delta)), y) - \mathrm{CE}(f(x), y))`, differentiable
-        w.r.t. ``delta``.
+        w.r.t. ``delta`` (through a straight-through clip with ``straight_through``).
         """
         net = self.network(model)
         with evaluation_mode(net), gradients_enabled():
             x, y = _normal_tensor(x), _normal_tensor(y)
             with torch.no_grad():
                 clean = F.cross_entropy(net(x), y, reduction="none")
-            perturbed = F.cross_entropy(net(apply_perturbation(x, delta)), y, reduction="none")
+            perturbed = F.cross_entropy(net(clip(x + delta, straight_through)), y, reduction="none")
             return (perturbed - clean).clamp_min(0.0)
 
     def per_sample(
@@ -258,6 +268,7 @@ class UPIObjective:
         delta: Tensor,
         clean_maps: Tensor | None = None,
         generator: torch.Generator | None = None,
+        straight_through: bool = False,
     ) -> Tensor:
         r"""Return the per-sample objective :math:`J_i(\delta)` ``(N,)`` of the module docstring.
 
@@ -269,9 +280,13 @@ class UPIObjective:
                 grad to differentiate (the maps are then built with ``create_graph=True``).
             clean_maps: precomputed :meth:`clean_maps` of ``x`` (recomputed when ``None``).
             generator: random generator of the smoothing noise.
+            straight_through: differentiate through
+                :func:`~upi_lightning.perturbation.straight_through_clip` instead of ``torch.clamp``, so
+                that pixels clipped to 0 or 1 still get a gradient. For per-sample perturbations (the
+                per-sample attack); a universal ``delta`` keeps the exact gradient of the plain clamp.
 
         """
-        values = self.dissimilarity_term(model, x, y, delta, clean_maps, generator)
+        values = self.dissimilarity_term(model, x, y, delta, clean_maps, generator, straight_through)
         if self.keep_prediction > 0:
-            values = values - self.keep_prediction * self.prediction_penalty(model, x, y, delta)
+            values = values - self.keep_prediction * self.prediction_penalty(model, x, y, delta, straight_through)
         return values
