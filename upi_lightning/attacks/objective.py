@@ -282,8 +282,9 @@ class UPIObjective:
             generator: random generator of the smoothing noise.
             straight_through: differentiate through
                 :func:`~upi_lightning.perturbation.straight_through_clip` instead of ``torch.clamp``, so
-                that pixels clipped to 0 or 1 still get a gradient. For per-sample perturbations (the
-                per-sample attack); a universal ``delta`` keeps the exact gradient of the plain clamp.
+                that pixels clipped to 0 or 1 still get a gradient. For per-sample perturbations and
+                gradients (the per-sample attack, UPI-PCA's rows); UPI-Grad's universal ``delta`` keeps
+                the exact gradient of the plain clamp.
 
         """
         values = self.dissimilarity_term(model, x, y, delta, clean_maps, generator, straight_through)
