@@ -174,3 +174,33 @@ def test_objective_works_under_inference_mode() -> None:
         x_inf, y_inf = x.clone(), y.clone()
         values = UPIObjective().per_sample(model, x_inf, y_inf, delta)
     assert torch.allclose(values, expected)
+
+
+def test_straight_through_passes_the_gradient_of_the_clipped_image_to_clipped_pixels() -> None:
+    # issue 14: through torch.clamp a pixel pushed onto or past 0 or 1 gets no gradient; the per-sample
+    # attack differentiates through a straight-through clip instead: the gradient w.r.t. the clipped image
+    model = QuadraticScore().double()
+    x, y = make_batches(1, 4, low=0.0, high=1.0)[0]
+    x = x.double()
+    delta = 0.3 * torch.randn(4, 1, 8, 8, generator=make_generator(6), dtype=torch.float64)
+    objective = UPIObjective(keep_prediction=0.5)
+    clipped = (x + delta).clamp(0, 1)
+    outside = (x + delta < 0) | (x + delta > 1)
+    assert outside.any() and (~outside).any()
+    model.eval()
+    image = clipped.clone().requires_grad_(True)
+    increase = F.cross_entropy(model(image), y, reduction="none") - F.cross_entropy(model(x), y, reduction="none")
+    change = map_dissimilarity(saliency_map(model, image, y, create_graph=True), saliency_map(model, x, y))
+    expected = change - 0.5 * increase.clamp_min(0)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), image)
+    assert (increase > 0).any()
+    grads = {}
+    for straight_through in (False, True):
+        variable = delta.clone().requires_grad_(True)
+        values = objective.per_sample(model, x, y, variable, create_graph=True, straight_through=straight_through)
+        assert torch.allclose(values.detach(), expected.detach(), atol=1e-12)
+        (grads[straight_through],) = torch.autograd.grad(values.sum(), variable)
+    torch.testing.assert_close(grads[True], expected_grad, rtol=1e-9, atol=1e-12)
+    assert torch.equal(grads[False][outside], torch.zeros_like(grads[False][outside]))
+    assert torch.equal(grads[False][~outside], grads[True][~outside])
+    assert (grads[True][outside] != 0).all()

@@ -10,7 +10,7 @@ import torch
 
 from upi_lightning.errors import UPIError
 from upi_lightning.noise import make_generator
-from upi_lightning.threat import L2Ball, LinfBall, apply_perturbation, threat_model
+from upi_lightning.threat import L2Ball, LinfBall, apply_perturbation, straight_through_clip, threat_model
 
 
 def _np_project(delta: np.ndarray, norm: str, eps: float) -> np.ndarray:
@@ -98,3 +98,14 @@ def test_apply_perturbation_clips_to_pixel_range() -> None:
 def test_bad_norm_or_eps_is_refused(norm: str, eps: float) -> None:
     with pytest.raises(UPIError, match=r"eps|norm"):
         threat_model(norm, eps).project(torch.zeros(3))  # type: ignore[arg-type]
+
+
+def test_straight_through_clip_has_the_clamp_value_and_the_identity_gradient() -> None:
+    # torch.clamp gives 0 and 1 themselves a zero gradient (issue 14); the straight-through clip passes
+    # the gradient of the clipped point to every coordinate, inside, on or beyond the box
+    x = torch.tensor([-0.3, 0.0, 1e-8, 0.5, 1.0, 1.0 + 1e-7, 3.7], requires_grad=True)
+    weights = torch.arange(1.0, 8.0)
+    clipped = straight_through_clip(x)
+    assert torch.equal(clipped, x.detach().clamp(0, 1))
+    (grad,) = torch.autograd.grad((weights * clipped).sum(), x)
+    assert torch.equal(grad, weights)

@@ -68,8 +68,10 @@ def straight_through_clip(x: Tensor) -> Tensor:
     gradient w.r.t. the clipped image, as in textbook PGD (which differentiates w.r.t. ``x_adv``). The
     value is exactly ``x.clamp(0, 1)``.
 
-    Use it for per-sample perturbations only: for a universal ``delta`` the plain clamp gives the exact
-    gradient of the objective (a pixel clipped for one sample still moves the others).
+    Use it for per-sample perturbations and per-sample gradients (PGD, the per-sample attack, UPI-PCA's
+    rows): for a universal ``delta`` fitted by gradient ascent (UPI-Grad, the classification UAP) the plain
+    clamp gives the exact gradient of the objective, and a pixel clipped for one sample still moves for
+    the others.
     """
     return x.clamp(0.0, 1.0).detach() + (x - x.detach())
 

@@ -61,7 +61,11 @@ def fit_per_sample_attack(
 
     Projected ascent :math:`\delta_i \leftarrow \mathrm{Proj}(\delta_i + \eta_t s(\nabla_{\delta_i}
     J_i))` from a random point of each ball, ``steps`` steps; returns, per sample, the iterate with the
-    best objective seen (the final one included).
+    best objective seen (the final one included). As in :func:`upi_lightning.attacks.pgd.pgd_attack`,
+    every iterate is brought back into the box (:math:`\delta_i \leftarrow \mathrm{clip}(x_i + \delta_i)
+    - x_i`, which keeps it in the ball) and the gradient is the one w.r.t. the clipped image
+    (:meth:`UPIObjective.per_sample` with ``straight_through=True``), so pixels on 0 or 1 still move
+    (issue 14; measured in docs/RESULTS.md).
 
     Args:
         model: the classifier (eval mode, modes restored, parameters untouched).
@@ -87,12 +91,15 @@ def fit_per_sample_attack(
         generator = make_generator(seed, device)
         starts = sample_generators(x, y, generator)  # keyed by sample: the same start on any number of processes
         delta = torch.stack([threat.random_start(tuple(x.shape[1:]), g, device) for g in starts])
+        delta = apply_perturbation(x, delta) - x
         clean = objective.clean_maps(model, x, y)
         best_value = torch.full((len(x),), -torch.inf, device=device)
         best_delta = delta.clone()
         for step in range(steps + 1):
             variable = delta.clone().requires_grad_(step < steps)
-            values = objective.per_sample(model, x, y, variable, clean, generator, create_graph=step < steps)
+            values = objective.per_sample(
+                model, x, y, variable, clean, generator, create_graph=step < steps, straight_through=True
+            )
             improved = values.detach() > best_value
             best_value = torch.where(improved, values.detach(), best_value)
             best_delta[improved] = delta[improved]
@@ -101,6 +108,7 @@ def fit_per_sample_attack(
             (grad,) = torch.autograd.grad(values.sum(), variable, allow_unused=True, materialize_grads=True)
             eta = step_size_at(schedule, base_step, step, steps)
             delta = threat.step(delta, grad, eta, per_sample=True)
+            delta = apply_perturbation(x, delta) - x
     return best_delta.detach()
 
 

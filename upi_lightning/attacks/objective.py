@@ -35,7 +35,7 @@ from upi_lightning.noise import sample_normal
 from upi_lightning.saliency import SaliencySettings
 from upi_lightning.sample_cache import SampleCache
 from upi_lightning.surrogate import refold_batchnorm, softplus_surrogate
-from upi_lightning.threat import apply_perturbation
+from upi_lightning.threat import straight_through_clip
 
 OBJECTIVE_NOISE_SEED = 1
 """Seed of the objective's SmoothGrad draws: not the evaluation's (0), so that an attack fitted on the
@@ -79,6 +79,11 @@ def map_dissimilarity(perturbed: Tensor, clean: Tensor, kind: Dissimilarity = "l
     kept = a.gather(1, top).sum(dim=1)
     reference = b.gather(1, top).sum(dim=1)
     return 1 - kept / torch.where(reference > 0, reference, torch.ones_like(reference))
+
+
+def clip(x: Tensor, straight_through: bool = False) -> Tensor:
+    """``x`` clipped to ``[0, 1]``: :func:`~upi_lightning.threat.straight_through_clip` or ``torch.clamp``."""
+    return straight_through_clip(x) if straight_through else x.clamp(0.0, 1.0)
 
 
 def _normal_tensor(x: Tensor) -> Tensor:
@@ -207,6 +212,7 @@ class UPIObjective:
         generator: torch.Generator | None = None,
         *,
         create_graph: bool = False,
+        straight_through: bool = False,
     ) -> Tensor:
         r"""Return the smoothed map change ``(N,)``.
 
@@ -216,6 +222,8 @@ class UPIObjective:
         one batch of ``N * n_noise`` images (one forward and one backward pass). The noise is keyed by
         sample (:func:`~upi_lightning.noise.sample_normal`: one draw from ``generator`` per call),
         so it does not depend on how the samples are batched or sharded across processes.
+        ``straight_through``: clip with :func:`~upi_lightning.threat.straight_through_clip` (see
+        :meth:`per_sample`).
         """
         net = self.network(model)
         with evaluation_mode(net), gradients_enabled():
@@ -227,7 +235,7 @@ class UPIObjective:
             if self.sigma > 0:
                 noise = sample_normal(x, y, draws, generator)
                 shifted = shifted.unsqueeze(0) + self.sigma * noise
-            batch = shifted.expand(draws, *x.shape).flatten(0, 1).clamp(0.0, 1.0)
+            batch = clip(shifted.expand(draws, *x.shape).flatten(0, 1), straight_through)
             maps = self.saliency.maps(
                 net, batch, y, clean=x, noise_seed=OBJECTIVE_NOISE_SEED, create_graph=create_graph
             )
@@ -235,18 +243,20 @@ class UPIObjective:
             values = map_dissimilarity(maps, references, self.dissimilarity, self.k)
             return values.view(draws, -1).mean(dim=0)
 
-    def prediction_penalty(self, model: nn.Module, x: Tensor, y: Tensor, delta: Tensor) -> Tensor:
+    def prediction_penalty(
+        self, model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, straight_through: bool = False
+    ) -> Tensor:
         r"""Return the cross-entropy increase ``(N,)``.
 
         :math:`\max(0, \mathrm{CE}(f(\mathrm{clip}(x + \delta)), y) - \mathrm{CE}(f(x), y))`, differentiable
-        w.r.t. ``delta``.
+        w.r.t. ``delta`` (through a straight-through clip with ``straight_through``).
         """
         net = self.network(model)
         with evaluation_mode(net), gradients_enabled():
             x, y = _normal_tensor(x), _normal_tensor(y)
             with torch.no_grad():
                 clean = F.cross_entropy(net(x), y, reduction="none")
-            perturbed = F.cross_entropy(net(apply_perturbation(x, delta)), y, reduction="none")
+            perturbed = F.cross_entropy(net(clip(x + delta, straight_through)), y, reduction="none")
             return (perturbed - clean).clamp_min(0.0)
 
     def per_sample(
@@ -259,6 +269,7 @@ class UPIObjective:
         generator: torch.Generator | None = None,
         *,
         create_graph: bool = False,
+        straight_through: bool = False,
     ) -> Tensor:
         r"""Return the per-sample objective :math:`J_i(\delta)` ``(N,)`` of the module docstring.
 
@@ -271,9 +282,15 @@ class UPIObjective:
             generator: random generator of the smoothing noise.
             create_graph: build the perturbed maps with a graph, so the objective can be differentiated
                 w.r.t. ``delta`` (make it require grad) or the parameters; off, the maps are detached.
+            straight_through: differentiate through :func:`~upi_lightning.threat.straight_through_clip`
+                instead of ``torch.clamp``, so that pixels clipped to 0 or 1 still get a gradient. For
+                per-sample perturbations and gradients (the per-sample attack, UPI-PCA's rows); UPI-Grad's
+                universal ``delta`` keeps the exact gradient of the plain clamp.
 
         """
-        values = self.dissimilarity_term(model, x, y, delta, clean_maps, generator, create_graph=create_graph)
+        values = self.dissimilarity_term(
+            model, x, y, delta, clean_maps, generator, create_graph=create_graph, straight_through=straight_through
+        )
         if self.keep_prediction > 0:
-            values = values - self.keep_prediction * self.prediction_penalty(model, x, y, delta)
+            values = values - self.keep_prediction * self.prediction_penalty(model, x, y, delta, straight_through)
         return values

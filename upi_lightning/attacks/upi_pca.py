@@ -2,8 +2,10 @@ r"""UPI-PCA: the universal perturbation as the top right singular vector of the 
 
 First-order expansion of the smoothed map change around :math:`\delta = 0`:
 :math:`D(I(x_i + \delta + Z), I(x_i)) \approx D(I(x_i + Z), I(x_i)) + g_i^\top \delta` with the rows
-:math:`g_i = \nabla_\delta \frac1m \sum_j D(I(\mathrm{clip}(x_i + \delta + Z_{ij})), I(x_i))|_{\delta=0}`
-(:func:`per_sample_gradient_rows`). The sign-agnostic criterion
+:math:`g_i = \frac1m \sum_j \nabla_x D(I(x), I(x_i))|_{x = \mathrm{clip}(x_i + Z_{ij})}`
+(:func:`per_sample_gradient_rows`), the gradient w.r.t. the clipped image, so a pixel the noise pushed
+out of ``[0, 1]`` keeps its entry (through ``torch.clamp`` it would be 0: issue 14, where this made
+UPI-PCA at Linf 0.1 weaker than random noise on MNIST). The sign-agnostic criterion
 :math:`\sum_i (g_i^\top \delta)^2 - \lambda \sum_i (c_i^\top \delta)^2 = \delta^\top M \delta`, with
 :math:`M = G^\top G - \lambda C^\top C` and :math:`c_i` the input gradient of the cross-entropy ("keep
 the prediction", :math:`\lambda` = ``objective.keep_prediction``), is maximized over the ball by
@@ -39,7 +41,7 @@ from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
 from upi_lightning.noise import draw_normal, make_generator
 from upi_lightning.sample_cache import SampleCache
-from upi_lightning.threat import ThreatModel, apply_perturbation
+from upi_lightning.threat import ThreatModel, straight_through_clip
 
 Solver = Literal["power", "svd"]
 SOLVERS: tuple[str, ...] = get_args(Solver)
@@ -63,8 +65,9 @@ def per_sample_gradient_rows(
 
     :math:`g_i = \frac1m\sum_j \nabla_x D(I(x), I(x_i))` at :math:`x = \mathrm{clip}(x_i + Z_{ij})`,
     :math:`Z_{ij} \sim N(0, \sigma^2 I)`, ``m = objective.n_noise`` (the gradient at
-    :math:`\delta = 0` of :meth:`UPIObjective.dissimilarity_term` with a per-sample ``delta``). Samples
-    are independent in eval mode, so the gradient of the batch sum gives every row at once.
+    :math:`\delta = 0` of :meth:`UPIObjective.dissimilarity_term` with a per-sample ``delta``, through its
+    straight-through clip). Samples are independent in eval mode, so the gradient of the batch sum gives
+    every row at once.
     ``clean_maps``: precomputed :meth:`UPIObjective.clean_maps` of ``x`` (computed when ``None``).
 
     Raises:
@@ -78,16 +81,22 @@ def per_sample_gradient_rows(
         )
     with gradients_enabled():
         delta = torch.zeros_like(x, requires_grad=True)
-        values = objective.dissimilarity_term(model, x, y, delta, clean_maps, generator, create_graph=True)
+        values = objective.dissimilarity_term(
+            model, x, y, delta, clean_maps, generator, create_graph=True, straight_through=True
+        )
         return _input_gradient_rows(values, delta)
 
 
 def prediction_gradient_rows(model: nn.Module, x: Tensor, y: Tensor, objective: UPIObjective) -> Tensor:
-    r"""Rows :math:`c_i = \nabla_x \mathrm{CE}(f(x_i), y_i)` ``(N, d)`` on the objective's network."""
+    r"""Rows :math:`c_i = \nabla_x \mathrm{CE}(f(x_i), y_i)` ``(N, d)`` on the objective's network.
+
+    Differentiated through a straight-through clip, so pixels on 0 or 1 (MNIST's background) get their
+    entries too.
+    """
     net = objective.network(model)
     with evaluation_mode(net), gradients_enabled():
         delta = torch.zeros_like(x, requires_grad=True)
-        losses = F.cross_entropy(net(apply_perturbation(x, delta)), y, reduction="none")
+        losses = F.cross_entropy(net(straight_through_clip(x + delta)), y, reduction="none")
         return _input_gradient_rows(losses, delta)
 
 
