@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from upi_lightning.attacks.pgd import pgd_attack  # noqa: E402
-from upi_lightning.cli import load_classifier  # noqa: E402
+from upi_lightning.checkpoints import load_classifier  # noqa: E402
 from upi_lightning.data import MNISTDataModule  # noqa: E402
 from upi_lightning.noise import make_generator  # noqa: E402
 from upi_lightning.threat import Norm, ThreatModel, apply_perturbation, threat_model  # noqa: E402

@@ -33,7 +33,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from upi_lightning.cli import attack_main, run_reporting_errors, train_cli  # noqa: E402
+from upi_lightning.attack_cli import attack_main  # noqa: E402
+from upi_lightning.cli import train_cli  # noqa: E402
+from upi_lightning.errors import run_reporting_errors  # noqa: E402
 from upi_lightning.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 MODES = {

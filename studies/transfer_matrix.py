@@ -24,9 +24,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from upi_lightning.attack_cli import attack_main  # noqa: E402
 from upi_lightning.charts import heat_map  # noqa: E402
-from upi_lightning.cli import attack_main, run_reporting_errors  # noqa: E402
-from upi_lightning.errors import UPIError  # noqa: E402
+from upi_lightning.errors import UPIError, run_reporting_errors  # noqa: E402
 from upi_lightning.figures import save_png  # noqa: E402
 from upi_lightning.io import atomic_write_json, atomic_write_text  # noqa: E402
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tests.helpers import REPO
-from upi_lightning.cli import attack_main, train_cli
+from upi_lightning.attack_cli import attack_main
+from upi_lightning.cli import train_cli
 from upi_lightning.module import Classifier
 from upi_lightning.perturbation import UniversalPerturbation
 

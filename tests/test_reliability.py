@@ -49,14 +49,16 @@ from tests.helpers import (
     write_payload,
 )
 from tests.helpers import SMOOTH_OBJECTIVE as PCA_OBJECTIVE
+from upi_lightning.attack_cli import attack_main
 from upi_lightning.attacks import evaluate_perturbation, fit_upi_grad, fit_upi_pca, runner
 from upi_lightning.attacks.engine import UPIFitResult
 from upi_lightning.attacks.methods import fit_method
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.settings import ALL_METHODS, AttackSettings, Budget
-from upi_lightning.cli import attack_main, check_model_fits_data, load_classifier, run_reporting_errors, train_cli
+from upi_lightning.checkpoints import check_model_fits_data, load_classifier
+from upi_lightning.cli import train_cli
 from upi_lightning.data import MNISTDataModule, SyntheticDataModule
-from upi_lightning.errors import CheckpointMismatchError, UPIError
+from upi_lightning.errors import CheckpointMismatchError, UPIError, run_reporting_errors
 from upi_lightning.noise import make_generator
 from upi_lightning.perturbation import FORMAT_VERSION, UniversalPerturbation
 from upi_lightning.saliency import SALIENCY_METHODS, SaliencySettings, attribution, saliency_map

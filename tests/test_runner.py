@@ -13,9 +13,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.helpers import Payload, numbers, scalar_points
+from upi_lightning.attack_cli import attack_main
 from upi_lightning.attacks import runner
 from upi_lightning.attacks.settings import ALL_METHODS, AttackSettings, Budget, UPIGradSettings
-from upi_lightning.cli import attack_main
 from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import CheckpointMismatchError, UPIError
 from upi_lightning.module import Classifier

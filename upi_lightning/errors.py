@@ -6,6 +6,11 @@ single line instead of a traceback.
 """
 
 import re
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class UPIError(ValueError):
@@ -35,3 +40,29 @@ def one_line(err: BaseException, limit: int = 200) -> str:
     text = _ANSI_ESCAPE.sub("", str(err))
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return f"{type(err).__name__}: {first[:limit]}"
+
+
+def user_error(err: BaseException) -> UPIError | None:
+    """The :class:`UPIError` that caused ``err``, following its cause/context chain (``None`` if none).
+
+    jsonargparse re-raises errors from a class's ``__init__`` (a data module that cannot find its files)
+    as its own ``ValueError``; the user's problem is the original error.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, UPIError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def run_reporting_errors(main: Callable[[], T]) -> T:
+    """Run ``main``; print a :class:`UPIError` (even one wrapped by jsonargparse) as one line, exit 2."""
+    try:
+        return main()
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,95 @@
+"""Classifier checkpoints: safe loading (``weights_only=True``) and the checks that a model fits the data.
+
+Every failure is one :class:`~upi_lightning.errors.UPIError` line: a missing file, a truncated one, one
+holding pickled objects (refused, never run), weights of another architecture, a model trained on other
+images or classes than the data's.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from upi_lightning.data import ImageDataModule
+from upi_lightning.errors import CheckpointMismatchError, UPIError, one_line
+from upi_lightning.model_modes import model_device
+from upi_lightning.module import Classifier
+
+
+def load_classifier(ckpt: str | Path, device: torch.device | str = "cpu") -> Classifier:
+    """Load a :class:`Classifier` checkpoint safely (``weights_only=True``) with clear errors.
+
+    Raises:
+        UPIError: if the file is missing.
+        CheckpointMismatchError: if the file is not a readable Classifier checkpoint (corrupt, another
+            architecture than its hyperparameters say, or holding pickled objects, which are refused).
+    """
+    path = checkpoint_file(ckpt, "--ckpt")
+    try:
+        return Classifier.load_from_checkpoint(path, map_location=device, weights_only=True)
+    except CHECKPOINT_ERRORS as err:
+        raise unreadable_checkpoint(path, err) from None
+
+
+CHECKPOINT_ERRORS = (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError, EOFError)
+"""What loading a bad checkpoint raises (pickled objects, truncated file, weights of another model)."""
+
+
+def checkpoint_file(ckpt: str | Path, flag: str) -> Path:
+    """``ckpt`` as a path, checked to be a file (``flag``: the option that gave it, for the message).
+
+    Raises:
+        UPIError: if there is no file at ``ckpt``.
+    """
+    path = Path(ckpt)
+    if not path.is_file():
+        raise UPIError(
+            f"No checkpoint at {path}; pass {flag} path/to/last.ckpt (train.py writes runs/.../checkpoints)."
+        )
+    return path
+
+
+def unreadable_checkpoint(path: Path, err: BaseException) -> CheckpointMismatchError:
+    """The one-line error for a checkpoint whose loading raised ``err`` (one of :data:`CHECKPOINT_ERRORS`)."""
+    if isinstance(err, pickle.UnpicklingError):
+        return CheckpointMismatchError(
+            f"{path} holds objects that safe (weights_only) loading refuses; only load checkpoints you trust "
+            f"written by train.py. ({one_line(err)})"
+        )
+    return CheckpointMismatchError(
+        f"{path} is not a Classifier checkpoint this version can rebuild (truncated, or weights of another "
+        f"architecture): {one_line(err)}"
+    )
+
+
+def check_model_fits_data(model: Classifier, datamodule: ImageDataModule) -> None:
+    """Refuse a classifier trained on images or classes other than the data's."""
+    trained = (tuple(model.hparams["input_shape"]), int(model.hparams["num_classes"]))
+    data = (tuple(datamodule.input_shape), int(datamodule.num_classes))
+    if trained != data:
+        raise CheckpointMismatchError(
+            f"The checkpoint was trained on images {trained[0]} with {trained[1]} classes, but the data has "
+            f"images {data[0]} with {data[1]} classes; attack it with the data it was trained on."
+        )
+
+
+def check_model_takes_images(model: nn.Module, name: str, datamodule: ImageDataModule) -> None:
+    """Refuse a classifier that cannot take the data's images (e.g. a 3-channel torchvision net on MNIST).
+
+    Runs it (in eval mode) on two black images of the data's shape.
+
+    Raises:
+        CheckpointMismatchError: with the model's own error, in one line.
+    """
+    images = torch.zeros(2, *datamodule.input_shape, device=model_device(model))
+    try:
+        with torch.no_grad():
+            model(images)
+    except RuntimeError as err:
+        raise CheckpointMismatchError(
+            f"{name} cannot classify the images of {type(datamodule).__name__} (shape "
+            f"{tuple(datamodule.input_shape)}): {one_line(err)}"
+        ) from None
