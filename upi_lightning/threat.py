@@ -28,6 +28,8 @@ from upi_lightning.noise import draw, draw_normal
 
 Norm = Literal["l2", "linf"]
 NORMS: tuple[str, ...] = get_args(Norm)
+Shape = tuple[int, ...] | torch.Size
+Device = torch.device | str | None
 BALL_RTOL = 1e-5
 """Relative slack of the ball-membership check: ``||delta|| <= eps * (1 + BALL_RTOL)`` (float32 rounding)."""
 
@@ -120,28 +122,36 @@ class ThreatModel(ABC):
         r"""One projected steepest-ascent step :math:`\mathrm{Proj}(\delta + \eta\, s(g))`, ``s`` the direction."""
         return self.project(delta + step_size * self.direction(grad, per_sample), per_sample)
 
-    @abstractmethod
     def random_on_sphere(
         self,
-        shape: tuple[int, ...] | torch.Size,
+        shape: Shape,
         generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
+        device: Device = None,
         per_sample: bool = False,
     ) -> Tensor:
         r"""A random point of the sphere :math:`\|\delta\| = \varepsilon` (the random baseline).
 
         ``per_sample=True``: one draw per row ``shape[0]``.
         """
+        return self.eps * self.unit_sphere_point(draw_normal(shape, generator, device), per_sample)
 
-    @abstractmethod
     def random_start(
         self,
-        shape: tuple[int, ...] | torch.Size,
+        shape: Shape,
         generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
+        device: Device = None,
         per_sample: bool = False,
     ) -> Tensor:
         """A point drawn uniformly from the ball (the attacks' random start); one per row with ``per_sample``."""
+        return self.ball_point(shape, generator, device, per_sample)
+
+    @abstractmethod
+    def unit_sphere_point(self, gaussian: Tensor, per_sample: bool) -> Tensor:
+        """The point of the unit sphere that standard normal draws give (uniformly distributed on it)."""
+
+    @abstractmethod
+    def ball_point(self, shape: Shape, generator: torch.Generator | None, device: Device, per_sample: bool) -> Tensor:
+        """:meth:`random_start` with every argument given."""
 
     @abstractmethod
     def extreme_point(self, direction: Tensor) -> Tensor:
@@ -169,25 +179,13 @@ class L2Ball(ThreatModel):
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
         return grad / per_sample_view(safe, grad, per_sample)
 
-    def random_on_sphere(
-        self,
-        shape: tuple[int, ...] | torch.Size,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        per_sample: bool = False,
-    ) -> Tensor:
-        """A uniformly random direction scaled to ``eps``."""
-        return self.eps * self.direction(draw_normal(shape, generator, device), per_sample)
+    def unit_sphere_point(self, gaussian: Tensor, per_sample: bool) -> Tensor:
+        """A uniformly random direction: the normalized draws."""
+        return self.direction(gaussian, per_sample)
 
-    def random_start(
-        self,
-        shape: tuple[int, ...] | torch.Size,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        per_sample: bool = False,
-    ) -> Tensor:
+    def ball_point(self, shape: Shape, generator: torch.Generator | None, device: Device, per_sample: bool) -> Tensor:
         r"""A uniform direction with radius :math:`\varepsilon U^{1/d}`."""
-        unit = L2Ball(1.0).random_on_sphere(shape, generator, device, per_sample)
+        unit = self.unit_sphere_point(draw_normal(shape, generator, device), per_sample)
         dim = math.prod(shape[1:]) if per_sample else math.prod(shape)
         uniform = draw(torch.rand, (shape[0],) if per_sample else (), generator, device)
         return self.eps * unit * per_sample_view(uniform ** (1 / dim), unit, per_sample)
@@ -214,23 +212,11 @@ class LinfBall(ThreatModel):
         """``sign(g)``."""
         return grad.sign()
 
-    def random_on_sphere(
-        self,
-        shape: tuple[int, ...] | torch.Size,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        per_sample: bool = False,
-    ) -> Tensor:
-        """Uniformly random signs times ``eps`` (a random vertex of the cube)."""
-        return self.eps * torch.where(draw_normal(shape, generator, device) >= 0, 1.0, -1.0)
+    def unit_sphere_point(self, gaussian: Tensor, per_sample: bool) -> Tensor:
+        """Uniformly random signs (a random vertex of the cube)."""
+        return torch.where(gaussian >= 0, 1.0, -1.0)
 
-    def random_start(
-        self,
-        shape: tuple[int, ...] | torch.Size,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        per_sample: bool = False,
-    ) -> Tensor:
+    def ball_point(self, shape: Shape, generator: torch.Generator | None, device: Device, per_sample: bool) -> Tensor:
         """I.i.d. uniform on ``[-eps, eps]``."""
         return self.eps * (2 * draw(torch.rand, shape, generator, device) - 1)
 
