@@ -127,6 +127,15 @@ def test_probability_score_gradient_matches_softmax_jacobian() -> None:
     torch.testing.assert_close(input_gradient(model, x, target, score="probability"), expected)
 
 
+def test_log_probability_score_gradient_is_minus_the_cross_entropy_gradient() -> None:
+    model, x = Linear(), _batch()
+    target = torch.tensor([0, 1, 2, 3])
+    prob = model(x).softmax(dim=1).detach()
+    # grad_x log p_t = W_t - sum_k p_k W_k = -grad_x CE
+    expected = model.weight.detach()[target] - torch.einsum("nk,kchw->nchw", prob, model.weight.detach())
+    torch.testing.assert_close(input_gradient(model, x, target, score="log_probability"), expected)
+
+
 def test_quadratic_integrated_gradients_exact_with_midpoint_rule() -> None:
     model, x = Quadratic(), _batch()
     target = torch.tensor([1, 1, 0, 4])
