@@ -49,6 +49,7 @@ from upi_lightning.regularizers.base import (
     log_keys,
     per_sample_squared_norm,
     regularizer_from_config,
+    true_class_input_gradient,
 )
 from upi_lightning.regularizers.consistency import Consistency
 from upi_lightning.regularizers.input_gradient import InputGradientNorm
@@ -81,4 +82,5 @@ __all__ = [
     "per_sample_squared_norm",
     "regularizer_from_config",
     "threshold_beyond_one_std",
+    "true_class_input_gradient",
 ]

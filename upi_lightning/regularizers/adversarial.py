@@ -83,8 +83,9 @@ class PGDAdversarial(AdversarialExamples):
         random_start: bool = True,
     ) -> None:
         super().__init__(norm, eps, steps, step_size, random_start)
-        if not 0 <= check_weight("PGDAdversarial weight", weight) <= 1:
-            raise UPIError(f"PGDAdversarial weight is the share of the adversarial loss, in [0, 1]; got {weight}.")
+        label = f"{type(self).__name__} weight"
+        if not 0 <= check_weight(label, weight) <= 1:
+            raise UPIError(f"{label} is the share of the adversarial loss, in [0, 1]; got {weight}.")
         self.weight = float(weight)
 
     def mixed_cross_entropy(self, batch: TrainingBatch, x_adv: Tensor) -> Tensor:
