@@ -16,6 +16,8 @@ across steps (the UPI ``delta``), write that state into checkpoints and log to T
 * :class:`UPIAdversarial`: stability of the saliency maps under a running universal perturbation.
 * :class:`Consistency`: adversarial training with a feature-consistency loss (Dong et al. 2017).
 * :class:`PGDAdversarial`: PGD adversarial training (Madry et al. 2018).
+* :class:`IGNorm`, :class:`IGSumNorm`: integrated gradients of the loss at the worst point of the ball
+  (Chen et al. 2019).
 
 Which forward pass is differentiated: the input-gradient terms (:class:`InputGradientNorm`,
 :class:`InterpretationRegularization`) differentiate the clean training-mode forward pass itself
@@ -52,6 +54,7 @@ from upi_lightning.regularizers.base import (
     true_class_input_gradient,
 )
 from upi_lightning.regularizers.consistency import Consistency
+from upi_lightning.regularizers.ig_norm import IGNorm, IGSumNorm, ig_loss_l1
 from upi_lightning.regularizers.input_gradient import InputGradientNorm
 from upi_lightning.regularizers.interpretation import (
     TEACHER_CHUNK,
@@ -67,6 +70,8 @@ __all__ = [
     "AdversarialExamples",
     "BallRegularizer",
     "Consistency",
+    "IGNorm",
+    "IGSumNorm",
     "InputGradientNorm",
     "InterpretationRegularization",
     "PGDAdversarial",
@@ -77,6 +82,7 @@ __all__ = [
     "check_count",
     "check_weight",
     "class_path",
+    "ig_loss_l1",
     "load_teacher",
     "log_keys",
     "per_sample_squared_norm",
