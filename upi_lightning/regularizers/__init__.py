@@ -19,6 +19,7 @@ across steps (the UPI ``delta``), write that state into checkpoints and log to T
 * :class:`IGNorm`, :class:`IGSumNorm`: integrated gradients of the loss at the worst point of the ball
   (Chen et al. 2019).
 * :class:`GradientConsistency`: input gradients that agree under small noise (Joo et al. 2023).
+* :class:`AttributionalAdversarial`: PGD training with aligned attributions (Wang & Kong 2022).
 
 Which forward pass is differentiated: the input-gradient terms (:class:`InputGradientNorm`,
 :class:`InterpretationRegularization`, :class:`GradientConsistency`) differentiate the clean
@@ -41,6 +42,7 @@ stores their :meth:`Regularizer.state_dict` under :data:`CHECKPOINT_KEY` and the
 """
 
 from upi_lightning.regularizers.adversarial import AdversarialExamples, PGDAdversarial
+from upi_lightning.regularizers.attributional_adversarial import AttributionalAdversarial
 from upi_lightning.regularizers.base import (
     CHECKPOINT_KEY,
     BallRegularizer,
@@ -71,6 +73,7 @@ __all__ = [
     "CHECKPOINT_KEY",
     "TEACHER_CHUNK",
     "AdversarialExamples",
+    "AttributionalAdversarial",
     "BallRegularizer",
     "Consistency",
     "GradientConsistency",
