@@ -319,6 +319,10 @@ def test_configs_are_primitive_and_rebuild_the_regularizer(regularizer: Regulari
         ({"class_path": "upi_lightning.regularizers.Nope"}, "Cannot import"),
         ({"class_path": "torch.nn.Linear", "init_args": {}}, "not a subclass"),
         ({"init_args": {}}, "class_path"),
+        (
+            {"class_path": "upi_lightning.regularizers.PGDAdversarial", "init_args": {"weigth": 1.0}},
+            r"PGDAdversarial has no option 'weigth'; its options: weight, norm, eps",
+        ),
     ],
 )
 def test_bad_configs_are_refused(config: dict, message: str) -> None:

@@ -163,7 +163,8 @@ def regularizer_from_config(config: Mapping[str, Any]) -> Regularizer:
     """Build a regularizer from ``{"class_path": "pkg.module.Class", "init_args": {...}}``.
 
     Raises:
-        UPIError: if the class cannot be imported or is not a :class:`Regularizer`.
+        UPIError: if the class cannot be imported, is not a :class:`Regularizer`, or has no option of a
+            name in ``init_args``.
     """
     path = config.get("class_path")
     if not isinstance(path, str) or "." not in path:
@@ -175,7 +176,13 @@ def regularizer_from_config(config: Mapping[str, Any]) -> Regularizer:
         raise UPIError(f"Cannot import the regularizer class {path!r}: {err}") from err
     if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
         raise UPIError(f"{path!r} is not a subclass of upi_lightning.regularizers.Regularizer.")
-    return cls(**config.get("init_args", {}))
+    init_args = dict(config.get("init_args") or {})
+    options = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+    unknown = [name for name in init_args if name not in options]
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        raise UPIError(f"{cls.__name__} has no option {names}; its options: {', '.join(options)}.")
+    return cls(**init_args)
 
 
 def build_regularizers(items: Sequence[Regularizer | Mapping[str, Any]] | None) -> list[Regularizer]:
