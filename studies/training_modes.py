@@ -1,6 +1,7 @@
 """Train the MNIST small CNN in every training mode, then measure what each mode buys and costs.
 
-For each mode (standard, input-gradient norm, IR, UPI-adversarial, consistency, PGD-AT) this script
+For each mode (standard, input-gradient norm, IR, UPI-adversarial, consistency, PGD-AT, and the
+literature's defenses: softplus, IG-NORM, IG-SUM-NORM, gradient consistency, attributional AT) this script
 
 1. trains ``configs/mnist[_<mode>].yaml`` for ``--epochs`` epochs (``train.py fit``), timing the fit;
 2. tests the last checkpoint (``train.py test``): clean accuracy on the whole test set and PGD robust
@@ -12,7 +13,7 @@ For each mode (standard, input-gradient norm, IR, UPI-adversarial, consistency, 
 and writes ``table.md`` / ``table.json`` under ``--output`` from every mode finished so far. Each step's
 result is saved as it finishes and skipped when present, so an interrupted study resumes where it
 stopped, and several invocations with disjoint ``--modes`` can run side by side. The configs each run used
-(with the study's overrides: epochs, output folder, data root, cheaper PGD-AT and IR teachers when asked)
+(with the study's overrides: epochs, output folder, data root, fewer PGD steps and IR teacher samples when asked)
 are written to ``<output>/configs``.
 
 Run: ``python studies/training_modes.py --data-root data --epochs 2``
@@ -45,7 +46,14 @@ MODES = {
     "upi_adv": "mnist_upi_adv.yaml",
     "consistency": "mnist_consistency.yaml",
     "pgd": "mnist_pgd.yaml",
+    "softplus": "mnist_softplus.yaml",
+    "ig_norm": "mnist_ig_norm.yaml",
+    "ig_sum_norm": "mnist_ig_sum_norm.yaml",
+    "gradient_consistency": "mnist_gradient_consistency.yaml",
+    "attributional_adv": "mnist_attributional_adv.yaml",
 }
+PGD_TRAINED = ("PGDAdversarial", "IGNorm", "IGSumNorm", "AttributionalAdversarial")
+"""Regularizers whose PGD steps ``--pgd-train-steps`` replaces."""
 ROBUST_BUDGETS = [("linf", 0.1), ("linf", 0.2), ("linf", 0.3), ("l2", 1.5), ("l2", 2.5)]
 UPI_METHODS = ("upi_grad", "upi_pca", "random")
 
@@ -60,7 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--robust-samples", type=int, default=500, help="Test images attacked by PGD.")
     parser.add_argument("--attack-samples", type=int, default=1000, help="UPI fit and held-out samples (each).")
     parser.add_argument("--upi-eps", type=float, default=1.0, help="L2 radius of the UPI attacks.")
-    parser.add_argument("--pgd-train-steps", type=int, default=None, help="PGD-AT steps (None: the config's 40).")
+    parser.add_argument(
+        "--pgd-train-steps", type=int, default=None, help="PGD steps of the PGD-trained modes (None: the configs' 40)."
+    )
     parser.add_argument("--ir-samples", type=int, default=None, help="IR teacher SmoothGrad copies (None: 50).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default).")
     return parser.parse_args(argv)
@@ -90,7 +100,7 @@ def mode_config(mode: str, args: argparse.Namespace, teacher: Path | None) -> Pa
     for regularizer in config["model"].get("regularizers") or []:
         init = regularizer["init_args"]
         name = regularizer["class_path"].rsplit(".", 1)[1]
-        if name == "PGDAdversarial" and args.pgd_train_steps is not None:
+        if name in PGD_TRAINED and args.pgd_train_steps is not None:
             # Same radius, fewer steps: step 2.5 eps / steps (Madry et al.'s rule of thumb).
             init.update(steps=args.pgd_train_steps, step_size=2.5 * init["eps"] / args.pgd_train_steps)
         if name == "InterpretationRegularization":

@@ -83,8 +83,17 @@ def run_train(*args: str) -> subprocess.CompletedProcess[str]:
             ["fit", "--data=upi_lightning.data.NpzDataModule", "--data.path=/nonexistent/data.npz"],
             "error: No .npz file at /nonexistent/data.npz",
         ),
+        (
+            [
+                "fit",
+                "--model.regularizers",
+                '[{"class_path": "upi_lightning.regularizers.IGNorm", "init_args": {"weigth": 1}}]',
+                *SYNTHETIC,
+            ],
+            "error: IGNorm has no option 'weigth'; its options: weight, norm, eps",
+        ),
     ],
-    ids=["unknown-model", "config-typo", "wrong-data-root", "missing-npz"],
+    ids=["unknown-model", "config-typo", "wrong-data-root", "missing-npz", "regularizer-typo"],
 )
 def test_bad_input_gives_a_one_line_error(args: list[str], message: str) -> None:
     result = run_train(*args)

@@ -17,7 +17,11 @@ from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import CheckpointMismatchError, UPIError
 from upi_lightning.module import Classifier
 from upi_lightning.regularizers import (
+    AttributionalAdversarial,
     Consistency,
+    GradientConsistency,
+    IGNorm,
+    IGSumNorm,
     InputGradientNorm,
     InterpretationRegularization,
     PGDAdversarial,
@@ -25,10 +29,21 @@ from upi_lightning.regularizers import (
     UPIAdversarial,
 )
 
+DATASETS = ("mnist", "cifar10_subset")
 MODE_CONFIGS = [
     f"{dataset}_{mode}.yaml"
-    for dataset in ("mnist", "cifar10_subset")
-    for mode in ("input_grad", "ir", "upi_adv", "consistency", "pgd")
+    for dataset in DATASETS
+    for mode in (
+        "input_grad",
+        "ir",
+        "upi_adv",
+        "consistency",
+        "pgd",
+        "ig_norm",
+        "ig_sum_norm",
+        "gradient_consistency",
+        "attributional_adv",
+    )
 ]
 
 
@@ -161,6 +176,42 @@ def test_every_training_mode_fits_under_two_process_ddp(tmp_path: Path, teacher_
         assert torch.equal(rank0[0]["delta"], rank1[0]["delta"]) and rank0[0]["delta"].abs().sum() > 0
 
 
+def literature_defenses() -> list[Regularizer]:
+    """IG-NORM, IG-SUM-NORM, gradient consistency and attributional adversarial training, at tiny settings."""
+    return [
+        IGNorm(0.5, eps=0.1, steps=1, ig_steps=2, attack_ig_steps=2),
+        IGSumNorm(eps=0.1, steps=1, ig_steps=2, attack_ig_steps=2),
+        GradientConsistency(eps=0.05),
+        AttributionalAdversarial(eps=0.1, steps=1, method="integrated_gradients", n_steps=2),
+    ]
+
+
+def test_the_literature_defenses_fit_together_under_ddp_and_resume(tmp_path: Path) -> None:
+    dm = tiny_data()
+    common = {
+        "max_epochs": 1,
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": tmp_path,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    # every term is summed into one loss: unused parameters would raise (find_unused_parameters is False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", **common)
+    trainer.fit(classifier(dm, literature_defenses()), dm)
+    metrics = trainer.callback_metrics
+    names = ["ig_norm", "ig_sum_norm", "gradient_consistency", "attributional_adversarial"]
+    assert trainer.state.finished and all(torch.isfinite(metrics[f"train/{name}"]) for name in names)
+    (path,) = tmp_path.rglob("*.ckpt")
+    restored = Classifier.load_from_checkpoint(path, weights_only=True)
+    assert [r.config() for r in restored.regularizers] == [r.config() for r in literature_defenses()]
+    resumed = pl.Trainer(**{**common, "max_epochs": 2, "enable_checkpointing": False})
+    resumed.fit(classifier(dm, literature_defenses()), dm, ckpt_path=path)
+    assert resumed.global_step == 4 and torch.isfinite(resumed.callback_metrics["train/loss_epoch"])
+
+
 class RecordDelta(pl.Callback):
     """Keep a copy of the UPI delta after every training step (keyed by ``global_step``)."""
 
@@ -259,15 +310,28 @@ def test_a_training_mode_is_chosen_in_yaml_and_the_checkpoint_rebuilds_it(
     assert events and any(b"train/upi_delta" in event.read_bytes() for event in events)
 
 
-@pytest.mark.parametrize("config", MODE_CONFIGS)
-def test_mode_configs_parse_and_print(
-    config: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def printed_config(config: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """What ``train.py fit --config configs/<config> --print_config`` prints (it must exit cleanly)."""
     monkeypatch.setattr(sys, "argv", ["train.py"])
     with pytest.raises(SystemExit) as exit_info:
         train_cli(["fit", "--config", str(REPO / "configs" / config), "--print_config"])
     assert exit_info.value.code in (0, None)
-    assert "upi_lightning.regularizers." in capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", MODE_CONFIGS)
+def test_mode_configs_parse_and_print(
+    config: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert "upi_lightning.regularizers." in printed_config(config, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_softplus_configs_train_a_softplus_network(
+    dataset: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    printed = printed_config(f"{dataset}_softplus.yaml", capsys, monkeypatch)
+    assert "activation: softplus" in printed and "softplus_beta: 10.0" in printed
 
 
 def test_nesterov_without_momentum_is_refused() -> None:

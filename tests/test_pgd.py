@@ -54,6 +54,23 @@ def test_l2_pgd_moves_along_the_gradient_to_the_sphere(random_start: bool) -> No
     torch.testing.assert_close(x_adv, x - 0.3 * unit, rtol=0, atol=1e-5)
 
 
+def test_pgd_ascends_a_given_objective() -> None:
+    # objective sum_i c_i^T (x_adv_i - x_i): its Linf maximizer is x + eps * sign(c), whatever the model
+    model = binary_linear()
+    x = torch.full((3, 1, 4, 4), 0.5)
+    c = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    seen: list[bool] = []
+
+    def objective(net: nn.Module, clean: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(not net.training and torch.equal(clean, x))
+        return (c * (x_adv - clean)).sum()
+
+    model.train()
+    x_adv = pgd_attack(model, x, torch.zeros(3, dtype=torch.long), LinfBall(0.1), steps=3, objective=objective)
+    torch.testing.assert_close(x_adv, x + 0.1 * c.sign(), rtol=0, atol=1e-6)
+    assert seen == [True] * 3 and model.training
+
+
 def separable_batches(count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of 64 images: one of 10 fixed random templates per class, plus a little noise."""
     templates = torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(0))

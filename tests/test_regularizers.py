@@ -10,6 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tests.regularizer_helpers import (
+    CLASSES,
+    SHAPE,
+    assert_config_rebuilds,
+    assert_every_parameter_gets_a_gradient,
+    data,
+    linear_model,
+    loss_and_grads,
+    plain_ce_grads,
+    softplus_input_gradient,
+    softplus_model,
+    training_batch,
+)
 from upi_lightning.errors import UPIError
 from upi_lightning.module import Classifier
 from upi_lightning.regularizers import (
@@ -18,60 +31,13 @@ from upi_lightning.regularizers import (
     InterpretationRegularization,
     PGDAdversarial,
     Regularizer,
-    TrainingBatch,
     UPIAdversarial,
-    build_regularizers,
     load_teacher,
     regularizer_from_config,
     threshold_beyond_one_std,
 )
 from upi_lightning.saliency import input_gradient
 from upi_lightning.threat import LinfBall
-
-SHAPE = (1, 4, 4)
-CLASSES = 3
-
-
-def linear_model(seed: int = 0) -> nn.Sequential:
-    """Logits ``W x + b`` of flattened 1 x 4 x 4 images."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(16, CLASSES))
-
-
-def softplus_model(seed: int = 0, beta: float = 5.0) -> nn.Sequential:
-    """``W2 softplus_beta(W1 x + b1) + b2``: its input gradient depends on ``x`` (unlike a linear model's)."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Softplus(beta=beta), nn.Linear(8, CLASSES))
-
-
-def data(n: int = 6, seed: int = 1) -> tuple[Tensor, Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    x = 0.2 + 0.6 * torch.rand(n, *SHAPE, generator=generator)
-    return x, torch.randint(CLASSES, (n,), generator=generator)
-
-
-def training_batch(model: nn.Module, x: Tensor, y: Tensor) -> TrainingBatch:
-    """What the classifier builds: the clean training-mode forward pass on images that require grad."""
-    model.train()
-    x = x.clone().requires_grad_(True)
-    logits = model(x)
-    return TrainingBatch(model, x, y, logits, F.cross_entropy(logits, y, reduction="none"))
-
-
-def loss_and_grads(model: nn.Module, batch: TrainingBatch, regularizer: Regularizer) -> tuple[Tensor, list[Tensor]]:
-    """Total loss ``CE + R`` and its gradient w.r.t. every parameter (None if a parameter is unused)."""
-    loss = batch.ce.mean() + regularizer(batch)
-    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
-    return loss, list(grads)
-
-
-def plain_ce_grads(model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
-    return list(torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())))
-
-
-def assert_every_parameter_gets_a_gradient(grads: list[Tensor | None]) -> None:
-    assert all(grad is not None and bool(torch.isfinite(grad).all()) for grad in grads)
-
 
 # ---- input-gradient norm ---------------------------------------------------------------------------------
 
@@ -219,10 +185,7 @@ def test_the_regularizers_import_neither_the_classifier_nor_the_cli(teacher_ckpt
 
 def softplus_saliency(model: nn.Sequential, x: Tensor, y: Tensor) -> Tensor:
     """Hand-derived map of the true-class logit: grad_x z_y = W1^T (sigmoid(beta (W1 x + b1)) * W2[y])."""
-    first, activation, last = model[1], model[2], model[3]
-    pre = x.flatten(1) @ first.weight.T + first.bias
-    grad = (torch.sigmoid(activation.beta * pre) * last.weight[y]) @ first.weight
-    heat = grad.abs()
+    heat = softplus_input_gradient(model, x, F.one_hot(y, CLASSES).float()).flatten(1).abs()
     return heat / heat.sum(dim=1, keepdim=True)
 
 
@@ -347,12 +310,7 @@ def test_consistency_without_its_hook_explains_the_problem() -> None:
     ids=lambda regularizer: type(regularizer).__name__,
 )
 def test_configs_are_primitive_and_rebuild_the_regularizer(regularizer: Regularizer) -> None:
-    config = regularizer.config()
-    # the package path configs name and checkpoints hold, not the path of the defining submodule
-    assert config["class_path"] == f"upi_lightning.regularizers.{type(regularizer).__name__}"
-    rebuilt = regularizer_from_config(config)
-    assert type(rebuilt) is type(regularizer) and rebuilt.config() == config
-    assert build_regularizers([regularizer, config])[0] is regularizer
+    assert_config_rebuilds(regularizer)
 
 
 @pytest.mark.parametrize(
@@ -361,6 +319,10 @@ def test_configs_are_primitive_and_rebuild_the_regularizer(regularizer: Regulari
         ({"class_path": "upi_lightning.regularizers.Nope"}, "Cannot import"),
         ({"class_path": "torch.nn.Linear", "init_args": {}}, "not a subclass"),
         ({"init_args": {}}, "class_path"),
+        (
+            {"class_path": "upi_lightning.regularizers.PGDAdversarial", "init_args": {"weigth": 1.0}},
+            r"PGDAdversarial has no option 'weigth'; its options: weight, norm, eps",
+        ),
     ],
 )
 def test_bad_configs_are_refused(config: dict, message: str) -> None:

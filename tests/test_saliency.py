@@ -117,7 +117,7 @@ def test_default_target_is_the_predicted_class() -> None:
     torch.testing.assert_close(input_gradient(model, x, 2), model.weight.detach()[[2] * 6])
 
 
-def test_probability_score_gradient_matches_softmax_jacobian() -> None:
+def test_probability_score_gradients_match_softmax_jacobian() -> None:
     model, x = Linear(), _batch()
     target = torch.tensor([0, 1, 2, 3])
     prob = model(x).softmax(dim=1).detach()
@@ -125,6 +125,8 @@ def test_probability_score_gradient_matches_softmax_jacobian() -> None:
     mean_weight = torch.einsum("nk,kchw->nchw", prob, weight)
     expected = prob[torch.arange(4), target].view(-1, 1, 1, 1) * (weight[target] - mean_weight)
     torch.testing.assert_close(input_gradient(model, x, target, score="probability"), expected)
+    # log p_t = -CE: grad = W_t - sum_k p_k W_k
+    torch.testing.assert_close(input_gradient(model, x, target, score="log_probability"), weight[target] - mean_weight)
 
 
 def test_quadratic_integrated_gradients_exact_with_midpoint_rule() -> None:

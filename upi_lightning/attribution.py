@@ -1,8 +1,9 @@
 r"""Batched raw attributions of a classifier: gradient, gradient x input, integrated gradients, SmoothGrad.
 
 An attribution is the raw signed tensor ``(N, C, H, W)`` that a method assigns to a batch ``x`` for
-the score :math:`s_t(x)` of a target class ``t`` (the logit :math:`z_t(x)`, or the softmax
-probability :math:`p_t(x)`):
+the score :math:`s_t(x)` of a target class ``t`` (the logit :math:`z_t(x)`, the softmax
+probability :math:`p_t(x)`, or its log :math:`\log p_t(x) = -\mathrm{CE}(f(x), t)`, whose attributions are
+those of the loss up to the sign):
 
 * ``gradient``: :math:`\nabla_x s_t(x)`;
 * ``grad_x_input``: :math:`x \odot \nabla_x s_t(x)`;
@@ -39,7 +40,7 @@ SMOOTHGRAD_SAMPLES = 16
 """Default number of SmoothGrad noisy copies."""
 
 SaliencyMethod = Literal["gradient", "grad_x_input", "integrated_gradients", "smoothgrad"]
-ScoreKind = Literal["logit", "probability"]
+ScoreKind = Literal["logit", "probability", "log_probability"]
 
 SALIENCY_METHODS: tuple[str, ...] = get_args(SaliencyMethod)
 SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)
@@ -75,8 +76,13 @@ def _resolve_target(logits: Tensor, target: Tensor | int | None) -> Tensor:
 
 
 def _class_scores(logits: Tensor, target: Tensor, score: ScoreKind) -> Tensor:
-    """Per-sample score ``(N,)``: the target logit or the target softmax probability."""
-    values = logits.softmax(dim=1) if score == "probability" else logits
+    """Per-sample score ``(N,)``: the target logit, softmax probability or log-probability."""
+    if score == "probability":
+        values = logits.softmax(dim=1)
+    elif score == "log_probability":
+        values = logits.log_softmax(dim=1)
+    else:
+        values = logits
     return values.gather(1, target[:, None]).squeeze(1)
 
 
@@ -136,7 +142,8 @@ def input_gradient(
         x: batch ``(N, C, H, W)``. It may be a non-leaf tensor computed from something that requires
             grad (e.g. ``x_clean + delta``).
         target: ``(N,)`` class indices, one ``int`` for all samples, or ``None`` for the predicted class.
-        score: ``"logit"`` (:math:`z_t`) or ``"probability"`` (:math:`\mathrm{softmax}(z)_t`).
+        score: ``"logit"`` (:math:`z_t`), ``"probability"`` (:math:`\mathrm{softmax}(z)_t`) or
+            ``"log_probability"`` (:math:`\log \mathrm{softmax}(z)_t`, minus the cross-entropy).
         create_graph: keep the graph so the result is differentiable w.r.t. ``x`` (and what it was
             computed from) and the model parameters; otherwise the result is detached.
 
@@ -174,7 +181,7 @@ def attribution(
         x: batch ``(N, C, H, W)`` of pixels in ``[0, 1]``.
         target: ``(N,)`` class indices, one ``int`` for all samples, or ``None`` for the predicted class.
         method: ``gradient``, ``grad_x_input``, ``integrated_gradients`` or ``smoothgrad``.
-        score: ``"logit"`` or ``"probability"``.
+        score: ``"logit"``, ``"probability"`` or ``"log_probability"``.
         create_graph: keep the result differentiable w.r.t. ``x`` and the model parameters.
         n_steps: integrated gradients: number of midpoint Riemann steps, ``>= 1``.
         baseline: integrated gradients: tensor broadcastable to ``x`` or a constant; ``None`` = zeros

@@ -65,7 +65,7 @@ class SaliencySettings:
 
     Attributes:
         method: ``gradient``, ``grad_x_input``, ``integrated_gradients`` or ``smoothgrad``.
-        score: ``logit`` or ``probability``: the class score whose gradient is the map.
+        score: ``logit``, ``probability`` or ``log_probability``: the class score whose gradient is the map.
         n_steps: integrated-gradients steps.
         n_samples: SmoothGrad noisy copies.
         sigma: SmoothGrad noise std (pixel units).

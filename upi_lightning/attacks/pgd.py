@@ -2,7 +2,8 @@ r"""PGD (Madry et al. 2018): per-sample adversarial examples for robust accuracy
 
 :func:`pgd_attack` maximizes the cross-entropy of every sample inside its own ball
 :math:`\|\delta_i\|_p \le \varepsilon` (``p`` in ``{2, inf}``, pixel units) with ``x_i + delta_i`` kept
-in ``[0, 1]``:
+in ``[0, 1]`` (or any other per-sample :data:`PGDObjective`, e.g. the IG norm of
+:class:`~upi_lightning.regularizers.IGNorm`):
 
 .. math::
 
@@ -25,6 +26,7 @@ start about half of MNIST's pixels sit there and never move (issue 14).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -39,6 +41,18 @@ from upi_lightning.noise import make_generator
 from upi_lightning.threat import ThreatModel, apply_perturbation, straight_through_clip
 
 Stage = Literal["val", "test"]
+
+PGDObjective = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
+"""``objective(model, x, x_adv, y)``: the sum over the batch of per-sample values that PGD ascends.
+
+``x`` are the clean images, ``x_adv`` the current adversarial ones (differentiable); the model is in
+eval mode, so the gradient of the sum w.r.t. ``x_adv`` holds every sample's own gradient.
+"""
+
+
+def cross_entropy_objective(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+    r"""The default :data:`PGDObjective`: :math:`\sum_i \mathrm{CE}(f(x_{adv,i}), y_i)`."""
+    return F.cross_entropy(model(x_adv), y, reduction="sum")
 
 
 def default_pgd_step_size(eps: float, steps: int) -> float:
@@ -56,6 +70,7 @@ def pgd_attack(
     step_size: float | None = None,
     random_start: bool = True,
     generator: torch.Generator | None = None,
+    objective: PGDObjective = cross_entropy_objective,
 ) -> Tensor:
     """Return PGD adversarial examples ``x_adv`` ``(N, C, H, W)`` in ``[0, 1]`` (see the module docstring).
 
@@ -71,6 +86,7 @@ def pgd_attack(
         step_size: step ``eta`` (``None``: :func:`default_pgd_step_size`).
         random_start: start from a uniform random point of the ball instead of ``x``.
         generator: random generator of the start (any device).
+        objective: what is maximized (default: the cross-entropy).
 
     Returns:
         The detached adversarial images, on the model's device.
@@ -88,8 +104,8 @@ def pgd_attack(
             delta = torch.zeros_like(x)
         for _ in range(steps):
             variable = delta.requires_grad_(True)
-            loss = F.cross_entropy(model(straight_through_clip(x + variable)), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, variable)
+            value = objective(model, x, straight_through_clip(x + variable), y)
+            (grad,) = torch.autograd.grad(value, variable)
             delta = threat.step(delta.detach(), grad, eta, per_sample=True)
             delta = apply_perturbation(x, delta) - x
         return apply_perturbation(x, delta).detach()

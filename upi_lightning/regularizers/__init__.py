@@ -16,15 +16,20 @@ across steps (the UPI ``delta``), write that state into checkpoints and log to T
 * :class:`UPIAdversarial`: stability of the saliency maps under a running universal perturbation.
 * :class:`Consistency`: adversarial training with a feature-consistency loss (Dong et al. 2017).
 * :class:`PGDAdversarial`: PGD adversarial training (Madry et al. 2018).
+* :class:`IGNorm`, :class:`IGSumNorm`: integrated gradients of the loss at the worst point of the ball
+  (Chen et al. 2019).
+* :class:`GradientConsistency`: input gradients that agree under small noise (Joo et al. 2023).
+* :class:`AttributionalAdversarial`: PGD training with aligned attributions (Wang & Kong 2022).
 
 Which forward pass is differentiated: the input-gradient terms (:class:`InputGradientNorm`,
-:class:`InterpretationRegularization`) differentiate the clean training-mode forward pass itself
-(``torch.autograd.grad(..., create_graph=True)``, no extra forward). With BatchNorm in training mode a
-sample's logits depend on the whole batch, so those gradients are those of the batch-level loss, which
-is still a well-defined differentiable objective; for networks without BatchNorm they are exactly the
-per-sample gradients. The UPI term and the PGD attacks use the eval-mode model (the shared saliency
-and attack code), like the attacks they defend against. Every term keeps the clean cross-entropy in
-the loss, so every parameter receives a gradient (no unused parameters under DDP).
+:class:`InterpretationRegularization`, :class:`GradientConsistency`) differentiate the clean
+training-mode forward pass itself (``torch.autograd.grad(..., create_graph=True)``, no extra forward).
+With BatchNorm in training mode a sample's logits depend on the whole batch, so those gradients are
+those of the batch-level loss, which is still a well-defined differentiable objective; for networks
+without BatchNorm they are exactly the per-sample gradients. The UPI, IG and attribution terms and the
+PGD attacks use the eval-mode model (the shared saliency and attack code), like the attacks they defend
+against. Every term keeps the clean cross-entropy in the loss, so every parameter receives a gradient
+(no unused parameters under DDP).
 
 Layout: the plug-in contract (:class:`TrainingBatch`, :class:`Regularizer`, configs, :data:`CHECKPOINT_KEY`)
 is :mod:`upi_lightning.regularizers.base`; each training mode has its own module, and this package
@@ -37,6 +42,7 @@ stores their :meth:`Regularizer.state_dict` under :data:`CHECKPOINT_KEY` and the
 """
 
 from upi_lightning.regularizers.adversarial import AdversarialExamples, PGDAdversarial
+from upi_lightning.regularizers.attributional_adversarial import AttributionalAdversarial
 from upi_lightning.regularizers.base import (
     CHECKPOINT_KEY,
     BallRegularizer,
@@ -49,8 +55,11 @@ from upi_lightning.regularizers.base import (
     log_keys,
     per_sample_squared_norm,
     regularizer_from_config,
+    true_class_input_gradient,
 )
 from upi_lightning.regularizers.consistency import Consistency
+from upi_lightning.regularizers.gradient_consistency import GradientConsistency
+from upi_lightning.regularizers.ig_norm import IGNorm, IGSumNorm, ig_loss_l1
 from upi_lightning.regularizers.input_gradient import InputGradientNorm
 from upi_lightning.regularizers.interpretation import (
     TEACHER_CHUNK,
@@ -64,8 +73,12 @@ __all__ = [
     "CHECKPOINT_KEY",
     "TEACHER_CHUNK",
     "AdversarialExamples",
+    "AttributionalAdversarial",
     "BallRegularizer",
     "Consistency",
+    "GradientConsistency",
+    "IGNorm",
+    "IGSumNorm",
     "InputGradientNorm",
     "InterpretationRegularization",
     "PGDAdversarial",
@@ -76,9 +89,11 @@ __all__ = [
     "check_count",
     "check_weight",
     "class_path",
+    "ig_loss_l1",
     "load_teacher",
     "log_keys",
     "per_sample_squared_norm",
     "regularizer_from_config",
     "threshold_beyond_one_std",
+    "true_class_input_gradient",
 ]

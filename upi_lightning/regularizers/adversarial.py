@@ -7,10 +7,10 @@ r"""PGD adversarial training (Madry et al. 2018), and the base of the modes trai
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from upi_lightning.attacks.engine import check_steps
-from upi_lightning.attacks.pgd import pgd_attack
+from upi_lightning.attacks.pgd import cross_entropy_objective, pgd_attack
 from upi_lightning.errors import UPIError
 from upi_lightning.regularizers.base import BallRegularizer, TrainingBatch, check_weight
 from upi_lightning.threat import Norm, threat_model
@@ -18,6 +18,8 @@ from upi_lightning.threat import Norm, threat_model
 
 class AdversarialExamples(BallRegularizer):
     """Base of the regularizers trained on PGD examples (:func:`upi_lightning.attacks.pgd.pgd_attack`).
+
+    PGD maximizes :meth:`attack_objective`, the cross-entropy unless a subclass says otherwise.
 
     Args:
         norm: ``"l2"`` or ``"linf"``.
@@ -34,6 +36,10 @@ class AdversarialExamples(BallRegularizer):
         self.step_size = step_size
         self.random_start = random_start
 
+    def attack_objective(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+        """The :data:`~upi_lightning.attacks.pgd.PGDObjective` PGD ascends: the summed cross-entropy."""
+        return cross_entropy_objective(model, x, x_adv, y)
+
     def adversarial(self, batch: TrainingBatch) -> Tensor:
         """Return PGD examples of the batch (model in eval mode during the attack, detached result)."""
         return pgd_attack(
@@ -44,6 +50,7 @@ class AdversarialExamples(BallRegularizer):
             steps=self.steps,
             step_size=self.step_size,
             random_start=self.random_start,
+            objective=self.attack_objective,
         )
 
 
@@ -76,10 +83,15 @@ class PGDAdversarial(AdversarialExamples):
         random_start: bool = True,
     ) -> None:
         super().__init__(norm, eps, steps, step_size, random_start)
-        if not 0 <= check_weight("PGDAdversarial weight", weight) <= 1:
-            raise UPIError(f"PGDAdversarial weight is the share of the adversarial loss, in [0, 1]; got {weight}.")
+        label = f"{type(self).__name__} weight"
+        if not 0 <= check_weight(label, weight) <= 1:
+            raise UPIError(f"{label} is the share of the adversarial loss, in [0, 1]; got {weight}.")
         self.weight = float(weight)
 
-    def __call__(self, batch: TrainingBatch) -> Tensor:
-        adversarial_ce = F.cross_entropy(batch.model(self.adversarial(batch)), batch.y)
+    def mixed_cross_entropy(self, batch: TrainingBatch, x_adv: Tensor) -> Tensor:
+        r"""The term :math:`w\,(\mathrm{CE}(x_{adv}) - \mathrm{CE}(x))` of given examples ``x_adv``."""
+        adversarial_ce = F.cross_entropy(batch.model(x_adv), batch.y)
         return self.weight * (adversarial_ce - batch.ce.mean())
+
+    def __call__(self, batch: TrainingBatch) -> Tensor:
+        return self.mixed_cross_entropy(batch, self.adversarial(batch))

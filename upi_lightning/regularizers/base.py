@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
@@ -74,6 +75,18 @@ def check_weight(name: str, value: float) -> float:
 def per_sample_squared_norm(tensor: Tensor) -> Tensor:
     r"""Return :math:`\|t_i\|_2^2` of every row of a batch ``(N, ...)`` as ``(N,)``."""
     return tensor.flatten(1).pow(2).sum(dim=1)
+
+
+def true_class_input_gradient(logits: Tensor, x: Tensor, y: Tensor, create_graph: bool = True) -> Tensor:
+    r"""Return :math:`g_i = \nabla_{x_i} z_{y_i}` ``(N, C, H, W)`` from ``logits`` computed from ``x`` (requiring grad).
+
+    One backward pass of the summed true-class logits. The graph of ``logits`` is kept, so the loss can
+    still be differentiated; with ``create_graph`` the result is differentiable w.r.t. the parameters
+    (double backprop).
+    """
+    true_logits = logits.gather(1, y[:, None]).sum()
+    (grad,) = torch.autograd.grad(true_logits, x, create_graph=create_graph, retain_graph=True)
+    return grad
 
 
 def class_path(cls: type) -> str:
@@ -150,7 +163,8 @@ def regularizer_from_config(config: Mapping[str, Any]) -> Regularizer:
     """Build a regularizer from ``{"class_path": "pkg.module.Class", "init_args": {...}}``.
 
     Raises:
-        UPIError: if the class cannot be imported or is not a :class:`Regularizer`.
+        UPIError: if the class cannot be imported, is not a :class:`Regularizer`, or has no option of a
+            name in ``init_args``.
     """
     path = config.get("class_path")
     if not isinstance(path, str) or "." not in path:
@@ -162,7 +176,13 @@ def regularizer_from_config(config: Mapping[str, Any]) -> Regularizer:
         raise UPIError(f"Cannot import the regularizer class {path!r}: {err}") from err
     if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
         raise UPIError(f"{path!r} is not a subclass of upi_lightning.regularizers.Regularizer.")
-    return cls(**config.get("init_args", {}))
+    init_args = dict(config.get("init_args") or {})
+    options = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+    unknown = [name for name in init_args if name not in options]
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        raise UPIError(f"{cls.__name__} has no option {names}; its options: {', '.join(options)}.")
+    return cls(**init_args)
 
 
 def build_regularizers(items: Sequence[Regularizer | Mapping[str, Any]] | None) -> list[Regularizer]:

@@ -21,7 +21,13 @@ from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
 from upi_lightning.models import build_classifier
-from upi_lightning.regularizers.base import Regularizer, TrainingBatch, check_count, check_weight
+from upi_lightning.regularizers.base import (
+    Regularizer,
+    TrainingBatch,
+    check_count,
+    check_weight,
+    true_class_input_gradient,
+)
 from upi_lightning.saliency import attribution
 from upi_lightning.sample_cache import SampleCache
 
@@ -165,8 +171,7 @@ class InterpretationRegularization(Regularizer):
         return self._cache(self.teacher_targets, x, y)
 
     def __call__(self, batch: TrainingBatch) -> Tensor:
-        true_logits = batch.logits.gather(1, batch.y[:, None]).sum()
-        (grad,) = torch.autograd.grad(true_logits, batch.x, create_graph=True)
+        grad = true_class_input_gradient(batch.logits, batch.x, batch.y)
         targets = self.targets(batch.x, batch.y)
         cosine = F.cosine_similarity(grad.flatten(1), targets.flatten(1), dim=1)
         return self.l_cs * (1 - cosine.mean()) + self.l_gm * torch.linalg.vector_norm(grad)
