@@ -185,10 +185,10 @@ def main() -> None:
                 record, _ = results[solver]
                 info = record["info"]
                 assert isinstance(info, dict)
-                before, peak = float(record["before"]), float(record["peak"])  # type: ignore[arg-type]
+                before, peak = float(record["before"]), float(record["peak"])
                 print(
                     f"| {n:,} | {solver} | {peak:.1f} | {before:.1f} | {peak - before:.1f} | "
-                    f"{float(record['seconds']):.1f} | {info['passes']} | "  # type: ignore[arg-type]
+                    f"{float(record['seconds']):.1f} | {info['passes']} | "
                     f"{info.get('converged', '-') if solver == 'power' else '(exact)'} | {cosine:.6f} |",
                     flush=True,
                 )

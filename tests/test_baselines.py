@@ -36,10 +36,10 @@ def test_per_sample_attack_stays_in_each_ball_and_beats_the_universal_one(norm: 
     eps = 0.25 if norm == "l2" else 0.04
     batches = make_batches(2, 8)
     x, y = batches[0]
-    deltas = fit_per_sample_attack(model, x, y, threat_model(norm, eps), objective=OBJECTIVE, steps=8)  # type: ignore[arg-type]
-    assert deltas.shape == x.shape and threat_model(norm, eps).contains(deltas, per_sample=True)  # type: ignore[arg-type]
+    deltas = fit_per_sample_attack(model, x, y, threat_model(norm, eps), objective=OBJECTIVE, steps=8)
+    assert deltas.shape == x.shape and threat_model(norm, eps).contains(deltas, per_sample=True)
     assert_untouched(model, before)
-    universal = fit_upi_grad(model, batches, threat_model(norm, eps), objective=OBJECTIVE).delta  # type: ignore[arg-type]
+    universal = fit_upi_grad(model, batches, threat_model(norm, eps), objective=OBJECTIVE).delta
     per_sample = OBJECTIVE.per_sample(model, x, y, deltas)
     shared = OBJECTIVE.per_sample(model, x, y, universal)
     assert bool((per_sample >= shared - 1e-3).all()) and per_sample.mean() > shared.mean()

@@ -27,7 +27,7 @@ def test_map_dissimilarity_closed_forms() -> None:
     cosine = map_dissimilarity(perturbed, clean, "cosine")
     assert torch.allclose(cosine, torch.tensor([1 - 0.2 / 0.3]))
     for kind in ("l2", "topk_mass", "cosine"):
-        assert map_dissimilarity(clean, clean, kind, k=3).abs().item() < 1e-6  # type: ignore[arg-type]
+        assert map_dissimilarity(clean, clean, kind, k=3).abs().item() < 1e-6
     zero = torch.zeros(1, 2, 2)
     assert torch.isfinite(map_dissimilarity(zero, zero, "topk_mass", k=1)).all()
 
@@ -37,13 +37,13 @@ def test_map_dissimilarity_gradient_matches_finite_differences(kind: str) -> Non
     gen = make_generator(0)
     clean = torch.rand(3, 4, 4, generator=gen, dtype=torch.float64)
     perturbed = torch.rand(3, 4, 4, generator=gen, dtype=torch.float64).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a: map_dissimilarity(a, clean, kind, k=5), (perturbed,))  # type: ignore[arg-type]
+    assert torch.autograd.gradcheck(lambda a: map_dissimilarity(a, clean, kind, k=5), (perturbed,))
 
 
 def test_map_dissimilarity_and_objective_refuse_bad_settings() -> None:
     maps = torch.rand(2, 3, 3)
     with pytest.raises(UPIError, match="Unknown dissimilarity"):
-        map_dissimilarity(maps, maps, "l1")  # type: ignore[arg-type]
+        map_dissimilarity(maps, maps, "l1")
     with pytest.raises(UPIError, match="top-k"):
         map_dissimilarity(maps, maps, "topk_mass", k=10)
     with pytest.raises(UPIError, match=r"\(N, H, W\)"):
@@ -56,7 +56,7 @@ def test_map_dissimilarity_and_objective_refuse_bad_settings() -> None:
         {"saliency": "gradient"},
     ):
         with pytest.raises(UPIError, match="Invalid UPI objective"):
-            UPIObjective(**bad)  # type: ignore[arg-type]
+            UPIObjective(**bad)
     for unknown in ({"dissimilarity": "l2", "beta": 1.0}, {"saliency": {"method": "gradient", "steps": 3}}):
         with pytest.raises(UPIError, match="Invalid UPI objective"):
             UPIObjective.from_config(unknown)

@@ -344,4 +344,4 @@ def test_bad_configs_are_refused(config: dict, message: str) -> None:
 )
 def test_bad_settings_are_refused(factory: object, message: str) -> None:
     with pytest.raises(UPIError, match=message):
-        factory()  # type: ignore[operator]
+        factory()

@@ -84,7 +84,7 @@ def bias_free_relu_net() -> nn.Module:
 def saliency(model: nn.Module, x: Tensor, y: Tensor, method: str) -> Tensor:
     """Maps of one method; SmoothGrad with a fixed generator so two calls see the same noise."""
     extra = {"generator": make_generator(0)} if method == "smoothgrad" else {}
-    return saliency_map(model, x, y, method, **extra)  # type: ignore[arg-type]
+    return saliency_map(model, x, y, method, **extra)
 
 
 def fit(method: str, model: nn.Module, batches: Any, threat: ThreatModel, **kwargs: Any) -> UPIFitResult:
@@ -207,7 +207,7 @@ def test_upi_grad_on_one_sample_equals_the_fit_on_that_sample_twice() -> None:
 def test_upi_pca_on_one_sample_is_its_own_gradient_row(solver: str) -> None:
     model = TinyCNN()
     batches = tiny_batches(1, 1)
-    result = fit_upi_pca(model, batches, L2Ball(0.5), objective=PCA_OBJECTIVE, solver=solver)  # type: ignore[arg-type]
+    result = fit_upi_pca(model, batches, L2Ball(0.5), objective=PCA_OBJECTIVE, solver=solver)
     row = gradient_matrix(model, batches, PCA_OBJECTIVE)  # (1, d): M = g g^T has the top eigenvector g / |g|
     assert row.shape == (1, 36) and row.norm() > 0
     assert abs_cosine(result.delta, row[0]) > 0.9999
@@ -307,10 +307,10 @@ def test_l2_eps_far_beyond_the_pixel_range_still_works() -> None:
 @pytest.mark.parametrize("entry", ["fit_upi_grad", "fit_upi_pca", "budget", "perturbation_file"])
 def test_unknown_norm_lists_the_valid_norms(entry: str) -> None:
     calls = {
-        "fit_upi_grad": lambda: fit_upi_grad(TinyCNN(), tiny_batches(), threat_model("l1", 0.5)),  # type: ignore[arg-type]
-        "fit_upi_pca": lambda: fit_upi_pca(TinyCNN(), tiny_batches(), threat_model("l1", 0.5)),  # type: ignore[arg-type]
-        "budget": lambda: Budget("l1", 0.5),  # type: ignore[arg-type]
-        "perturbation_file": lambda: UniversalPerturbation(torch.zeros(SHAPE), "l1", 0.5),  # type: ignore[arg-type]
+        "fit_upi_grad": lambda: fit_upi_grad(TinyCNN(), tiny_batches(), threat_model("l1", 0.5)),
+        "fit_upi_pca": lambda: fit_upi_pca(TinyCNN(), tiny_batches(), threat_model("l1", 0.5)),
+        "budget": lambda: Budget("l1", 0.5),
+        "perturbation_file": lambda: UniversalPerturbation(torch.zeros(SHAPE), "l1", 0.5),
     }
     with pytest.raises(UPIError, match=re.escape("Unknown norm 'l1': use 'l2' or 'linf'.")):
         calls[entry]()
@@ -318,23 +318,23 @@ def test_unknown_norm_lists_the_valid_norms(entry: str) -> None:
 
 def test_unknown_attack_or_saliency_method_lists_the_valid_ones() -> None:
     with pytest.raises(UPIError, match=re.escape(f"['nope']: choose from {list(ALL_METHODS)}")):
-        AttackSettings(methods=["nope"])  # type: ignore[list-item]
+        AttackSettings(methods=["nope"])
     methods = ", ".join(map(repr, SALIENCY_METHODS))
     with pytest.raises(UPIError, match=re.escape(f"Unknown saliency method 'occlusion': use one of {methods}.")):
-        saliency_map(TinyCNN(), torch.rand(2, *SHAPE), method="occlusion")  # type: ignore[arg-type]
+        saliency_map(TinyCNN(), torch.rand(2, *SHAPE), method="occlusion")
     with pytest.raises(UPIError, match=re.escape(f"Unknown saliency method 'occlusion': use one of {methods}.")):
-        SaliencySettings(method="occlusion")  # type: ignore[arg-type]
+        SaliencySettings(method="occlusion")
 
 
 def test_fit_method_refuses_a_method_it_does_not_fit() -> None:
     for method in ("nope", "random"):  # random and per_sample are baselines, not fitted perturbations
         with pytest.raises(UPIError, match=f"'{method}' is not a fitted universal method"):
-            fit_method(method, TinyCNN(), tiny_batches(), Budget(), AttackSettings())  # type: ignore[arg-type]
+            fit_method(method, TinyCNN(), tiny_batches(), Budget(), AttackSettings())
 
 
 def test_fit_method_error_lists_the_fitted_methods() -> None:
     with pytest.raises(UPIError) as error:
-        fit_method("nope", TinyCNN(), tiny_batches(), Budget(), AttackSettings())  # type: ignore[arg-type]
+        fit_method("nope", TinyCNN(), tiny_batches(), Budget(), AttackSettings())
     assert all(name in str(error.value) for name in ("upi_grad", "upi_pca", "uap"))
 
 
@@ -352,7 +352,7 @@ def test_unknown_names_on_the_attack_command_line_list_the_choices(
 ) -> None:
     args = ["--model=torchvision.resnet18", "--data=upi_lightning.data.SyntheticDataModule", arg]
     err = cli_error(lambda: attack_main(args), capsys)
-    bad = re.search(r"(l3|occlusion|nope)", arg).group(1)  # type: ignore[union-attr]
+    bad = re.search(r"(l3|occlusion|nope)", arg).group(1)
     assert f"Got value: {bad}" in err and all(choice in err for choice in choices), err
 
 

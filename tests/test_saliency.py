@@ -362,7 +362,7 @@ def test_smoothgrad_takes_given_noise_and_its_shared_noise_is_keyed_by_sample() 
     assert SaliencySettings("smoothgrad").n_samples == SMOOTHGRAD_SAMPLES  # the default
     assert SaliencySettings("integrated_gradients", n_steps=3).method_kwargs() == {"n_steps": 3}
     with pytest.raises(UPIError, match="one class per image"):
-        smoothgrad_noise(x, 1, 2)  # type: ignore[arg-type]
+        smoothgrad_noise(x, 1, 2)
     half = smoothgrad_noise(x.bfloat16(), target, 2)  # float32 draws, bfloat16 maps
     half_attr = attribution(Sine().to(torch.bfloat16), x.bfloat16(), target, "smoothgrad", n_samples=2, noise=half)
     assert half_attr.dtype == torch.bfloat16

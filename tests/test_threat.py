@@ -97,7 +97,7 @@ def test_apply_perturbation_clips_to_pixel_range() -> None:
 @pytest.mark.parametrize(("norm", "eps"), [("l2", 0.0), ("l3", 1.0), ("l2", float("nan")), ("linf", -1.0)])
 def test_bad_norm_or_eps_is_refused(norm: str, eps: float) -> None:
     with pytest.raises(UPIError, match=r"eps|norm"):
-        threat_model(norm, eps).project(torch.zeros(3))  # type: ignore[arg-type]
+        threat_model(norm, eps).project(torch.zeros(3))
 
 
 def test_straight_through_clip_has_the_clamp_value_and_the_identity_gradient() -> None:

@@ -71,7 +71,7 @@ def test_delta_never_leaves_the_ball(norm: str) -> None:
         epochs=2,
         step_size=eps,  # large steps: the projection has to work
         schedule="constant",
-        on_step=lambda step, delta, value: inside.append(threat_model(norm, eps).contains(delta)),  # type: ignore[arg-type]
+        on_step=lambda step, delta, value: inside.append(threat_model(norm, eps).contains(delta)),
     )
     assert len(inside) == 6 and all(inside)
     if norm == "linf":
@@ -110,16 +110,14 @@ def test_reduce_hook_two_ranks_equal_one_process_on_all_data() -> None:
     shards = split_batches(batches)
     objective = UPIObjective(k=5, surrogate_beta=5.0)
     kwargs = {"objective": objective, "epochs": 2}
-    single = fit_upi_grad(model, batches, L2Ball(0.5), **kwargs)  # type: ignore[arg-type]
-    ranks = run_ranks(
-        lambda rank, reduce: fit_upi_grad(model, shards[rank], L2Ball(0.5), reduce=reduce, **kwargs)  # type: ignore[arg-type]
-    )
-    assert torch.equal(ranks[0].delta, ranks[1].delta)  # type: ignore[attr-defined]
-    assert ranks[0].history == ranks[1].history  # type: ignore[attr-defined]
-    assert torch.allclose(ranks[0].delta, single.delta, atol=1e-5)  # type: ignore[attr-defined]
-    assert ranks[0].history == pytest.approx(single.history, rel=1e-5)  # type: ignore[attr-defined]
+    single = fit_upi_grad(model, batches, L2Ball(0.5), **kwargs)
+    ranks = run_ranks(lambda rank, reduce: fit_upi_grad(model, shards[rank], L2Ball(0.5), reduce=reduce, **kwargs))
+    assert torch.equal(ranks[0].delta, ranks[1].delta)
+    assert ranks[0].history == ranks[1].history
+    assert torch.allclose(ranks[0].delta, single.delta, atol=1e-5)
+    assert ranks[0].history == pytest.approx(single.history, rel=1e-5)
     # a rank that ignores the others' contribution ends elsewhere: the test can fail
-    alone = fit_upi_grad(model, shards[0], L2Ball(0.5), **kwargs)  # type: ignore[arg-type]
+    alone = fit_upi_grad(model, shards[0], L2Ball(0.5), **kwargs)
     assert not torch.allclose(alone.delta, single.delta, atol=1e-3)
 
 
@@ -153,8 +151,8 @@ def test_one_reduce_call_per_step() -> None:
 def test_bad_inputs_are_refused(batches: object, kwargs: dict[str, object], match: str) -> None:
     settings = {"norm": "l2", "eps": EPS, "objective": OBJECTIVE, **kwargs}
     with pytest.raises(UPIError, match=match):
-        threat = threat_model(settings.pop("norm"), settings.pop("eps"))  # type: ignore[arg-type]
-        fit_upi_grad(QuadraticScore(), batches, threat, **settings)  # type: ignore[arg-type]
+        threat = threat_model(settings.pop("norm"), settings.pop("eps"))
+        fit_upi_grad(QuadraticScore(), batches, threat, **settings)
 
 
 def test_clean_maps_are_computed_once_per_sample_and_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

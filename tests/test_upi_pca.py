@@ -39,11 +39,11 @@ def test_upi_pca_recovers_the_known_direction(solver: str) -> None:
     before = snapshot(model)
     batches = make_batches(3, 16)
     objective = UPIObjective(k=10, sigma=0.05)
-    result = fit_upi_pca(model, batches, L2Ball(0.25), objective=objective, solver=solver)  # type: ignore[arg-type]
+    result = fit_upi_pca(model, batches, L2Ball(0.25), objective=objective, solver=solver)
     assert abs_cosine(result.delta, model.u.detach()) > 0.99
     assert result.delta.norm().item() == pytest.approx(0.25, rel=1e-5)
     assert result.to_perturbation().metadata["solver"] == solver  # the info is storable metadata
-    linf = fit_upi_pca(model, batches, LinfBall(0.03), objective=objective, solver=solver)  # type: ignore[arg-type]
+    linf = fit_upi_pca(model, batches, LinfBall(0.03), objective=objective, solver=solver)
     assert torch.equal(linf.delta.abs(), torch.full((1, 8, 8), 0.03))
     assert abs_cosine(linf.delta, model.u.detach().sign()) == pytest.approx(1.0)
     assert_untouched(model, before)
@@ -93,7 +93,7 @@ def test_keep_prediction_takes_the_top_algebraic_eigenvector() -> None:
     values, vectors = torch.linalg.eigh(g.T @ g - 0.2 * c.T @ c)
     assert values[0].abs() > values[-1].abs()  # the largest |eigenvalue| is negative: a naive power method fails
     for solver in ("svd", "power"):
-        result = fit_upi_pca(model, batches, L2Ball(1.0), objective=objective, solver=solver)  # type: ignore[arg-type]
+        result = fit_upi_pca(model, batches, L2Ball(1.0), objective=objective, solver=solver)
         assert abs_cosine(result.delta, vectors[:, -1]) > 0.99
 
 
@@ -102,7 +102,7 @@ def test_sign_is_chosen_on_the_fit_data(solver: str) -> None:
     model = TinyCNN()
     for seed in range(3):  # the sign of an eigenvector is arbitrary: some of these runs must flip it
         batches = make_batches(2, 8, shape=(1, 6, 6), seed=seed)
-        result = fit_upi_pca(model, batches, L2Ball(1.0), objective=SMOOTH_OBJECTIVE, solver=solver, seed=seed)  # type: ignore[arg-type]
+        result = fit_upi_pca(model, batches, L2Ball(1.0), objective=SMOOTH_OBJECTIVE, solver=solver, seed=seed)
         plus, minus = mean_objective(model, batches, SMOOTH_OBJECTIVE, [result.delta, -result.delta], seed=seed)
         assert plus > minus
         assert sorted([result.info["objective_plus"], result.info["objective_minus"]]) == pytest.approx([minus, plus])
@@ -117,15 +117,15 @@ def test_reduce_hook_two_ranks_equal_one_process() -> None:
     for solver in ("power", "svd"):
         kwargs = {"objective": SMOOTH_OBJECTIVE, "solver": solver}
         ranks = run_ranks(
-            lambda rank, reduce, kw=kwargs: fit_upi_pca(model, shards[rank], L2Ball(1.0), reduce=reduce, **kw)  # type: ignore[arg-type]
+            lambda rank, reduce, kw=kwargs: fit_upi_pca(model, shards[rank], L2Ball(1.0), reduce=reduce, **kw)
         )
-        assert torch.equal(ranks[0].delta, ranks[1].delta)  # type: ignore[attr-defined]
-        alone = fit_upi_pca(model, batches, L2Ball(1.0), **kwargs)  # type: ignore[arg-type]
-        torch.testing.assert_close(ranks[0].delta, alone.delta, atol=1e-5, rtol=0)  # type: ignore[attr-defined]
+        assert torch.equal(ranks[0].delta, ranks[1].delta)
+        alone = fit_upi_pca(model, batches, L2Ball(1.0), **kwargs)
+        torch.testing.assert_close(ranks[0].delta, alone.delta, atol=1e-5, rtol=0)
         rows = torch.cat([gradient_matrix(model, shard, SMOOTH_OBJECTIVE) for shard in shards]).double()
         top = torch.linalg.svd(rows, full_matrices=False).Vh[0]
-        assert abs_cosine(ranks[0].delta, top) > 0.99  # type: ignore[attr-defined]
-        alone = fit_upi_pca(model, shards[0], L2Ball(1.0), **kwargs)  # type: ignore[arg-type]
+        assert abs_cosine(ranks[0].delta, top) > 0.99
+        alone = fit_upi_pca(model, shards[0], L2Ball(1.0), **kwargs)
         assert abs_cosine(alone.delta, top) < 0.99
 
 
@@ -136,7 +136,7 @@ def test_bad_settings_are_refused() -> None:
     with pytest.raises(UPIError, match=message):
         fit_upi_pca(QuadraticScore(), batches, L2Ball(0.1), objective=objective, solver="svd", max_bytes=1024)
     with pytest.raises(UPIError, match="solver"):
-        fit_upi_pca(QuadraticScore(), batches, L2Ball(0.1), solver="lanczos")  # type: ignore[arg-type]
+        fit_upi_pca(QuadraticScore(), batches, L2Ball(0.1), solver="lanczos")
     with pytest.raises(UPIError, match="sigma > 0"):
         fit_upi_pca(QuadraticScore(), batches, L2Ball(0.1), objective=UPIObjective())
     with pytest.raises(UPIError, match="one-shot"):
@@ -161,7 +161,7 @@ def test_cached_clean_maps_are_computed_once_and_change_nothing(solver: str, mon
             n_iter=3,
             tol=0.0,
             cache_clean_maps=cache,
-        )  # type: ignore[arg-type]
+        )
         # clean maps: once (cached) or once per solver pass and for the sign choice
         assert sum(sizes) == (24 if cache else 24 * (fits[cache].info["passes"] + 1))
     torch.testing.assert_close(fits[True].delta, fits[False].delta)
