@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from upi_lightning.attacks.engine import Schedule
-from upi_lightning.attacks.objective import Dissimilarity, UPIObjective
+from upi_lightning.attacks.objective import UPI_PCA_SIGMA, ObjectiveSettings
 from upi_lightning.errors import UPIError
 from upi_lightning.saliency import SaliencySettings
 from upi_lightning.threat import Norm, ThreatModel, threat_model
@@ -45,37 +45,6 @@ class Budget:
 
 
 @dataclass
-class ObjectiveSettings:
-    """How a UPI objective is differentiated (see :class:`~upi_lightning.attacks.objective.UPIObjective`).
-
-    Attributes:
-        dissimilarity: ``l2``, ``topk_mass`` or ``cosine``.
-        surrogate_beta: differentiate a softplus(beta) copy of a ReLU model; ``null`` = the model itself.
-        sigma: Gaussian smoothing of the objective (pixel units), 0 = off.
-        n_noise: smoothing draws per sample.
-        keep_prediction: weight of the "keep the prediction" cross-entropy penalty.
-    """
-
-    dissimilarity: Dissimilarity = "l2"
-    surrogate_beta: float | None = 10.0
-    sigma: float = 0.0
-    n_noise: int = 1
-    keep_prediction: float = 0.0
-
-    def objective(self, saliency: SaliencySettings, k: int) -> UPIObjective:
-        """The objective for these settings and the attacked saliency maps."""
-        return UPIObjective(
-            saliency=saliency,
-            dissimilarity=self.dissimilarity,
-            k=k,
-            sigma=self.sigma,
-            n_noise=self.n_noise,
-            surrogate_beta=self.surrogate_beta,
-            keep_prediction=self.keep_prediction,
-        )
-
-
-@dataclass
 class UPIGradSettings(ObjectiveSettings):
     """UPI-Grad: projected stochastic gradient ascent (also the objective of the per-sample attack).
 
@@ -98,6 +67,7 @@ class UPIGradSettings(ObjectiveSettings):
     cache_clean_maps: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.step_scale is not None and not self.step_scale > 0:
             raise UPIError(f"step_scale must be > 0 (or null), got {self.step_scale}.")
 
@@ -113,13 +83,15 @@ class UPIPCASettings(ObjectiveSettings):
     """UPI-PCA: top singular vector of the per-sample gradients of the objective.
 
     Attributes:
+        sigma: as in :class:`ObjectiveSettings`, but on by default (:data:`UPI_PCA_SIGMA`): UPI-PCA's rows
+            are gradients at noisy copies of the images, exactly zero without noise.
         solver: ``power`` (streaming, memory O(d)) or ``svd`` (exact, holds a d x d matrix).
         n_iter: passes of the streaming solver.
         cache_clean_maps: compute each fit sample's clean map once for all passes (``H * W`` floats per
             fit sample, so the streaming solver's memory then grows with the fit set; same result).
     """
 
-    sigma: float = 0.1
+    sigma: float = UPI_PCA_SIGMA
     solver: Literal["power", "svd"] = "power"
     n_iter: int = 20
     cache_clean_maps: bool = False
