@@ -69,7 +69,9 @@ def attack_parser() -> ArgumentParser:
         default=None,
         help="Instead of --ckpt: torchvision.<name> or timm.<name> (e.g. torchvision.resnet18), with --data.",
     )
-    parser.add_argument("--pretrained", type=bool, default=False, help="With --model: the library's pretrained weights.")
+    parser.add_argument(
+        "--pretrained", type=bool, default=False, help="With --model: its library's pretrained weights."
+    )
     parser.add_argument(
         "--eval_ckpt",
         "--eval-ckpt",
