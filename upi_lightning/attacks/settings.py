@@ -12,8 +12,9 @@ from typing import Any, Literal, TypeVar
 
 from upi_lightning.attacks.engine import Schedule
 from upi_lightning.attacks.objective import UPI_PCA_SIGMA, ObjectiveSettings
+from upi_lightning.captum_maps import CaptumSaliency
 from upi_lightning.errors import UPIError
-from upi_lightning.saliency import SaliencySettings
+from upi_lightning.saliency import SaliencyMaps, SaliencySettings
 from upi_lightning.threat import Norm, ThreatModel, threat_model
 
 T = TypeVar("T")
@@ -148,6 +149,9 @@ class AttackSettings(MethodSettings):
         eval_samples: held-out samples evaluated (``null`` = all of attack_eval).
         batch_size: batch size of fitting and evaluation.
         figure_images: images shown in each figure.
+        captum: evaluate (and draw) Captum's maps instead of ``saliency``'s
+            (:class:`~upi_lightning.captum_maps.CaptumSaliency`, extra ``captum``); the attacks still
+            differentiate ``saliency``'s maps.
     """
 
     budgets: list[Budget] = field(default_factory=lambda: [Budget("l2", 1.0)])
@@ -157,6 +161,7 @@ class AttackSettings(MethodSettings):
     eval_samples: int | None = 5000
     batch_size: int = 128
     figure_images: int = 6
+    captum: CaptumSaliency | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
@@ -164,6 +169,10 @@ class AttackSettings(MethodSettings):
             raise UPIError(f"Unknown or no attack methods {unknown or self.methods}: choose from {list(ALL_METHODS)}.")
         if not self.budgets:
             raise UPIError("No budget to attack in: give at least one {norm, eps}.")
+
+    def evaluation_maps(self) -> SaliencyMaps:
+        """The maps the metrics and figures compare: :attr:`captum`'s, else :attr:`saliency`'s."""
+        return self.saliency if self.captum is None else self.captum
 
 
 def as_settings(kind: type[T], value: T | Mapping[str, Any] | None) -> T:
