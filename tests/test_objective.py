@@ -12,6 +12,7 @@ from torch import nn
 from tests.helpers import QuadraticScore, TinyCNN, assert_untouched, make_batches, snapshot
 from upi_lightning.attacks.objective import OBJECTIVE_NOISE_SEED, UPIObjective, map_dissimilarity
 from upi_lightning.errors import UPIError
+from upi_lightning.models import build_classifier
 from upi_lightning.noise import make_generator, sample_normal
 from upi_lightning.saliency import SaliencySettings, saliency_map, smoothgrad_noise
 from upi_lightning.threat import L2Ball
@@ -217,3 +218,15 @@ def test_a_model_without_relu_is_differentiated_as_it_is() -> None:
     delta = L2Ball(0.5).random_on_sphere((1, 6, 6), make_generator(1)).requires_grad_(True)
     (grad,) = torch.autograd.grad(objective.per_sample(model, x, y, delta, create_graph=True).sum(), delta)
     assert grad.abs().max() > 0  # GELU maps have a gradient of their own
+
+
+def test_a_vision_transformer_s_maps_can_be_attacked() -> None:
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = build_classifier("timm.vit_tiny_patch16_224", 3, (1, 8, 8), [0.5], [0.25], arch_kwargs={"patch_size": 4})
+    vit.eval()
+    x, y = make_batches(1, 2, low=0.1, high=0.9)[0]
+    delta = L2Ball(0.5).random_on_sphere((1, 8, 8), make_generator(1)).requires_grad_(True)
+    values = UPIObjective().per_sample(vit, x, y, delta, create_graph=True)  # attention differentiated twice
+    (grad,) = torch.autograd.grad(values.sum(), delta)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
