@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.fx
 import torchvision
 from torch import Tensor, nn
 
@@ -56,6 +57,26 @@ class Normalize(nn.Module):
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 
+def logits_of(output: Any) -> Tensor:
+    """``output`` if it is a tensor, else its ``.logits`` tensor (a model output object).
+
+    Raises:
+        UPIError: if ``output`` is neither a tensor nor has a ``logits`` tensor.
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise UPIError(
+            f"The model returned a {type(output).__name__}, neither a logits tensor nor an object with a "
+            ".logits tensor; make its forward return the logits (N, classes)."
+        )
+    return logits
+
+
+torch.fx.wrap("logits_of")  # one call node in torch.fx graphs, so the surrogate's rewrites still trace the model
+
+
 class Logits(nn.Module):
     """The logits of a model's output: a tensor as it is, or the ``.logits`` of an output object.
 
@@ -64,20 +85,8 @@ class Logits(nn.Module):
     """
 
     def forward(self, output: Any) -> Tensor:
-        """Return ``output`` if it is a tensor, else ``output.logits``.
-
-        Raises:
-            UPIError: if ``output`` is neither a tensor nor has a ``logits`` tensor.
-        """
-        if isinstance(output, Tensor):
-            return output
-        logits = getattr(output, "logits", None)
-        if not isinstance(logits, Tensor):
-            raise UPIError(
-                f"The model returned a {type(output).__name__}, neither a logits tensor nor an object with a "
-                ".logits tensor; make its forward return the logits (N, classes)."
-            )
-        return logits
+        """:func:`logits_of` the output."""
+        return logits_of(output)
 
 
 def make_activation(activation: Activation, beta: float = 10.0) -> nn.Module:
