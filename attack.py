@@ -1,7 +1,6 @@
-"""Attack a classifier's saliency maps: ``python attack.py --config configs/attack_mnist.yaml --ckpt last.ckpt``."""
+"""Attack a classifier's saliency maps: ``python attack.py --ckpt last.ckpt`` (the ``upi-attack`` command)."""
 
-from upi_lightning.attack_cli import attack_main
-from upi_lightning.errors import run_reporting_errors
+from upi_lightning.attack_cli import main
 
 if __name__ == "__main__":
-    run_reporting_errors(attack_main)
+    main()

@@ -1,6 +1,6 @@
-"""Train a classifier with LightningCLI: ``python train.py fit --config configs/mnist.yaml``."""
+"""Train a classifier with LightningCLI: ``python train.py fit --config configs/mnist.yaml`` (``upi-train``)."""
 
-from upi_lightning.cli import train_cli
+from upi_lightning.cli import main
 
 if __name__ == "__main__":
-    train_cli()
+    main()

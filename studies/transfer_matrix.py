@@ -1,7 +1,7 @@
 """Transfer matrix: fit universal perturbations on each classifier, evaluate them on every classifier.
 
 For each ``--model NAME=CKPT`` this runs ``attack.py`` (``--config``, one budget) on that checkpoint with
-every other checkpoint as ``--eval-ckpt``, then gathers, for each method, the matrix
+every other checkpoint as ``--eval_ckpt``, then gathers, for each method, the matrix
 ``M[fit model][eval model]`` of the relative L2 change of the saliency maps and its ratio to random
 noise of the same norm on the evaluated model. Writes ``matrix.json``, ``matrix.md`` and one heat map
 per method (``transfer_<method>.png``) under ``--output``; each attack's own report is kept in
@@ -57,7 +57,7 @@ def attack(name: str, args: argparse.Namespace) -> dict[str, Any]:
     output = Path(args.output) / f"fit_{name}"
     if (output / "report.json").is_file():
         return json.loads((output / "report.json").read_text())
-    others = [f"--eval-ckpt={ckpt}" for other, ckpt in args.models.items() if other != name]
+    others = [f"--eval_ckpt={ckpt}" for other, ckpt in args.models.items() if other != name]
     return attack_main(
         [
             f"--config={args.config}",

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 
+from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.errors import UPIError
-from upi_lightning.models import MLP, CifarResNet18, Normalize, SmallCNN, build_classifier
+from upi_lightning.models import MLP, CifarResNet18, Logits, Normalize, SmallCNN, build_classifier
 
 
 @pytest.mark.parametrize(
@@ -41,6 +44,29 @@ def test_torchvision_model_by_name() -> None:
     assert not any(isinstance(m, nn.ReLU) for m in model.modules())
 
 
+def test_timm_models_by_name_are_built_for_the_images() -> None:
+    pytest.importorskip("timm")
+    vit = build_classifier(
+        "timm.vit_tiny_patch16_224", 10, (3, 32, 32), [0.5] * 3, [0.25] * 3, arch_kwargs={"patch_size": 4, "depth": 1}
+    )
+    assert vit.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 10) and isinstance(vit[-1], Logits)
+    assert vit[1].patch_embed.grid_size == (8, 8)
+    assert UPIObjective().describe_network(vit) == "the model itself (no nn.ReLU module to make smooth)"
+    cnn = build_classifier("timm.resnet10t", 3, (1, 20, 20), [0.5], [0.25], activation="softplus")  # no img_size
+    assert cnn.eval()(torch.rand(1, 1, 20, 20)).shape == (1, 3)
+    assert not any(isinstance(m, nn.ReLU) for m in cnn.modules())
+    with pytest.raises(UPIError, match="Unknown timm model 'nonet'"):
+        build_classifier("timm.nonet", 3, (1, 20, 20), [0.5], [0.25])
+
+
+def test_logits_of_output_objects() -> None:
+    logits = torch.rand(2, 3)
+    assert Logits()(logits) is logits
+    assert Logits()(SimpleNamespace(logits=logits)) is logits  # a Hugging Face output
+    with pytest.raises(UPIError, match=r"returned a tuple, neither a logits tensor nor an object with a \.logits"):
+        Logits()((logits, logits))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -48,6 +74,7 @@ def test_torchvision_model_by_name() -> None:
         ({"arch": "torchvision.nonet"}, "Unknown torchvision model 'nonet'"),
         ({"activation": "tanh"}, "Unknown activation"),
         ({"mean": [0.1, 0.2]}, "one statistic per channel"),
+        ({"arch_kwargs": {"depth": 2}}, "arch_kwargs .* are for torchvision and timm models"),
     ],
 )
 def test_bad_model_arguments_are_clear(kwargs: dict, message: str) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from tests.helpers import QuadraticScore, TinyCNN, assert_untouched, make_batches, snapshot
 from upi_lightning.attacks.objective import OBJECTIVE_NOISE_SEED, UPIObjective, map_dissimilarity
 from upi_lightning.errors import UPIError
+from upi_lightning.models import build_classifier
 from upi_lightning.noise import make_generator, sample_normal
 from upi_lightning.saliency import SaliencySettings, saliency_map, smoothgrad_noise
 from upi_lightning.threat import L2Ball
@@ -148,7 +149,8 @@ def test_relu_maps_have_no_second_order_signal_but_the_surrogate_does() -> None:
     before = snapshot(model)
     x, y = make_batches(1, 5, shape=(1, 6, 6), low=0.0, high=1.0)[0]
     delta = L2Ball(0.5).random_on_sphere((1, 6, 6), make_generator(6)).requires_grad_(True)
-    (relu_grad,) = torch.autograd.grad(UPIObjective().per_sample(model, x, y, delta, create_graph=True).sum(), delta)
+    relu = UPIObjective(surrogate_beta=None)
+    (relu_grad,) = torch.autograd.grad(relu.per_sample(model, x, y, delta, create_graph=True).sum(), delta)
     assert torch.equal(relu_grad, torch.zeros_like(relu_grad))
     smooth = UPIObjective(surrogate_beta=5.0)
     (smooth_grad,) = torch.autograd.grad(smooth.per_sample(model, x, y, delta, create_graph=True).sum(), delta)
@@ -204,3 +206,27 @@ def test_straight_through_passes_the_gradient_of_the_clipped_image_to_clipped_pi
     assert torch.equal(grads[False][outside], torch.zeros_like(grads[False][outside]))
     assert torch.equal(grads[False][~outside], grads[True][~outside])
     assert (grads[True][outside] != 0).all()
+
+
+def test_a_model_without_relu_is_differentiated_as_it_is() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.GELU(), nn.Linear(8, 3)).eval()
+    objective = UPIObjective()  # surrogate_beta=10 by default: nothing to replace here
+    assert objective.network(model) is model
+    assert objective.describe_network(model) == "the model itself (no nn.ReLU module to make smooth)"
+    x, y = make_batches(1, 4, shape=(1, 6, 6), low=0.1, high=0.9)[0]
+    delta = L2Ball(0.5).random_on_sphere((1, 6, 6), make_generator(1)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective.per_sample(model, x, y, delta, create_graph=True).sum(), delta)
+    assert grad.abs().max() > 0  # GELU maps have a gradient of their own
+
+
+def test_a_vision_transformer_s_maps_can_be_attacked() -> None:
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = build_classifier("timm.vit_tiny_patch16_224", 3, (1, 8, 8), [0.5], [0.25], arch_kwargs={"patch_size": 4})
+    vit.eval()
+    x, y = make_batches(1, 2, low=0.1, high=0.9)[0]
+    delta = L2Ball(0.5).random_on_sphere((1, 8, 8), make_generator(1)).requires_grad_(True)
+    values = UPIObjective().per_sample(vit, x, y, delta, create_graph=True)  # attention differentiated twice
+    (grad,) = torch.autograd.grad(values.sum(), delta)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0

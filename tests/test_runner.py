@@ -176,7 +176,7 @@ def test_fit_loader_draws_from_the_chosen_split_and_eval_stays_held_out(fit_spli
 def test_sweep_charts_and_transfer_rows(checkpoint: Path, tmp_path: Path) -> None:
     """Two L2 radii give a sweep chart; evaluating on the source checkpoint itself reproduces its own numbers."""
     args = [f"--ckpt={checkpoint}", *DATA, *SMALL, "--attack.budgets=[{norm: l2, eps: 0.5}, {norm: l2, eps: 1.0}]"]
-    args += ["--attack.methods=[upi_grad, random]", f"--eval-ckpt={checkpoint}", f"--output={tmp_path}"]
+    args += ["--attack.methods=[upi_grad, random]", f"--eval_ckpt={checkpoint}", f"--output={tmp_path}"]
     report = attack_main(args)
     name = f"small_cnn ({checkpoint})"
     assert [(row["method"], row["eps"], row["eval_model"]) for row in report["transfer"]] == [
@@ -197,7 +197,7 @@ def test_sweep_charts_and_transfer_rows(checkpoint: Path, tmp_path: Path) -> Non
 def test_an_eval_checkpoint_of_other_data_is_refused(checkpoint: Path, tmp_path: Path) -> None:
     data = ["--data=upi_lightning.data.SyntheticDataModule", "--data.num_classes=5"]
     with pytest.raises(CheckpointMismatchError, match="with 10 classes, but the data has"):
-        attack_main([f"--ckpt={checkpoint}", *DATA, *SMALL, f"--eval-ckpt={checkpoint}", f"--output={tmp_path}", *data])
+        attack_main([f"--ckpt={checkpoint}", *DATA, *SMALL, f"--eval_ckpt={checkpoint}", f"--output={tmp_path}", *data])
 
 
 def test_a_rerun_after_an_interruption_fits_only_what_is_missing_and_reports_the_same(
@@ -208,7 +208,7 @@ def test_a_rerun_after_an_interruption_fits_only_what_is_missing_and_reports_the
         *DATA,
         *SMALL,
         "--attack.methods=[upi_grad, random, uap]",
-        f"--eval-ckpt={checkpoint}",
+        f"--eval_ckpt={checkpoint}",
     ]
     args.append("--attack.budgets=[{norm: l2, eps: 0.5}, {norm: l2, eps: 1.0}]")
     whole = attack_main([*args, f"--output={tmp_path / 'whole'}"])

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,11 +80,27 @@ def test_delta_never_leaves_the_ball(norm: str) -> None:
 
 
 def test_zero_start_stays_at_zero_without_smoothing() -> None:
-    result = fit_upi_grad(QuadraticScore(), make_batches(2, 4), L2Ball(EPS), objective=OBJECTIVE, init="zero")
+    with pytest.warns(UserWarning, match="exactly zero at the first step"):
+        result = fit_upi_grad(QuadraticScore(), make_batches(2, 4), L2Ball(EPS), objective=OBJECTIVE, init="zero")
     assert torch.equal(result.delta, torch.zeros(1, 8, 8))
     warm = 5 * torch.ones(1, 8, 8)
     result = fit_upi_grad(QuadraticScore(), make_batches(2, 4), L2Ball(EPS), objective=OBJECTIVE, init=warm, epochs=1)
     assert L2Ball(EPS).contains(result.delta) and result.delta.norm() > 0.9 * EPS
+
+
+def test_default_objective_moves_a_relu_model_and_no_surrogate_warns() -> None:
+    model = TinyCNN()
+    batches = make_batches(2, 6, shape=(1, 6, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default objective (a softplus surrogate) has a gradient
+        result = fit_upi_grad(model, batches, L2Ball(0.5), epochs=1)
+    assert result.info["network"] == "softplus surrogate (beta=10)"
+    start = L2Ball(0.5).random_start((1, 6, 6), make_generator(0), torch.device("cpu"))
+    assert not torch.allclose(result.delta, start)
+    with pytest.warns(UserWarning, match=r"surrogate_beta=10, the default\) or smooth the objective"):
+        stuck = fit_upi_grad(model, batches, L2Ball(0.5), objective=UPIObjective(surrogate_beta=None), epochs=1)
+    assert stuck.info["network"] == "the model itself (surrogate_beta=None)"
+    assert torch.allclose(stuck.delta, start)
 
 
 def test_model_is_untouched_and_fit_works_under_inference_mode() -> None:

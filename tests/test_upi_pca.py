@@ -17,6 +17,7 @@ from tests.helpers import (
     split_batches,
 )
 from upi_lightning.attacks.objective import UPIObjective
+from upi_lightning.attacks.settings import UPIPCASettings
 from upi_lightning.attacks.upi_grad import mean_objective
 from upi_lightning.attacks.upi_pca import (
     fit_upi_pca,
@@ -27,7 +28,7 @@ from upi_lightning.attacks.upi_pca import (
 )
 from upi_lightning.errors import UPIError
 from upi_lightning.noise import make_generator, sample_normal
-from upi_lightning.saliency import saliency_map
+from upi_lightning.saliency import SaliencySettings, saliency_map
 from upi_lightning.surrogate import softplus_surrogate
 from upi_lightning.threat import L2Ball, LinfBall
 
@@ -141,6 +142,16 @@ def test_bad_settings_are_refused() -> None:
         fit_upi_pca(QuadraticScore(), batches, L2Ball(0.1), objective=UPIObjective())
     with pytest.raises(UPIError, match="one-shot"):
         fit_upi_pca(QuadraticScore(), iter(batches), L2Ball(0.1))
+
+
+def test_default_objective_is_attack_py_s_and_zero_rows_warn() -> None:
+    batches = make_batches(2, 4, shape=(1, 6, 6), low=0.1, high=0.9)
+    fitted = fit_upi_pca(TinyCNN(), batches, L2Ball(0.5), n_iter=1)
+    assert fitted.info["objective"] == UPIPCASettings().objective(SaliencySettings(), 100).settings()
+    assert fitted.info["network"] == "softplus surrogate (beta=10)"
+    relu = UPIObjective(sigma=0.05, surrogate_beta=None)
+    with pytest.warns(UserWarning, match="upi_pca: the objective's gradient w.r.t. delta is exactly zero"):
+        fit_upi_pca(TinyCNN(), batches, L2Ball(0.5), objective=relu, n_iter=1)
 
 
 @pytest.mark.parametrize("solver", ["power", "svd"])

@@ -23,16 +23,21 @@ from torch import nn
 from upi_lightning.attacks.run_folder import RunFolder, file_digest
 from upi_lightning.attacks.runner import AttackRun
 from upi_lightning.attacks.settings import AttackSettings
-from upi_lightning.checkpoints import check_model_fits_data, check_model_takes_images, load_classifier
+from upi_lightning.checkpoints import (
+    check_model_fits_data,
+    check_model_takes_images,
+    load_classifier,
+    stored_datamodule,
+)
 from upi_lightning.data import ImageDataModule
 from upi_lightning.distributed import Processes, destroy_process_group_at_exit
-from upi_lightning.errors import ProcessLostError, UPIError, one_line
+from upi_lightning.errors import ProcessLostError, UPIError, one_line, run_reporting_errors
 from upi_lightning.models import build_classifier
 
 Report = dict[str, Any]
 """An attack report (``report.json``)."""
 
-WHERE_IT_RUNS = ("config", "output", "device", "trainer", "progress")
+WHERE_IT_RUNS = ("config", "output", "trainer", "progress")
 """``attack.py`` options that do not change a run's numbers: a run resumes under other values of them."""
 
 
@@ -62,10 +67,13 @@ def attack_parser() -> ArgumentParser:
         "--model",
         type=str | None,
         default=None,
-        help="Instead of --ckpt: torchvision.<name> (e.g. torchvision.resnet18).",
+        help="Instead of --ckpt: torchvision.<name> or timm.<name> (e.g. torchvision.resnet18), with --data.",
     )
-    parser.add_argument("--pretrained", type=bool, default=False, help="With --model: torchvision's default weights.")
     parser.add_argument(
+        "--pretrained", type=bool, default=False, help="With --model: its library's pretrained weights."
+    )
+    parser.add_argument(
+        "--eval_ckpt",
         "--eval-ckpt",
         type=str,
         action="append",
@@ -73,12 +81,16 @@ def attack_parser() -> ArgumentParser:
         help="Also evaluate every universal perturbation on this classifier of the same data (transfer); repeat "
         "for several.",
     )
-    parser.add_subclass_arguments(ImageDataModule, "data", required=True, help="The data module (its attack splits).")
+    parser.add_subclass_arguments(
+        ImageDataModule,
+        "data",
+        required=False,
+        help="The data module (its attack splits); by default, with --ckpt, the one the checkpoint was trained on.",
+    )
     parser.add_class_arguments(AttackSettings, "attack", help="What to fit and evaluate.")
     parser.add_argument("--output", type=str, default="runs/attack", help="Output folder.")
-    parser.add_argument("--device", type=str, default="auto", help="One process: auto, cpu, cuda, cuda:1, ...")
     parser.add_class_arguments(
-        DeviceSettings, "trainer", help="Several processes (devices or nodes), as the Trainer's flags of these names."
+        DeviceSettings, "trainer", help="Where it runs: the device(s), as the Trainer's flags of these names."
     )
     parser.add_argument("--progress", type=bool, default=True, help="Show progress bars and per-method lines.")
     return parser
@@ -86,11 +98,12 @@ def attack_parser() -> ArgumentParser:
 
 @dataclass
 class DeviceSettings:
-    """Where ``attack.py`` runs when it uses several processes (Lightning Fabric, the Trainer's launcher).
+    """Where ``attack.py`` runs: the Trainer's device flags, resolved by Lightning Fabric.
 
-    With the defaults the attack runs in this process on ``--device``; with more devices or nodes, or a
-    strategy, every process fits and evaluates its share of each global batch and the report is the
-    one-process report (``AttackRun``'s ``processes``).
+    With one device (the default) the attack runs in this process on it (``accelerator: auto`` picks a
+    GPU when there is one; ``devices: [1]`` the second GPU); with more devices or nodes, or a strategy,
+    every process fits and evaluates its share of each global batch and the report is the one-process
+    report (``AttackRun``'s ``processes``).
 
     Attributes:
         accelerator: ``auto``, ``cpu``, ``cuda``, ``gpu``...
@@ -114,10 +127,11 @@ class DeviceSettings:
 
     def several(self) -> bool:
         """Whether these settings ask for more than this one process."""
-        return self.devices not in (1, "1") or self.num_nodes != 1 or self.strategy != "auto"
+        one_device = self.devices in (1, "1") or (isinstance(self.devices, list) and len(self.devices) == 1)
+        return not one_device or self.num_nodes != 1 or self.strategy != "auto"
 
     def fabric(self) -> Fabric:
-        """Lightning Fabric on these settings (:meth:`fabric_strategy`).
+        """Lightning Fabric on these settings (:meth:`fabric_strategy` for several processes).
 
         Raises:
             UPIError: with Lightning's message, if the settings are invalid.
@@ -126,7 +140,7 @@ class DeviceSettings:
             return Fabric(
                 accelerator=self.accelerator,
                 devices=self.devices,
-                strategy=self.fabric_strategy(),
+                strategy=self.fabric_strategy() if self.several() else "auto",
                 num_nodes=self.num_nodes,
             )
         except (ValueError, TypeError, RuntimeError, ImportError) as err:  # Lightning's own clear messages
@@ -144,21 +158,46 @@ class DeviceSettings:
         return type(registered)(timeout=timedelta(seconds=self.timeout), **STRATEGY_REGISTRY[name]["init_params"])
 
 
+def parse_attack_args(args: list[str] | None = None) -> Namespace:
+    """Parse ``attack.py``'s arguments; without ``--data``, the data module ``--ckpt`` was trained on.
+
+    Raises:
+        UPIError: unless exactly one of ``--ckpt`` and ``--model`` is given, or when the data module is
+            neither given nor recorded in the checkpoint.
+    """
+    parser = attack_parser()
+    config = parser.parse_args(args)
+    if (config.ckpt is None) == (config.model is None):
+        raise UPIError("Give exactly one of --ckpt (a checkpoint from train.py) or --model (e.g. timm.resnet18).")
+    if config.data is None:
+        if config.ckpt is None:
+            raise UPIError("--model needs --data: the data module whose images it classifies.")
+        config.data = data_parser().parse_object({"data": stored_datamodule(config.ckpt)}).data
+    return config
+
+
+def data_parser() -> ArgumentParser:
+    """A parser of ``attack.py``'s ``--data`` alone (the data module's ``class_path`` and ``init_args``)."""
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(ImageDataModule, "data")
+    return parser
+
+
 def attack_main(args: list[str] | None = None) -> Report | None:
     """Entry point of ``attack.py``: parse, then attack in this process or in several (``--trainer.*``)."""
-    config = attack_parser().parse_args(args)
-    if (config.ckpt is None) == (config.model is None):
-        raise UPIError("Give exactly one of --ckpt (a checkpoint from train.py) or --model torchvision.<name>.")
+    config = parse_attack_args(args)
     devices: DeviceSettings = DeviceSettings(**vars(config.trainer))
-    fabric = devices.fabric() if devices.several() else None
+    fabric = devices.fabric()
     identity = run_identity(config)
     RunFolder(config.output, identity).check()  # refuse a folder of another run before any process starts
-    if fabric is None:
-        device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-        )
-        return attack_process(config, device, Processes(), identity)
+    if not devices.several():
+        return attack_process(config, fabric.device, Processes(), identity)
     return fabric.launch(partial(attack_with_fabric, config=config, identity=identity, timeout=devices.timeout))
+
+
+def main(args: list[str] | None = None) -> None:
+    """The ``upi-attack`` command (and ``attack.py``): :func:`attack_main`, user errors in one line."""
+    run_reporting_errors(partial(attack_main, args))
 
 
 def lost_another_process(err: BaseException) -> bool:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
-from upi_lightning.model_modes import evaluation_mode, gradients_enabled
+from upi_lightning.model_modes import evaluation_mode, gradients_enabled, twice_differentiable
 
 SMOOTHGRAD_SAMPLES = 16
 """Default number of SmoothGrad noisy copies."""
@@ -98,7 +98,8 @@ def _gradient(
 
     Must run inside :func:`evaluation_mode` and :func:`gradients_enabled`. ``x`` is used as is if it
     requires grad (so the result can stay differentiable w.r.t. what ``x`` was computed from), else a
-    leaf alias of it that requires grad is made.
+    leaf alias of it that requires grad is made. With ``create_graph`` the forward pass runs attention on
+    a kernel that can be differentiated twice (:func:`twice_differentiable`).
     """
     if not x.requires_grad:
         x = x.detach().requires_grad_(True)
@@ -109,7 +110,8 @@ def _gradient(
         target_chunks = [target] * len(x_chunks)
     grads = []
     for x_chunk, target_chunk in zip(x_chunks, target_chunks, strict=True):
-        logits = model(x_chunk)
+        with twice_differentiable(create_graph):
+            logits = model(x_chunk)
         scores = _class_scores(logits, _resolve_target(logits, target_chunk), score)
         (grad,) = torch.autograd.grad(scores.sum(), x_chunk, create_graph=create_graph)
         grads.append(grad)

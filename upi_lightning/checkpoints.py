@@ -1,4 +1,4 @@
-"""Classifier checkpoints: safe loading (``weights_only=True``) and the checks that a model fits the data.
+"""Classifier checkpoints: safe loading, the data module they record, the checks that a model fits the data.
 
 Every failure is one :class:`~upi_lightning.errors.UPIError` line: a missing file, a truncated one, one
 holding pickled objects (refused, never run), weights of another architecture, a model trained on other
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch import LightningDataModule
 from torch import nn
 
 from upi_lightning.data import ImageDataModule
@@ -32,6 +34,34 @@ def load_classifier(ckpt: str | Path, device: torch.device | str = "cpu") -> Cla
         return Classifier.load_from_checkpoint(path, map_location=device, weights_only=True)
     except CHECKPOINT_ERRORS as err:
         raise unreadable_checkpoint(path, err) from None
+
+
+def stored_datamodule(ckpt: str | Path) -> dict[str, Any]:
+    """The data module a checkpoint was trained on, as ``attack.py --data`` takes it: ``class_path``, ``init_args``.
+
+    Read from the data module's hyperparameters, which Lightning stores in every checkpoint of a fit with
+    a data module (:meth:`~upi_lightning.data.ImageDataModule.record_init_args`). Relative paths in them
+    are relative to where the training ran.
+
+    Raises:
+        UPIError: if the file is missing, or records no data module (a fit without one, or a checkpoint
+            written before this version): then give ``--data``.
+        CheckpointMismatchError: if the file is not a readable checkpoint.
+    """
+    path = checkpoint_file(ckpt, "--ckpt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except CHECKPOINT_ERRORS as err:
+        raise unreadable_checkpoint(path, err) from None
+    hparams = dict(checkpoint.get(LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {})
+    class_path = hparams.pop("_class_path", None)
+    if not isinstance(class_path, str):
+        raise UPIError(
+            f"{path} does not record the data module it was trained on (trained without one, or before this "
+            "version); give --data (e.g. the data: section of the training config)."
+        )
+    init_args = {key: value for key, value in hparams.items() if not key.startswith("_")}
+    return {"class_path": class_path, "init_args": init_args}
 
 
 CHECKPOINT_ERRORS = (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError, EOFError)

@@ -104,3 +104,8 @@ def train_cli(args: list[str] | None = None, run: bool = True) -> UPILightningCL
             run=run,
         )
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """The ``upi-train`` command (and ``train.py``): :func:`train_cli`."""
+    train_cli(args)

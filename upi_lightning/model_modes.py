@@ -1,4 +1,4 @@
-"""How the attacks and the maps run a model: in eval mode, with autograd on, on the model's device.
+"""How the attacks and the maps run a model: eval mode, autograd on, attention differentiable twice, its device.
 
 In ``eval()`` mode each sample's output depends only on its own input (no batch statistics), which is
 what lets one backward pass return every per-sample input gradient of a batch. Lightning runs
@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @contextmanager
@@ -35,6 +36,22 @@ def gradients_enabled() -> Iterator[None]:
     before they take part in a graph.
     """
     with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+@contextmanager
+def twice_differentiable(enabled: bool = True) -> Iterator[None]:
+    """Run scaled-dot-product attention on its math kernel, whose backward can be differentiated again.
+
+    The fused kernels (flash, memory-efficient) that vision transformers (timm, Hugging Face,
+    torchvision) call have a backward without a derivative of its own, so a saliency map built with
+    ``create_graph`` could not be differentiated. A no-op for models without attention; off with
+    ``enabled=False``.
+    """
+    if not enabled:
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
         yield
 
 

@@ -1,8 +1,9 @@
-"""Classifiers: a small MNIST CNN, a CIFAR ResNet-18, an MLP, any torchvision model, and their wrappers.
+"""Classifiers: a small MNIST CNN, a CIFAR ResNet-18, an MLP, any torchvision or timm model, and their wrappers.
 
 Every classifier built here takes images in pixel space ``[0, 1]`` and starts with a
 :class:`Normalize` layer, so that perturbation budgets (``eps``) mean the same thing for every
-dataset. The activation is switchable between ``relu`` and ``softplus`` (with ``beta``);
+dataset; torchvision and timm models end with :class:`Logits`, which returns the logits tensor of a
+model that returns an output object. The activation is switchable between ``relu`` and ``softplus`` (with ``beta``);
 :func:`upi_lightning.surrogate.softplus_surrogate` turns any trained ReLU network into a smooth copy
 for attacks.
 """
@@ -10,10 +11,11 @@ for attacks.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
+import torch.fx
 import torchvision
 from torch import Tensor, nn
 
@@ -23,6 +25,7 @@ Activation = Literal["relu", "softplus"]
 
 OUR_ARCHS = ("small_cnn", "cifar_resnet18", "mlp")
 TORCHVISION_PREFIX = "torchvision."
+TIMM_PREFIX = "timm."
 
 
 class Normalize(nn.Module):
@@ -52,6 +55,38 @@ class Normalize(nn.Module):
     def extra_repr(self) -> str:
         """Show the statistics in ``print(model)``."""
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def logits_of(output: Any) -> Tensor:
+    """``output`` if it is a tensor, else its ``.logits`` tensor (a model output object).
+
+    Raises:
+        UPIError: if ``output`` is neither a tensor nor has a ``logits`` tensor.
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise UPIError(
+            f"The model returned a {type(output).__name__}, neither a logits tensor nor an object with a "
+            ".logits tensor; make its forward return the logits (N, classes)."
+        )
+    return logits
+
+
+torch.fx.wrap("logits_of")  # one call node in torch.fx graphs, so the surrogate's rewrites still trace the model
+
+
+class Logits(nn.Module):
+    """The logits of a model's output: a tensor as it is, or the ``.logits`` of an output object.
+
+    Hugging Face classifiers return such objects, and torchvision's GoogLeNet and Inception do in train
+    mode; ``nn.Sequential(model, Logits())`` makes any of them a classifier the attacks and metrics take.
+    """
+
+    def forward(self, output: Any) -> Tensor:
+        """:func:`logits_of` the output."""
+        return logits_of(output)
 
 
 def make_activation(activation: Activation, beta: float = 10.0) -> nn.Module:
@@ -223,20 +258,26 @@ def build_net(
     activation: Activation = "relu",
     beta: float = 10.0,
     pretrained: bool = False,
+    arch_kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Build the bare network (no normalization) named ``arch``.
 
     Args:
-        arch: ``small_cnn``, ``cifar_resnet18``, ``mlp``, or ``torchvision.<name>`` for any torchvision
-            classification model (for example ``torchvision.resnet50``).
+        arch: ``small_cnn``, ``cifar_resnet18``, ``mlp``, ``torchvision.<name>`` for any torchvision
+            classification model (for example ``torchvision.resnet50``), or ``timm.<name>`` for any timm
+            model (``pip install 'upi-lightning[timm]'``; for example ``timm.vit_tiny_patch16_224``, built
+            for the images' size and channels).
         num_classes: number of output logits.
         input_shape: ``(C, H, W)`` of one image.
-        activation: ``relu`` or ``softplus`` (torchvision models get their ReLUs replaced).
+        activation: ``relu`` or ``softplus`` (torchvision and timm models get their ReLUs replaced).
         beta: softplus sharpness.
-        pretrained: load torchvision's default weights (needs network or a filled torch hub cache).
+        pretrained: load the library's pretrained weights (needs network or a filled cache).
+        arch_kwargs: more keyword arguments of a torchvision or timm model (e.g. ``{"patch_size": 4}``).
     """
     if activation not in ("relu", "softplus"):
         raise UPIError(f"Unknown activation {activation!r}: use 'relu' or 'softplus'.")
+    if arch_kwargs and arch in OUR_ARCHS:
+        raise UPIError(f"arch_kwargs {dict(arch_kwargs)} are for torchvision and timm models, not {arch!r}.")
     if arch == "small_cnn":
         return SmallCNN(input_shape, num_classes, activation, beta)
     if arch == "cifar_resnet18":
@@ -244,23 +285,59 @@ def build_net(
     if arch == "mlp":
         return MLP(input_shape, num_classes, activation, beta)
     if arch.startswith(TORCHVISION_PREFIX):
-        name = arch[len(TORCHVISION_PREFIX) :]
-        available = torchvision.models.list_models(module=torchvision.models)
-        if name not in available:
-            raise UPIError(
-                f"Unknown torchvision model {name!r}. Choose one of torchvision.models.list_models(), "
-                f"e.g. {', '.join(available[:5])}."
-            )
-        weights = "DEFAULT" if pretrained else None
-        kwargs = {} if pretrained else {"num_classes": num_classes}
-        net = torchvision.models.get_model(name, weights=weights, **kwargs)
-        if activation == "softplus":
-            replace_relu(net, beta)
-        return net
-    raise UPIError(
-        f"Unknown model arch {arch!r}. Choose one of {', '.join(OUR_ARCHS)}, "
-        "or 'torchvision.<name>' for a torchvision classifier (e.g. torchvision.resnet18)."
-    )
+        net = torchvision_net(arch[len(TORCHVISION_PREFIX) :], num_classes, pretrained, arch_kwargs or {})
+    elif arch.startswith(TIMM_PREFIX):
+        net = timm_net(arch[len(TIMM_PREFIX) :], num_classes, input_shape, pretrained, arch_kwargs or {})
+    else:
+        raise UPIError(
+            f"Unknown model arch {arch!r}. Choose one of {', '.join(OUR_ARCHS)}, 'torchvision.<name>' for a "
+            "torchvision classifier (e.g. torchvision.resnet18) or 'timm.<name>' for a timm one."
+        )
+    if activation == "softplus":
+        replace_relu(net, beta)
+    return net
+
+
+def torchvision_net(name: str, num_classes: int, pretrained: bool, kwargs: Mapping[str, Any]) -> nn.Module:
+    """The torchvision classifier ``name`` (its default weights with ``pretrained``, then with their classes)."""
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise UPIError(
+            f"Unknown torchvision model {name!r}. Choose one of torchvision.models.list_models(), "
+            f"e.g. {', '.join(available[:5])}."
+        )
+    weights = "DEFAULT" if pretrained else None
+    classes = {} if pretrained else {"num_classes": num_classes}
+    return torchvision.models.get_model(name, weights=weights, **classes, **kwargs)
+
+
+def timm_net(
+    name: str, num_classes: int, input_shape: Sequence[int], pretrained: bool, kwargs: Mapping[str, Any]
+) -> nn.Module:
+    """The timm model ``name`` for ``num_classes`` and the images' channels and, where it takes one, their size.
+
+    Vision transformers and other models with an ``img_size`` argument get ``input_shape``'s ``(H, W)``
+    (``arch_kwargs`` such as ``patch_size`` adapt them further); convolutional ones take any size.
+
+    Raises:
+        UPIError: if timm is not installed or has no model ``name``.
+    """
+    try:
+        import timm
+    except ImportError:
+        raise UPIError(f"timm.{name} needs the timm package: pip install 'upi-lightning[timm]'.") from None
+    if not timm.is_model(name):
+        raise UPIError(f"Unknown timm model {name!r}; list them with timm.list_models('*vit*') (for example).")
+
+    def create(**extra: Any) -> nn.Module:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=input_shape[0], **extra)
+
+    try:
+        return create(**{"img_size": tuple(input_shape[1:]), **kwargs})
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise
+    return create(**kwargs)  # a model of any image size (a CNN)
 
 
 def build_classifier(
@@ -272,11 +349,16 @@ def build_classifier(
     activation: Activation = "relu",
     beta: float = 10.0,
     pretrained: bool = False,
+    arch_kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Sequential:
-    """``nn.Sequential(Normalize(mean, std), net)``: a classifier of ``[0, 1]`` pixel-space images."""
+    """``nn.Sequential(Normalize(mean, std), net)``: a classifier of ``[0, 1]`` pixel-space images.
+
+    :func:`build_net`'s arguments; a torchvision or timm ``net`` is followed by :class:`Logits`.
+    """
     if len(mean) != input_shape[0]:
         raise UPIError(
             f"mean/std have {len(mean)} entries but images have {input_shape[0]} channels; "
             "give one statistic per channel."
         )
-    return nn.Sequential(Normalize(mean, std), build_net(arch, num_classes, input_shape, activation, beta, pretrained))
+    net = build_net(arch, num_classes, input_shape, activation, beta, pretrained, arch_kwargs)
+    return nn.Sequential(Normalize(mean, std), net, *([] if arch in OUR_ARCHS else [Logits()]))

@@ -42,14 +42,16 @@ class Classifier(LightningModule):
     with regularizers the cross-entropy and each term are also logged (``train/ce``, ``train/<name>``).
 
     Args:
-        arch: ``small_cnn``, ``cifar_resnet18``, ``mlp`` or ``torchvision.<name>``.
+        arch: ``small_cnn``, ``cifar_resnet18``, ``mlp``, ``torchvision.<name>`` or ``timm.<name>``
+            (:func:`~upi_lightning.models.build_net`).
         num_classes: number of classes (LightningCLI links it from the data).
         input_shape: ``(C, H, W)`` (linked from the data).
         mean: per-channel mean of the data (linked from the data).
         std: per-channel std of the data (linked from the data).
         activation: ``relu`` or ``softplus``.
         softplus_beta: sharpness of the softplus activation.
-        pretrained: start from torchvision's default weights.
+        pretrained: start from torchvision's or timm's pretrained weights.
+        arch_kwargs: more keyword arguments of a torchvision or timm model (e.g. ``{patch_size: 4}``).
         optimizer: ``sgd``, ``adam`` or ``adamw``.
         lr: learning rate.
         momentum: SGD momentum.
@@ -71,6 +73,7 @@ class Classifier(LightningModule):
         activation: Activation = "relu",
         softplus_beta: float = 10.0,
         pretrained: bool = False,
+        arch_kwargs: dict[str, Any] | None = None,
         optimizer: OptimizerName = "adam",
         lr: float = 1e-3,
         momentum: float = 0.9,
@@ -89,8 +92,9 @@ class Classifier(LightningModule):
         self.hparams["regularizers"] = [regularizer.config() for regularizer in self.regularizers]
         self.regularizer_keys = log_keys(self.regularizers)
         self.needs_input_grad = any(regularizer.needs_input_grad for regularizer in self.regularizers)
+        shape, statistics = list(input_shape), (list(mean), list(std))
         self.net: nn.Sequential = build_classifier(
-            arch, num_classes, list(input_shape), list(mean), list(std), activation, softplus_beta, pretrained
+            arch, num_classes, shape, *statistics, activation, softplus_beta, pretrained, arch_kwargs
         )
         self.accuracy = nn.ModuleDict(
             {stage: MulticlassAccuracy(num_classes, average="micro") for stage in ("train_", "val_", "test_")}

@@ -10,7 +10,7 @@ perturbed copies with shared SmoothGrad noise, used by the objective, the evalua
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -33,10 +33,12 @@ __all__ = [
     "SALIENCY_METHODS",
     "SCORE_KINDS",
     "SMOOTHGRAD_SAMPLES",
+    "SaliencyMaps",
     "SaliencyMethod",
     "SaliencySettings",
     "ScoreKind",
     "attribution",
+    "copies_of",
     "input_gradient",
     "normalize_map",
     "saliency_map",
@@ -57,6 +59,37 @@ def smoothgrad_noise(x: Tensor, y: Tensor, n_samples: int, seed: int = 0) -> Ten
     if not isinstance(y, Tensor) or y.shape != (len(x),):
         raise UPIError(f"SmoothGrad draws need one class per image, a tensor of shape ({len(x)},); got {y!r}.")
     return sample_normal(x, y, n_samples, torch.Generator(device=x.device).manual_seed(seed))
+
+
+class SaliencyMaps(Protocol):
+    """What the evaluation computes maps with (see :meth:`SaliencySettings.maps`).
+
+    :class:`SaliencySettings`, or Captum's :class:`~upi_lightning.captum_maps.CaptumSaliency`.
+    """
+
+    def maps(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        y: Tensor | None,
+        *,
+        clean: Tensor | None = None,
+        noise_seed: int = 0,
+        create_graph: bool = False,
+    ) -> Tensor: ...
+
+
+def copies_of(images: Tensor, clean: Tensor | None) -> int:
+    """How many copies of the ``clean`` images ``images`` holds (1 when ``clean`` is ``None``).
+
+    Raises:
+        UPIError: if ``images`` is not a whole number of copies of ``clean``.
+    """
+    reference = images if clean is None else clean
+    copies, rest = divmod(len(images), len(reference))
+    if rest or copies == 0:
+        raise UPIError(f"{len(images)} images are not copies of the {len(reference)} clean images.")
+    return copies
 
 
 @dataclass
@@ -121,9 +154,7 @@ class SaliencySettings:
             UPIError: if ``images`` is not a whole number of copies of ``clean``.
         """
         reference = images if clean is None else clean
-        copies, rest = divmod(len(images), len(reference))
-        if rest or copies == 0:
-            raise UPIError(f"{len(images)} images are not copies of the {len(reference)} clean images.")
+        copies = copies_of(images, clean)
         kwargs = self.method_kwargs()
         if self.method == "smoothgrad" and y is not None:
             kwargs["noise"] = smoothgrad_noise(reference, y, self.n_samples, noise_seed).repeat(1, copies, 1, 1, 1)

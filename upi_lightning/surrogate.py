@@ -177,6 +177,14 @@ def refold_batchnorm(folded_module: nn.Module, source: nn.Module, folded: list[t
             cast(Tensor, target.bias).copy_(bias)
 
 
+def surrogate_applies(model: nn.Module) -> bool:
+    """Whether ``model`` has an ``nn.ReLU`` for :func:`softplus_surrogate` to replace (or an ``nn.Softplus``).
+
+    A model without either (GELU or tanh activations, or ReLUs called as ``F.relu``) has no surrogate.
+    """
+    return any(isinstance(module, nn.ReLU | nn.Softplus) for module in model.modules())
+
+
 def softplus_surrogate(model: nn.Module, beta: float = 10.0) -> nn.Module:
     r"""Deep copy of ``model`` with every ``nn.ReLU`` replaced by ``nn.Softplus(beta)``.
 
@@ -197,12 +205,13 @@ def softplus_surrogate(model: nn.Module, beta: float = 10.0) -> nn.Module:
     """
     if beta <= 0:
         raise UPIError(f"softplus surrogate beta must be > 0, got {beta}.")
-    surrogate = copy.deepcopy(model)
-    if replace_relu(surrogate, beta) == 0 and not any(isinstance(m, nn.Softplus) for m in model.modules()):
+    if not surrogate_applies(model):
         raise UPIError(
             f"{type(model).__name__} has no nn.ReLU module to replace with Softplus; the surrogate would "
             "equal the original. Use a model built with nn.ReLU modules, or attack without a surrogate."
         )
+    surrogate = copy.deepcopy(model)
+    replace_relu(surrogate, beta)
     surrogate.eval()
     pool_before_activation(surrogate)
     surrogate.folded_batchnorms = fold_batchnorm(surrogate)  # type: ignore[assignment]  # a plain attribute

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, get_args
@@ -127,6 +128,24 @@ def passes_over(batches: Batches, passes: int) -> int | None:
     return len(batches) if isinstance(batches, Sized) else None
 
 
+def warn_if_zero_gradient(grad: Tensor, name: str) -> None:
+    """Warn (``UserWarning``) that the fit ``name`` cannot move: its objective's gradient is exactly zero.
+
+    Checked on the first step's gradient only (one ``any``): the maps of a piecewise-linear (ReLU)
+    network differentiated as it is give exactly zero everywhere, and so does a start at ``delta = 0``
+    without smoothing.
+    """
+    if not bool(grad.any()):
+        warnings.warn(
+            f"{name}: the objective's gradient w.r.t. delta is exactly zero at the first step, so the fit "
+            "cannot move delta. Saliency maps of a ReLU network differentiated as it is have no such gradient: "
+            "differentiate a softplus surrogate of its nn.ReLU modules (surrogate_beta=10, the default) or smooth "
+            "the objective (sigma > 0); a start at delta = 0 needs init='random' or sigma > 0.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def prepare_batch(batch: Any, device: torch.device, shape: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
     """Move one ``(x, y)`` batch to ``device`` as normal (non-inference) tensors and check it.
 
@@ -232,6 +251,8 @@ def fit_universal(
                 (grad,) = torch.autograd.grad(values.sum(), variable, allow_unused=True, materialize_grads=True)
                 packed = torch.cat([grad.flatten(), values.detach().sum().view(1), values.new_tensor([len(values)])])
                 packed = reduce(packed)
+                if step == 0:
+                    warn_if_zero_gradient(packed[:-2], name)
                 if not bool(torch.isfinite(packed).all()):
                     raise UPIError(
                         f"{name}: the objective or its gradient became NaN/inf at step {step}; lower the "

@@ -21,7 +21,7 @@ from upi_lightning.attacks.engine import Batches, prepare_batch
 from upi_lightning.errors import UPIError
 from upi_lightning.metrics import AttributionStability, PredictionFlipRate
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
-from upi_lightning.saliency import SaliencySettings
+from upi_lightning.saliency import SaliencyMaps, SaliencySettings
 from upi_lightning.threat import apply_perturbation, perturbation_norm
 
 PerSampleDeltas = Callable[[Tensor, Tensor], Tensor]
@@ -33,7 +33,7 @@ def evaluate_perturbation(
     batches: Batches,
     delta: Tensor | PerSampleDeltas,
     *,
-    saliency: SaliencySettings | None = None,
+    saliency: SaliencyMaps | None = None,
     k: int = 100,
     only_correct: bool = True,
     progress: bool = False,
@@ -45,7 +45,8 @@ def evaluate_perturbation(
         batches: iterable of ``(x, y)`` batches of ``[0, 1]`` images.
         delta: a universal ``(C, H, W)`` perturbation, or ``fn(x, y) -> (N, C, H, W)`` giving per-sample
             perturbations of the evaluated samples of each batch.
-        saliency: the maps compared (default: :class:`~upi_lightning.saliency.SaliencySettings`).
+        saliency: the maps compared (default: :class:`~upi_lightning.saliency.SaliencySettings`; or Captum's,
+            :class:`~upi_lightning.captum_maps.CaptumSaliency`).
         k: top-k size of the top-k intersection and Kendall metrics.
         only_correct: evaluate only the samples the model classifies correctly.
         progress: show a tqdm progress bar.
@@ -61,7 +62,7 @@ def evaluate_perturbation(
 
     """
     device = model_device(model)
-    saliency = SaliencySettings() if saliency is None else saliency
+    maker: SaliencyMaps = SaliencySettings() if saliency is None else saliency
     with evaluation_mode(model), gradients_enabled():  # metric states must not be inference tensors
         stability = AttributionStability(k=k).to(device)
         flips = PredictionFlipRate().to(device)
@@ -91,8 +92,8 @@ def evaluate_perturbation(
             perturbed = apply_perturbation(x, batch_delta)
             with torch.no_grad():
                 logits_perturbed = model(perturbed)
-            maps_clean = saliency.maps(model, x, y)
-            maps_perturbed = saliency.maps(model, perturbed, y, clean=x)
+            maps_clean = maker.maps(model, x, y)
+            maps_perturbed = maker.maps(model, perturbed, y, clean=x)
             stability.update(maps_clean, maps_perturbed)
             flips.update(logits, logits_perturbed)
             per_sample = batch_delta.expand_as(x)
@@ -132,7 +133,7 @@ def evaluate_draws(model: nn.Module, batches: Batches, deltas: Sequence[Tensor],
 
 
 def maps_under_perturbations(
-    model: nn.Module, images: Tensor, labels: Tensor, deltas: Mapping[str, Tensor], saliency: SaliencySettings
+    model: nn.Module, images: Tensor, labels: Tensor, deltas: Mapping[str, Tensor], saliency: SaliencyMaps
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The clean maps of ``images`` and, by name, their maps under each universal perturbation (for figures).
 

@@ -13,9 +13,11 @@ saliency map of class :math:`y_i` (:func:`upi_lightning.saliency.saliency_map`) 
 :func:`map_dissimilarity`. The second term ("keep the prediction", weight ``lambda``) penalizes any
 increase of the cross-entropy so the label does not flip while the map does.
 
-Which network: with ``surrogate_beta`` set, ``f`` and ``I`` are those of
-:func:`upi_lightning.surrogate.softplus_surrogate` (every ReLU replaced by ``Softplus(beta)``), for the
-clean maps *and* the perturbed maps, so :math:`J = 0` at :math:`\delta = 0` and the objective is smooth.
+Which network: with ``surrogate_beta`` set (the default, 10) and a model built with ``nn.ReLU`` modules,
+``f`` and ``I`` are those of :func:`upi_lightning.surrogate.softplus_surrogate` (every ReLU replaced by
+``Softplus(beta)``), for the clean maps *and* the perturbed maps, so :math:`J = 0` at :math:`\delta = 0`
+and the objective is smooth. A model with no ``nn.ReLU`` module (e.g. a GELU ViT, smooth already) is
+differentiated as it is.
 Attacks are always *evaluated* on the original model (:mod:`upi_lightning.attacks.evaluate`).
 """
 
@@ -34,7 +36,7 @@ from upi_lightning.model_modes import evaluation_mode, gradients_enabled
 from upi_lightning.noise import sample_normal
 from upi_lightning.saliency import SaliencySettings
 from upi_lightning.sample_cache import SampleCache
-from upi_lightning.surrogate import refold_batchnorm, softplus_surrogate
+from upi_lightning.surrogate import refold_batchnorm, softplus_surrogate, surrogate_applies
 from upi_lightning.threat import straight_through_clip
 
 OBJECTIVE_NOISE_SEED = 1
@@ -102,41 +104,37 @@ def _values_key(model: nn.Module) -> tuple[int, ...]:
     return tuple(t._version for t in [*model.parameters(), *model.buffers()])
 
 
+UPI_PCA_SIGMA = 0.1
+"""Default smoothing noise std of UPI-PCA (pixel units): its rows are gradients at noisy copies ``x + Z``."""
+
+
 @dataclass
-class UPIObjective:
-    """Configuration and evaluation of the UPI objective (see the module docstring for the formula).
+class ObjectiveSettings:
+    """How a UPI objective is differentiated, with the one set of defaults every entry point shares.
+
+    :class:`UPIObjective` (the Python API), ``attack.py``'s ``upi_grad`` / ``upi_pca`` sections and the
+    ``UPIAttack`` callback (:mod:`upi_lightning.attacks.settings`) all inherit these fields.
 
     Attributes:
-        saliency: the maps under attack (method, class score and the method's options).
         dissimilarity: ``D``: ``l2``, ``topk_mass`` or ``cosine`` (:func:`map_dissimilarity`).
-        k: top-k size for ``topk_mass``.
+        surrogate_beta: differentiate a softplus(beta) copy of a model's ``nn.ReLU`` modules
+            (:func:`~upi_lightning.surrogate.softplus_surrogate`); a model with none (e.g. a GELU ViT)
+            is differentiated as it is. ``null``/``None``: always the model itself, whose ReLU maps have
+            no gradient w.r.t. the input.
         sigma: std of the Gaussian smoothing noise ``Z`` in pixel units; ``0`` = no smoothing.
         n_noise: draws of ``Z`` per sample (stacked into one batch), used when ``sigma > 0``.
-        surrogate_beta: ``None`` = differentiate the model itself; else differentiate its
-            ``softplus_surrogate(model, beta)`` (eval mode, batch norms folded), built once, refreshed in
-            place when the model's weights change (in-place version counters) and rebuilt when they are
-            replaced or move.
         keep_prediction: ``lambda >= 0``, weight of the cross-entropy-increase penalty.
-
     """
 
-    saliency: SaliencySettings = field(default_factory=SaliencySettings)
     dissimilarity: Dissimilarity = "l2"
-    k: int = 100
+    surrogate_beta: float | None = 10.0
     sigma: float = 0.0
     n_noise: int = 1
-    surrogate_beta: float | None = None
     keep_prediction: float = 0.0
-    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         checks = [
-            (isinstance(self.saliency, SaliencySettings), f"saliency={self.saliency!r}: give a SaliencySettings"),
-            (
-                self.dissimilarity in DISSIMILARITIES,
-                f"dissimilarity {self.dissimilarity!r}: {DISSIMILARITIES}",
-            ),
-            (self.k >= 1, f"k={self.k}: the top-k size must be >= 1"),
+            (self.dissimilarity in DISSIMILARITIES, f"dissimilarity {self.dissimilarity!r}: {DISSIMILARITIES}"),
             (self.sigma >= 0, f"sigma={self.sigma}: the smoothing noise std must be >= 0 (0 = off)"),
             (self.n_noise >= 1, f"n_noise={self.n_noise}: at least one noise draw per sample"),
             (self.keep_prediction >= 0, f"keep_prediction={self.keep_prediction}: lambda must be >= 0"),
@@ -148,6 +146,38 @@ class UPIObjective:
         for ok, message in checks:
             if not ok:
                 raise UPIError(f"Invalid UPI objective setting: {message}.")
+
+    def objective(self, saliency: SaliencySettings, k: int) -> UPIObjective:
+        """The objective of these settings on the given saliency maps (``k``: top-k size of ``topk_mass``)."""
+        shared = {f.name: getattr(self, f.name) for f in fields(ObjectiveSettings)}
+        return UPIObjective(saliency=saliency, k=k, **shared)
+
+
+@dataclass
+class UPIObjective(ObjectiveSettings):
+    """Configuration and evaluation of the UPI objective (see the module docstring for the formula).
+
+    The fields of :class:`ObjectiveSettings` (``dissimilarity``, ``surrogate_beta``, ``sigma``,
+    ``n_noise``, ``keep_prediction``), with the same defaults as ``attack.py``, and:
+
+    Attributes:
+        saliency: the maps under attack (method, class score and the method's options).
+        k: top-k size for ``topk_mass``.
+
+    The softplus surrogate (``surrogate_beta``) is built once per model, refreshed in place when the
+    model's weights change (in-place version counters) and rebuilt when they are replaced or move.
+    """
+
+    saliency: SaliencySettings = field(default_factory=SaliencySettings)
+    k: int = 100
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.saliency, SaliencySettings):
+            raise UPIError(f"Invalid UPI objective setting: saliency={self.saliency!r}: give a SaliencySettings.")
+        if self.k < 1:
+            raise UPIError(f"Invalid UPI objective setting: k={self.k}: the top-k size must be >= 1.")
 
     def settings(self) -> dict[str, Any]:
         """Return the configuration fields as a plain dict (for reports and perturbation metadata)."""
@@ -177,17 +207,30 @@ class UPIObjective:
         return cls(saliency=SaliencySettings(**saliency), **config)
 
     def network(self, model: nn.Module) -> nn.Module:
-        """Return the network the objective differentiates: ``model`` or its cached softplus surrogate."""
+        """Return the network the objective differentiates: ``model`` or its cached softplus surrogate.
+
+        ``model`` itself without ``surrogate_beta``, or when it has no ``nn.ReLU`` to replace
+        (:func:`~upi_lightning.surrogate.surrogate_applies`: e.g. a GELU ViT, smooth already).
+        """
         if self.surrogate_beta is None:
             return model
         structure, values = _structure_key(model), _values_key(model)
         cache = self._cache
         if cache.get("structure") != structure:
-            cache.update(surrogate=softplus_surrogate(model, self.surrogate_beta), structure=structure)
-        elif cache.get("values") != values:
+            surrogate = softplus_surrogate(model, self.surrogate_beta) if surrogate_applies(model) else None
+            cache.update(surrogate=surrogate, structure=structure)
+        elif cache["surrogate"] is not None and cache.get("values") != values:
             refold_batchnorm(cache["surrogate"], model, cache["surrogate"].folded_batchnorms)
         cache["values"] = values
-        return cache["surrogate"]
+        return model if cache["surrogate"] is None else cache["surrogate"]
+
+    def describe_network(self, model: nn.Module) -> str:
+        """Which network :meth:`network` differentiates for ``model``, in words (for fit reports)."""
+        if self.network(model) is not model:
+            return f"softplus surrogate (beta={self.surrogate_beta:g})"
+        if self.surrogate_beta is None:
+            return "the model itself (surrogate_beta=None)"
+        return "the model itself (no nn.ReLU module to make smooth)"
 
     def clean_maps(self, model: nn.Module, x: Tensor, y: Tensor, cache: SampleCache | None = None) -> Tensor:
         """Compute the detached reference maps :math:`I(x)` ``(N, H, W)`` (on the surrogate if configured).

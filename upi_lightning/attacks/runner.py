@@ -263,7 +263,7 @@ class AttackRun:
 
     def evaluate(self, model: nn.Module, perturbation: Perturbation, eval_loader: Batches) -> dict[str, float]:
         """Metrics of a perturbation (a delta, per-sample deltas, or random draws summarized) on ``model``."""
-        settings, k, progress = self.settings.saliency, self.settings.k, self.progress
+        settings, k, progress = self.settings.evaluation_maps(), self.settings.k, self.progress
         if isinstance(perturbation, list):
             return evaluate_draws(model, eval_loader, perturbation, saliency=settings, k=k, progress=progress)
         return evaluate_perturbation(model, eval_loader, perturbation, saliency=settings, k=k, progress=progress)
@@ -327,7 +327,8 @@ class AttackRun:
         writer: SummaryWriter,
     ) -> None:
         """PNG and TensorBoard figure of the maps before and after each universal perturbation."""
-        clean, perturbed = maps_under_perturbations(self.model, images, labels, deltas, self.settings.saliency)
+        maps = self.settings.evaluation_maps()
+        clean, perturbed = maps_under_perturbations(self.model, images, labels, deltas, maps)
         for name, delta in deltas.items():
             writer.add_image(f"perturbation/{name}/{budget.tag}", perturbation_image(delta.cpu()))
         rows = [(name, perturbed[name], delta) for name, delta in deltas.items()]

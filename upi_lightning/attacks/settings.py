@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from upi_lightning.attacks.engine import Schedule
-from upi_lightning.attacks.objective import Dissimilarity, UPIObjective
+from upi_lightning.attacks.objective import UPI_PCA_SIGMA, ObjectiveSettings
+from upi_lightning.captum_maps import CaptumSaliency
 from upi_lightning.errors import UPIError
-from upi_lightning.saliency import SaliencySettings
+from upi_lightning.saliency import SaliencyMaps, SaliencySettings
 from upi_lightning.threat import Norm, ThreatModel, threat_model
 
 T = TypeVar("T")
@@ -45,37 +46,6 @@ class Budget:
 
 
 @dataclass
-class ObjectiveSettings:
-    """How a UPI objective is differentiated (see :class:`~upi_lightning.attacks.objective.UPIObjective`).
-
-    Attributes:
-        dissimilarity: ``l2``, ``topk_mass`` or ``cosine``.
-        surrogate_beta: differentiate a softplus(beta) copy of a ReLU model; ``null`` = the model itself.
-        sigma: Gaussian smoothing of the objective (pixel units), 0 = off.
-        n_noise: smoothing draws per sample.
-        keep_prediction: weight of the "keep the prediction" cross-entropy penalty.
-    """
-
-    dissimilarity: Dissimilarity = "l2"
-    surrogate_beta: float | None = 10.0
-    sigma: float = 0.0
-    n_noise: int = 1
-    keep_prediction: float = 0.0
-
-    def objective(self, saliency: SaliencySettings, k: int) -> UPIObjective:
-        """The objective for these settings and the attacked saliency maps."""
-        return UPIObjective(
-            saliency=saliency,
-            dissimilarity=self.dissimilarity,
-            k=k,
-            sigma=self.sigma,
-            n_noise=self.n_noise,
-            surrogate_beta=self.surrogate_beta,
-            keep_prediction=self.keep_prediction,
-        )
-
-
-@dataclass
 class UPIGradSettings(ObjectiveSettings):
     """UPI-Grad: projected stochastic gradient ascent (also the objective of the per-sample attack).
 
@@ -98,6 +68,7 @@ class UPIGradSettings(ObjectiveSettings):
     cache_clean_maps: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.step_scale is not None and not self.step_scale > 0:
             raise UPIError(f"step_scale must be > 0 (or null), got {self.step_scale}.")
 
@@ -113,13 +84,15 @@ class UPIPCASettings(ObjectiveSettings):
     """UPI-PCA: top singular vector of the per-sample gradients of the objective.
 
     Attributes:
+        sigma: as in :class:`ObjectiveSettings`, but on by default (:data:`UPI_PCA_SIGMA`): UPI-PCA's rows
+            are gradients at noisy copies of the images, exactly zero without noise.
         solver: ``power`` (streaming, memory O(d)) or ``svd`` (exact, holds a d x d matrix).
         n_iter: passes of the streaming solver.
         cache_clean_maps: compute each fit sample's clean map once for all passes (``H * W`` floats per
             fit sample, so the streaming solver's memory then grows with the fit set; same result).
     """
 
-    sigma: float = 0.1
+    sigma: float = UPI_PCA_SIGMA
     solver: Literal["power", "svd"] = "power"
     n_iter: int = 20
     cache_clean_maps: bool = False
@@ -176,6 +149,9 @@ class AttackSettings(MethodSettings):
         eval_samples: held-out samples evaluated (``null`` = all of attack_eval).
         batch_size: batch size of fitting and evaluation.
         figure_images: images shown in each figure.
+        captum: evaluate (and draw) Captum's maps instead of ``saliency``'s
+            (:class:`~upi_lightning.captum_maps.CaptumSaliency`, extra ``captum``); the attacks still
+            differentiate ``saliency``'s maps.
     """
 
     budgets: list[Budget] = field(default_factory=lambda: [Budget("l2", 1.0)])
@@ -185,6 +161,7 @@ class AttackSettings(MethodSettings):
     eval_samples: int | None = 5000
     batch_size: int = 128
     figure_images: int = 6
+    captum: CaptumSaliency | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
@@ -192,6 +169,10 @@ class AttackSettings(MethodSettings):
             raise UPIError(f"Unknown or no attack methods {unknown or self.methods}: choose from {list(ALL_METHODS)}.")
         if not self.budgets:
             raise UPIError("No budget to attack in: give at least one {norm, eps}.")
+
+    def evaluation_maps(self) -> SaliencyMaps:
+        """The maps the metrics and figures compare: :attr:`captum`'s, else :attr:`saliency`'s."""
+        return self.saliency if self.captum is None else self.captum
 
 
 def as_settings(kind: type[T], value: T | Mapping[str, Any] | None) -> T:

@@ -35,10 +35,13 @@ def fit_upi_grad(
 ) -> UPIFitResult:
     r"""Fit a UPI by projected stochastic gradient ascent on :math:`\frac1n\sum_i J_i(\delta)`.
 
-    ``J`` is :meth:`UPIObjective.per_sample` (default objective: simple-gradient logit maps, L2
-    dissimilarity, no surrogate). ``options`` are the ascent options of :func:`fit_universal`
-    (:class:`AscentOptions`: epochs, step_size, schedule, init, reduce, seed, progress, on_step). ``info``
-    also holds the objective settings.
+    ``J`` is :meth:`UPIObjective.per_sample` (default objective: ``UPIObjective()``, the defaults of
+    ``attack.py``: simple-gradient logit maps, L2 dissimilarity, a softplus(10) surrogate of ``nn.ReLU``
+    modules). ``options`` are the ascent options of :func:`fit_universal` (:class:`AscentOptions`:
+    epochs, step_size, schedule, init, reduce, seed, progress, on_step). ``info`` also holds the
+    objective settings and the network differentiated (:meth:`UPIObjective.describe_network`). A
+    ``UserWarning`` says so when the first step's gradient is exactly zero (e.g. ReLU maps without a
+    surrogate), since the fit then cannot move.
 
     With ``cache_clean_maps`` the clean maps :math:`I(x_i)` are computed once per fit sample (first
     epoch) and reused by later epochs, in any batch order (:class:`SampleCache`); the cache holds
@@ -53,6 +56,7 @@ def fit_upi_grad(
 
     result = fit_universal(model, batches, per_sample, threat, name="upi_grad", **options)
     result.info["objective"] = objective.settings()
+    result.info["network"] = objective.describe_network(model)
     return result
 
 

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a DataLoader's shuffling
 
-from upi_lightning.attacks.engine import Batches, UPIFitResult, passes_over, prepare_batch
-from upi_lightning.attacks.objective import UPIObjective
+from upi_lightning.attacks.engine import Batches, UPIFitResult, passes_over, prepare_batch, warn_if_zero_gradient
+from upi_lightning.attacks.objective import UPI_PCA_SIGMA, UPIObjective
 from upi_lightning.attacks.upi_grad import mean_objective
 from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
@@ -109,17 +109,21 @@ def _row_batches(
     desc: str,
     progress: bool,
     cache: SampleCache | None,
+    check_first: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor | None]]:
     """Yield ``(G_b, C_b)`` per batch, rows shaped like ``x`` (``C_b = None`` without keep-prediction).
 
     The noise generator is seeded afresh, so every pass over the same batches yields the same rows;
-    ``cache`` keeps the clean maps from one pass to the next.
+    ``cache`` keeps the clean maps from one pass to the next. ``check_first``: warn if the first batch's
+    rows are all zero (:func:`~upi_lightning.attacks.engine.warn_if_zero_gradient`).
     """
     generator = make_generator(seed, device)
-    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    for index, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
         x, y = prepare_batch(batch, device)
         clean = objective.clean_maps(model, x, y, cache)
         rows = per_sample_gradient_rows(model, x, y, objective, generator, clean).view_as(x)
+        if check_first and index == 0:
+            warn_if_zero_gradient(rows, "upi_pca")
         penalty = prediction_gradient_rows(model, x, y, objective) if objective.keep_prediction > 0 else None
         yield rows, None if penalty is None else penalty.view_as(x)
 
@@ -284,8 +288,8 @@ def fit_upi_pca(
             shuffling) for the power solver to iterate on one fixed matrix.
         threat: the ball; ``delta`` is its :meth:`~upi_lightning.threat.ThreatModel.extreme_point` along
             :math:`v_1` (L2: :math:`\varepsilon v_1`, Linf: :math:`\varepsilon\,\mathrm{sign}(v_1)`).
-        objective: the UPI objective; needs ``sigma > 0`` (default: ``UPIObjective(sigma=0.1)``).
-            ``keep_prediction`` is the :math:`\lambda` of :math:`M`.
+        objective: the UPI objective; needs ``sigma > 0`` (default: ``UPIObjective(sigma=UPI_PCA_SIGMA)``,
+            as ``attack.py``). ``keep_prediction`` is the :math:`\lambda` of :math:`M`.
         solver: ``power`` (streaming, any ``d``) or ``svd`` (exact, :math:`8d^2` bytes).
         n_iter: maximum number of power passes over the data.
         block_size: number of vectors ``r`` iterated together by the power solver (each pass applies
@@ -307,7 +311,7 @@ def fit_upi_pca(
         ``info``: solver diagnostics, the objective of both signs and the chosen sign.
 
     """
-    objective = UPIObjective(sigma=0.1) if objective is None else objective
+    objective = UPIObjective(sigma=UPI_PCA_SIGMA) if objective is None else objective
     if solver not in SOLVERS:
         raise UPIError(f"Unknown UPI-PCA solver {solver!r}: use one of {', '.join(map(repr, SOLVERS))}.")
     if n_iter < 1 or block_size < 1 or not tol >= 0:
@@ -321,7 +325,7 @@ def fit_upi_pca(
 
         def make_rows(iteration: int) -> Iterator[tuple[Tensor, Tensor | None]]:
             desc = f"upi_pca pass {iteration + 1}"
-            return _row_batches(model, batches, objective, device, seed, desc, progress, cache)
+            return _row_batches(model, batches, objective, device, seed, desc, progress, cache, iteration == 0)
 
         if solver == "svd":
             direction, history, diagnostics = _solve_svd(make_rows(0), lam, reduce, max_bytes)
@@ -348,5 +352,6 @@ def fit_upi_pca(
         "objective_minus": minus,
         "sign": 1 if plus >= minus else -1,
         "objective": objective.settings(),
+        "network": objective.describe_network(model),
     }
     return UPIFitResult(delta.detach(), history, time.perf_counter() - start, info)

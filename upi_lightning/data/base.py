@@ -15,6 +15,8 @@ several times faster on CPU than PIL-based transforms.
 
 from __future__ import annotations
 
+import inspect
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -118,6 +120,7 @@ class ImageDataModule(LightningDataModule, ABC):
         augment: bool = False,
     ) -> None:
         super().__init__()
+        self.record_init_args()
         if batch_size < 1:
             raise UPIError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = batch_size
@@ -128,6 +131,20 @@ class ImageDataModule(LightningDataModule, ABC):
         self.seed = seed
         self.augment = augment
         self.splits: dict[str, Dataset[tuple[Tensor, Tensor]]] = {}
+
+    def record_init_args(self) -> None:
+        """Keep the class path and init arguments in ``hparams``, which every checkpoint stores.
+
+        So ``attack.py --ckpt`` rebuilds the data a model was trained on
+        (:func:`~upi_lightning.checkpoints.stored_datamodule`). LightningCLI hands over its own config (with
+        ``_class_path``); a module built in Python records the arguments of its ``__init__`` chain. Paths
+        are kept as strings (checkpoints are read with ``weights_only``); nothing goes to the loggers.
+        """
+        self.save_hyperparameters(logger=False, frame=inspect.currentframe().f_back)  # type: ignore[union-attr]
+        self.hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
+        for key, value in self.hparams.items():
+            if isinstance(value, os.PathLike):
+                self.hparams[key] = os.fspath(value)
 
     @abstractmethod
     def load_arrays(self, train: bool) -> tuple[Tensor, Tensor]:

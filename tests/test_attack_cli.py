@@ -1,0 +1,43 @@
+"""The ``attack.py`` command line (``upi_lightning.attack_cli``): data from the checkpoint, flags, devices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from upi_lightning.attack_cli import DeviceSettings, attack_parser, parse_attack_args
+from upi_lightning.checkpoints import stored_datamodule
+from upi_lightning.errors import UPIError
+
+
+def test_ckpt_alone_rebuilds_the_data_module_it_was_trained_on(checkpoint: Path) -> None:
+    config = parse_attack_args([f"--ckpt={checkpoint}"])
+    assert config.data.class_path == "upi_lightning.data.synthetic.SyntheticDataModule"
+    assert (config.data.init_args.num_train, config.data.init_args.num_test) == (512, 128)
+    assert config.data.init_args.batch_size == 32
+    given = parse_attack_args([f"--ckpt={checkpoint}", "--data=upi_lightning.data.SyntheticDataModule"])
+    assert given.data.init_args.num_train == 2048  # a --data of one's own wins
+
+
+def test_a_checkpoint_that_records_no_data_module_asks_for_data(checkpoint: Path, tmp_path: Path) -> None:
+    saved = torch.load(checkpoint, weights_only=True)
+    del saved["datamodule_hyper_parameters"]  # as checkpoints of earlier versions
+    torch.save(saved, tmp_path / "old.ckpt")
+    with pytest.raises(UPIError, match=r"does not record the data module .* give --data"):
+        parse_attack_args([f"--ckpt={tmp_path / 'old.ckpt'}"])
+    with pytest.raises(UPIError, match="--model needs --data"):
+        parse_attack_args(["--model=torchvision.resnet18"])
+    with pytest.raises(UPIError, match="No checkpoint at"):
+        stored_datamodule(tmp_path / "missing.ckpt")
+
+
+def test_one_flag_style_with_the_dashed_alias_and_one_way_to_choose_the_device(checkpoint: Path) -> None:
+    config = parse_attack_args([f"--ckpt={checkpoint}", "--eval_ckpt=a.ckpt", "--eval-ckpt=b.ckpt"])
+    assert config.eval_ckpt == ["a.ckpt", "b.ckpt"]
+    with pytest.raises(SystemExit):
+        attack_parser().parse_args([f"--ckpt={checkpoint}", "--device=cpu"])  # --trainer.accelerator does it
+    assert DeviceSettings(accelerator="cpu").fabric().device == torch.device("cpu")
+    assert not DeviceSettings(devices=[0]).several() and not DeviceSettings().several()
+    assert DeviceSettings(devices=2).several() and DeviceSettings(strategy="ddp").several()
