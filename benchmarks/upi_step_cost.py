@@ -27,11 +27,10 @@ import argparse
 import copy
 import statistics
 import time
-from collections.abc import Callable, Hashable
-from typing import TypeVar
+from collections.abc import Callable
 
 import torch
-from harness import MODELS, benchmark_model, machine_line, set_threads, train_step_fn
+from harness import MODELS, benchmark_model, interleaved_seconds, machine_line, set_threads, train_step_fn
 from torch import Tensor, nn
 
 from upi_lightning.attacks.objective import UPIObjective
@@ -39,7 +38,6 @@ from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.threat import threat_model
 
 TARGET = 3.5
-Key = TypeVar("Key", bound=Hashable)
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,20 +58,6 @@ def parse_args() -> argparse.Namespace:
         help="torch.set_num_threads; 0 = torch's default",
     )
     return parser.parse_args()
-
-
-def interleaved_seconds(fns: dict[Key, Callable[[], float]], repeats: int, warmup: int) -> dict[Key, list[float]]:
-    """The seconds every ``fns[key]()`` returns, run in turn (round-robin) ``repeats`` times after ``warmup`` rounds.
-
-    Interleaving makes a slowdown of a shared machine hit every candidate alike, so ratios stay fair.
-    """
-    times: dict[Key, list[float]] = {key: [] for key in fns}
-    for round_index in range(warmup + repeats):
-        for key, fn in fns.items():
-            seconds = fn()
-            if round_index >= warmup:
-                times[key].append(seconds)
-    return times
 
 
 def upi_step_fn(
