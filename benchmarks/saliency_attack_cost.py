@@ -66,7 +66,7 @@ def main() -> None:
         model, shape = benchmark_model(name, device)
         x = torch.rand(args.batch_size, *shape, device=device)
         y = torch.randint(0, 10, (args.batch_size,), device=device)
-        fns: dict[tuple[str, str], Callable[[], float]] = {}
+        fns: dict[tuple[SaliencyMethod, str], Callable[[], float]] = {}
         for method in points:
             saliency = SaliencySettings(method=method, n_steps=args.n_steps, n_samples=args.n_samples)
             for cache in (True, False):
