@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from harness import MODELS, benchmark_model, interleaved_seconds, machine_line, set_threads, train_step_fn
+from harness import MODELS, benchmark_model, interleaved_seconds, machine_line, set_threads, train_step_fn, write_json
 from torch import Tensor, nn
 
 from upi_lightning.attacks.objective import UPIObjective
@@ -57,6 +57,7 @@ def parse_args() -> argparse.Namespace:
         default=2,
         help="torch.set_num_threads; 0 = torch's default",
     )
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     return parser.parse_args()
 
 
@@ -101,6 +102,7 @@ def main() -> None:
     )
     print("| model | input | repeats | step | clean maps | median s | min s | median ratio | min ratio | target |")
     print("|---|---|---:|---|---|---:|---:|---:|---:|---|")
+    rows = []
     for name in args.models:
         repeats = args.resnet_repeats if name == "cifar_resnet18" else args.repeats
         model, shape = benchmark_model(name, device)
@@ -120,12 +122,14 @@ def main() -> None:
         for (label, clean), values in times.items():
             median, fastest = statistics.median(values), min(values)
             ratio = median / train_median
+            rows.append({"model": name, "step": label, "clean_maps": clean, "median_s": median, "ratio": ratio})
             verdict = "" if not clean else f"<= {TARGET}x: {'met' if ratio <= TARGET else 'not met'}"
             print(
                 f"| {name} | {size} | {repeats} | {label} | {clean} | {median:.3f} | {fastest:.3f} | "
                 f"{ratio:.2f}x | {fastest / train_min:.2f}x | {verdict} |",
                 flush=True,
             )
+    write_json(args.json, {"benchmark": "upi_step_cost", "machine": machine_line(device), "rows": rows})
 
 
 if __name__ == "__main__":
