@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 DEMO_DIR := runs/quickstart/demo
 
-.PHONY: demo test test-all lint install benchmarks
+.PHONY: demo test test-all lint install benchmarks gpu-benchmarks
 
 install: $(VENV)/.installed
 
@@ -31,13 +31,21 @@ test: install
 test-all: install
 	$(PY) -m pytest
 
-## benchmarks: the performance scripts of docs/RESULTS.md at their default settings (not tests; about 5 minutes on 2 cores)
+## benchmarks: the performance scripts of docs/RESULTS.md at their default settings (not tests; about 8 minutes on 2 idle cores)
 benchmarks: install
+	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/upi_step_cost.py
 	$(PY) benchmarks/upi_pca_rows.py
 	$(PY) benchmarks/upi_pca_memory.py
 	$(PY) benchmarks/upi_ddp.py
 	$(PY) benchmarks/saliency_throughput.py
+	$(PY) benchmarks/training_modes.py --modes input_grad ir upi_adv consistency gradient_consistency
+	$(PY) benchmarks/captum_peer.py
+	$(PY) benchmarks/saliency_attack_cost.py
+
+## gpu-benchmarks: on a machine with one GPU, every GPU-only figure of docs/RESULTS.md into gpu-benchmarks.json (< 8 minutes)
+gpu-benchmarks: install
+	PYTHON=$(PY) benchmarks/gpu.sh --output gpu-benchmarks.json
 
 lint: install
 	$(VENV)/bin/ruff check .

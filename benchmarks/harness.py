@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,7 @@ MODELS = {
     "cifar_resnet18": ((3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 """``name -> (input shape, mean, std)``: the MNIST small CNN and the CIFAR ResNet-18."""
+Key = TypeVar("Key", bound=Hashable)
 
 
 def benchmark_model(name: str, device: torch.device) -> tuple[nn.Module, tuple[int, int, int]]:
@@ -59,6 +63,20 @@ def median_seconds(fn: Callable[[], Tensor], repeats: int, device: torch.device,
     return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
+def interleaved_seconds(fns: dict[Key, Callable[[], float]], repeats: int, warmup: int) -> dict[Key, list[float]]:
+    """The seconds every ``fns[key]()`` returns, run in turn (round-robin) ``repeats`` times after ``warmup`` rounds.
+
+    Interleaving makes a slowdown of a shared machine hit every candidate alike, so ratios stay fair.
+    """
+    times: dict[Key, list[float]] = {key: [] for key in fns}
+    for round_index in range(warmup + repeats):
+        for key, fn in fns.items():
+            seconds = fn()
+            if round_index >= warmup:
+                times[key].append(seconds)
+    return times
+
+
 def set_threads(threads: int) -> None:
     """``torch.set_num_threads(threads)``; 0 keeps torch's default."""
     if threads:
@@ -71,3 +89,9 @@ def machine_line(device: torch.device) -> str:
         f"device={device}, threads={torch.get_num_threads()}, torch {torch.__version__}, "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
+
+
+def write_json(path: str | None, payload: dict[str, object]) -> None:
+    """Write ``payload`` as JSON to ``path`` (the ``--json`` option of a script); ``None`` writes nothing."""
+    if path is not None:
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")

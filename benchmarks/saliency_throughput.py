@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from harness import MODELS, benchmark_model, machine_line, median_seconds, set_threads
+from harness import MODELS, benchmark_model, machine_line, median_seconds, set_threads, write_json
 from torch import Tensor, nn
 
 from upi_lightning.saliency import SALIENCY_METHODS, saliency_map
@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
         default=1,
         help="torch.set_num_threads; 1 keeps CPU timings stable on a shared machine, 0 = torch's default",
     )
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     return parser.parse_args()
 
 
@@ -71,6 +72,7 @@ def main() -> None:
     print(f"saliency throughput: method={args.method}, batch={args.batch_size}, {machine_line(device)}\n")
     print("| model | input | create_graph | batched maps/s | per-sample loop maps/s | ratio |")
     print("|---|---|---|---:|---:|---:|")
+    rows = []
     for name in args.models:
         model, shape = benchmark_model(name, device)
         model.eval()
@@ -78,11 +80,17 @@ def main() -> None:
         target = torch.randint(0, 10, (args.batch_size,), device=device)
         for create_graph in (False, True):
             batched_rate, loop_rate = measure(model, x, target, args, create_graph)
+            rows.append(
+                {"model": name, "create_graph": create_graph, "batched_per_s": batched_rate, "loop_per_s": loop_rate}
+                | {"ratio": batched_rate / loop_rate}
+            )
             print(
                 f"| {name} | {'x'.join(map(str, shape))} | {create_graph} | {batched_rate:,.1f} | "
                 f"{loop_rate:,.1f} | {batched_rate / loop_rate:.1f}x |",
                 flush=True,
             )
+    payload = {"benchmark": "saliency_throughput", "method": args.method, "batch_size": args.batch_size}
+    write_json(args.json, payload | {"machine": machine_line(device), "rows": rows})
 
 
 if __name__ == "__main__":

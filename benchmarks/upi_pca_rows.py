@@ -25,7 +25,7 @@ import copy
 import statistics
 
 import torch
-from harness import MODELS, benchmark_model, machine_line, median_seconds, set_threads, train_step_fn
+from harness import MODELS, benchmark_model, machine_line, median_seconds, set_threads, train_step_fn, write_json
 from torch import Tensor
 
 from upi_lightning.attacks.objective import UPIObjective
@@ -48,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=10.0, help="softplus surrogate beta; 0 = the ReLU model")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; 0 = torch's default")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     return parser.parse_args()
 
 
@@ -67,6 +68,7 @@ def main() -> None:
         "| batched row (training steps) | looped row (training steps) | target |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    rows = []
     for name in args.models:
         model, shape = benchmark_model(name, device)
         model.eval()
@@ -91,12 +93,14 @@ def main() -> None:
         train_rate = len(x) / statistics.median([train() for _ in range(args.warmup + args.repeats)][args.warmup :])
         ratio = batched_rate / loop_rate
         d = x[0].numel()
+        rows.append({"model": name, "batched_rows_per_s": batched_rate, "loop_rows_per_s": loop_rate, "ratio": ratio})
         print(
             f"| {name} | {'x'.join(map(str, shape))} ({d}) | {batched_rate:,.1f} | {loop_rate:,.1f} | "
             f"{ratio:.1f}x | {train_rate:,.1f} | {train_rate / batched_rate:.1f} | {train_rate / loop_rate:.1f} | "
             f">= {TARGET:g}x: {'met' if ratio >= TARGET else 'not met'} |",
             flush=True,
         )
+    write_json(args.json, {"benchmark": "upi_pca_rows", "machine": machine_line(device), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -27,11 +27,10 @@ import argparse
 import copy
 import statistics
 import time
-from collections.abc import Callable, Hashable
-from typing import TypeVar
+from collections.abc import Callable
 
 import torch
-from harness import MODELS, benchmark_model, machine_line, set_threads, train_step_fn
+from harness import MODELS, benchmark_model, interleaved_seconds, machine_line, set_threads, train_step_fn, write_json
 from torch import Tensor, nn
 
 from upi_lightning.attacks.objective import UPIObjective
@@ -39,7 +38,6 @@ from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.threat import threat_model
 
 TARGET = 3.5
-Key = TypeVar("Key", bound=Hashable)
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,21 +57,8 @@ def parse_args() -> argparse.Namespace:
         default=2,
         help="torch.set_num_threads; 0 = torch's default",
     )
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     return parser.parse_args()
-
-
-def interleaved_seconds(fns: dict[Key, Callable[[], float]], repeats: int, warmup: int) -> dict[Key, list[float]]:
-    """The seconds every ``fns[key]()`` returns, run in turn (round-robin) ``repeats`` times after ``warmup`` rounds.
-
-    Interleaving makes a slowdown of a shared machine hit every candidate alike, so ratios stay fair.
-    """
-    times: dict[Key, list[float]] = {key: [] for key in fns}
-    for round_index in range(warmup + repeats):
-        for key, fn in fns.items():
-            seconds = fn()
-            if round_index >= warmup:
-                times[key].append(seconds)
-    return times
 
 
 def upi_step_fn(
@@ -117,6 +102,7 @@ def main() -> None:
     )
     print("| model | input | repeats | step | clean maps | median s | min s | median ratio | min ratio | target |")
     print("|---|---|---:|---|---|---:|---:|---:|---:|---|")
+    rows = []
     for name in args.models:
         repeats = args.resnet_repeats if name == "cifar_resnet18" else args.repeats
         model, shape = benchmark_model(name, device)
@@ -136,12 +122,14 @@ def main() -> None:
         for (label, clean), values in times.items():
             median, fastest = statistics.median(values), min(values)
             ratio = median / train_median
+            rows.append({"model": name, "step": label, "clean_maps": clean, "median_s": median, "ratio": ratio})
             verdict = "" if not clean else f"<= {TARGET}x: {'met' if ratio <= TARGET else 'not met'}"
             print(
                 f"| {name} | {size} | {repeats} | {label} | {clean} | {median:.3f} | {fastest:.3f} | "
                 f"{ratio:.2f}x | {fastest / train_min:.2f}x | {verdict} |",
                 flush=True,
             )
+    write_json(args.json, {"benchmark": "upi_step_cost", "machine": machine_line(device), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from upi_lightning.attack_cli import attack_main  # noqa: E402
 from upi_lightning.cli import train_cli  # noqa: E402
 from upi_lightning.errors import run_reporting_errors  # noqa: E402
+from upi_lightning.eta import TimeLeft  # noqa: E402
 from upi_lightning.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 MODES = {
@@ -231,8 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output)
     standard_fit = load_json(output / "standard" / "fit.json")
     teacher = None if standard_fit is None else Path(standard_fit["ckpt"])
+    time_left = TimeLeft(len(args.modes))
     for mode in args.modes:
         out = output / mode
+        computed = load_json(out / "attack" / "report.json") is None
         config = mode_config(mode, args, teacher)
         fit_result = fit(mode, config, out)
         if mode == "standard":
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_json(output / "table.json", rows)
         atomic_write_text(output / "table.md", markdown(rows, args))
         print(markdown(rows, args), flush=True)
+        print(f"{mode}: {time_left.step(computed)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from upi_lightning.attacks.settings import AttackSettings, Budget, MethodName
 from upi_lightning.charts import line_chart
 from upi_lightning.distributed import Processes, ShardedBatches
 from upi_lightning.errors import UPIError
+from upi_lightning.eta import TimeLeft
 from upi_lightning.figures import perturbation_image, saliency_figure, save_png
 from upi_lightning.io import atomic_write_json, atomic_write_text
 from upi_lightning.model_modes import model_device
@@ -160,6 +161,7 @@ class AttackRun:
             self.folder.claim()
         fit_batches, eval_batches = self.shard(fit_loader), self.shard(eval_loader)
         started = time.perf_counter()
+        self.time_left = TimeLeft(len(settings.budgets) * len(settings.methods))  # printed after each result
         records = [
             self.result(budget, method, fit_batches, eval_batches)
             for budget in settings.budgets
@@ -196,6 +198,7 @@ class AttackRun:
             UPIError: if some processes find the result saved and others do not.
         """
         saved = self.folder.saved(method, budget)
+        computed = saved is None
         found = self.processes.reduce(torch.tensor(float(saved is not None), device=model_device(self.model)))
         if 0 < found.item() < self.processes.world_size:
             raise UPIError(
@@ -208,6 +211,8 @@ class AttackRun:
                 self.folder.save(method, budget, saved)
         elif self.progress:
             print(f"[{budget.tag}] {method:10s} done before: {self.folder.result_path(method, budget)}", flush=True)
+        if self.progress:
+            print(f"[{budget.tag}] {method:10s} {self.time_left.step(computed)}", flush=True)
         return saved
 
     def attack(self, budget: Budget, method: MethodName, fit_loader: Batches, eval_loader: Batches) -> dict[str, Any]:
