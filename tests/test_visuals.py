@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -12,6 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tests.helpers import custom_scalar_layout, grid_axes, scalar_points
 from upi_lightning.attacks.report import TABLE_METRICS
 from upi_lightning.attacks.visuals import METRIC_TITLES, log_metrics, sweep_figure, write_sweeps
+from upi_lightning.plots import figure_image
 from upi_lightning.plots.output import FILE_DPI
 from upi_lightning.tensorboard_layout import DASHBOARD_METRICS
 
@@ -88,6 +90,11 @@ def test_write_sweeps_names_the_files_after_the_saliency_method_and_norm(tmp_pat
     ]
     with Image.open(tmp_path / "sweep_gradient_l2.png") as image:  # 3 x 2 charts of 3.4 x 2.5 in, legend and title
         assert image.size == (round(3 * 3.4 * FILE_DPI), round((2 * 2.5 + 0.9) * FILE_DPI))
-    events = EventAccumulator(str(tmp_path / "tb"))
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
     events.Reload()
     assert sorted(events.Tags()["images"]) == ["sweep/l2", "sweep/linf"]
+    title = "small_cnn · gradient maps · L2 · mean over 40 held-out images"  # names model, saliency, norm
+    rows = [r for r in RESULTS if r["norm"] == "l2"]
+    with Image.open(tmp_path / "sweep_gradient_l2.png") as image:  # the file is that figure
+        drawn = figure_image(sweep_figure(rows, title), FILE_DPI).permute(1, 2, 0).mul(255).round().byte().numpy()
+        np.testing.assert_array_equal(np.asarray(image.convert("RGB")), drawn)

@@ -89,6 +89,7 @@ def write_sweeps(writer: SummaryWriter, output: Path, results: list[Row], model:
         if len(values) < 2:
             continue
         rows = [row for row in results if row["norm"] == norm]
-        figure = sweep_figure(rows, f"{budget_title(model, saliency, norm)} · mean over the held-out images")
+        samples = max(int(row["metrics"].get("n_samples", 0)) for row in rows)
+        figure = sweep_figure(rows, f"{budget_title(model, saliency, norm)} · mean over {samples} held-out images")
         save_figure(figure, output / sweep_name(saliency, norm))
         writer.add_image(f"sweep/{norm}", figure_image(figure))
