@@ -4,8 +4,9 @@ For each ``--model NAME=CKPT`` this runs ``attack.py`` (``--config``, one budget
 every other checkpoint as ``--eval_ckpt``, then gathers, for each method, the matrix
 ``M[fit model][eval model]`` of the relative L2 change of the saliency maps and its ratio to random
 noise of the same norm on the evaluated model. Writes ``matrix.json``, ``matrix.md`` and one heat map
-per method (``transfer_<method>.png``) under ``--output``; each attack's own report is kept in
-``<output>/fit_<NAME>``, and attacks already reported are not run again.
+per method (``transfer_<method>_<norm>_eps<eps>.png`` and ``.pdf``: the ratios on a diverging scale,
+white at 1, each cell printing the relative L2 and the ratio) under ``--output``; each attack's own
+report is kept in ``<output>/fit_<NAME>``, and attacks already reported are not run again.
 
 Run: ``python studies/transfer_matrix.py --model small_cnn=runs/mnist/version_0/checkpoints/last.ckpt
 --model mlp=runs/mnist_mlp/version_0/checkpoints/last.ckpt``
@@ -25,10 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from upi_lightning.attack_cli import attack_main  # noqa: E402
-from upi_lightning.charts import heat_map  # noqa: E402
+from upi_lightning.attacks.settings import Budget  # noqa: E402
 from upi_lightning.errors import UPIError, run_reporting_errors  # noqa: E402
-from upi_lightning.figures import save_png  # noqa: E402
 from upi_lightning.io import atomic_write_json, atomic_write_text  # noqa: E402
+from upi_lightning.plots import budget_label, ratio_heat_map, save_figure  # noqa: E402
 
 METHODS = ("upi_grad", "upi_pca", "uap")
 
@@ -95,7 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     names = list(args.models)
-    matrix = {name: entries(name, attack(name, args), args) for name in names}
+    reports = {name: attack(name, args) for name in names}
+    matrix = {name: entries(name, report, args) for name, report in reports.items()}
+    saliency = reports[names[0]]["settings"]["saliency"]["method"]
+    budget = Budget(args.norm, args.eps)
     output = Path(args.output)
     summary = {"models": args.models, "budget": [args.norm, args.eps], "samples": args.samples, "matrix": matrix}
     atomic_write_json(output / "matrix.json", summary)
@@ -111,11 +115,18 @@ def main(argv: list[str] | None = None) -> None:
         for fit in names:
             cells = [f"{c['relative_l2']:.4f} ({c['ratio']:.2f}x)" for c in (matrix[fit][ev][method] for ev in names)]
             lines.append(f"| {fit} | " + " | ".join(cells) + " |")
-        values = torch.tensor([[matrix[fit][ev][method]["ratio"] for ev in names] for fit in names])
-        title = f"{method}: relative L2 / random ({args.norm} {args.eps:g}); rows fit, columns eval"
-        chart = heat_map(values, [f"fit {n}" for n in names], [f"eval {n}" for n in names], title)
-        save_png(chart, output / f"transfer_{method}.png")
-        lines += ["", f"![{method}](transfer_{method}.png)"]
+        cells = [[matrix[fit][ev][method] for ev in names] for fit in names]
+        title = f"{method} · {saliency} maps · {budget_label(args.norm, args.eps)} · {args.samples} held-out images"
+        figure = ratio_heat_map(
+            torch.tensor([[cell["ratio"] for cell in row] for row in cells]),
+            names,
+            names,
+            title,
+            "relative L2 of the maps / random's",
+            [[f"{cell['relative_l2']:.3f}\n{cell['ratio']:.2f}×" for cell in row] for row in cells],
+        )
+        save_figure(figure, output / f"transfer_{method}_{budget.tag}")
+        lines += ["", f"![{method}](transfer_{method}_{budget.tag}.png)"]
     atomic_write_text(output / "matrix.md", "\n".join([*lines, ""]))
     print("\n".join(lines))
 

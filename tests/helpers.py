@@ -8,7 +8,9 @@ another. Everything here is small and deterministic:
 * ``ThreadAllReduce``, ``run_ranks`` and ``split_batches``, which simulate the ranks of a DDP fit with
   threads, and ``count_clean_maps``, which counts the clean-map computations of an objective;
 * ``SMOOTH_OBJECTIVE``, ``abs_cosine`` and ``gradient_matrix`` of the UPI-PCA tests;
-* ``example_perturbation``, ``write_payload`` and ``Payload`` for perturbation and checkpoint files.
+* ``example_perturbation``, ``write_payload`` and ``Payload`` for perturbation and checkpoint files;
+* ``numbers``, ``scalar_points`` and ``custom_scalar_layout`` for reports and TensorBoard logs;
+* ``grid_axes`` and ``colorbar_images`` to inspect matplotlib figures.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import Tensor, nn
 
 from upi_lightning.attacks.objective import UPIObjective
@@ -363,3 +369,27 @@ def scalar_points(folder: Path) -> dict[str, list[int]]:
     events = EventAccumulator(str(folder))
     events.Reload()
     return {tag: [event.step for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def custom_scalar_layout(folder: Path) -> dict[str, dict[str, list[str]]]:
+    """The custom-scalars layout of a TensorBoard folder: ``{category: {chart title: [tags]}}`` (``{}``: none)."""
+    events = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    events.Reload()
+    if "custom_scalars__config__" not in events.Tags()["tensors"]:
+        return {}
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    return {
+        category.title: {chart.title: list(chart.multiline.tag) for chart in category.chart}
+        for category in layout.category
+    }
+
+
+def grid_axes(figure: Figure, rows: int, columns: int) -> Any:
+    """The first ``rows x columns`` axes of ``figure`` (its subplots, before any colour bar), as a 2-D array."""
+    return np.array(figure.axes[: rows * columns], dtype=object).reshape(rows, columns)
+
+
+def colorbar_images(figure: Figure) -> list[AxesImage]:
+    """The images of ``figure`` that have a colour bar."""
+    return [image for ax in figure.axes for image in ax.images if image.colorbar is not None]

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers import REPO
+from tests.helpers import REPO, colorbar_images, custom_scalar_layout, grid_axes
 from upi_lightning.attacks.settings import UPIGradSettings, UPIPCASettings
 from upi_lightning.callbacks import RobustAccuracy, SaliencyMonitor, UPIAttack
 from upi_lightning.cli import train_cli
@@ -27,11 +28,14 @@ from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import UPIError
 from upi_lightning.module import Classifier
 from upi_lightning.perturbation import UniversalPerturbation
+from upi_lightning.plots import figure_image
+from upi_lightning.plots.output import SCREEN_DPI
 from upi_lightning.saliency import SaliencySettings
+from upi_lightning.tensorboard_layout import DASHBOARD_METRICS
 
 # ----------------------------------------------------------- SaliencyMonitor
 
-SIDE, CLASSES, CELL = 8, 3, 8 + 2  # make_grid pads every image by 2 pixels
+SIDE, CLASSES = 8, 3
 
 
 class LinearClassifier(LightningModule):
@@ -89,9 +93,10 @@ def _logged_images(log_dir: Path, tag: str = "saliency") -> list[tuple[int, np.n
     ]
 
 
-def _cell(grid: np.ndarray, row: int, col: int) -> np.ndarray:
-    top, left = 2 + row * CELL, 2 + col * CELL
-    return grid[top : top + SIDE, left : left + SIDE]
+def _figure_size(figure: Figure) -> tuple[int, int, int]:
+    """The shape ``(H, W, 3)`` of ``figure`` as a TensorBoard image."""
+    width, height = figure.get_size_inches() * SCREEN_DPI
+    return round(height), round(width), 3
 
 
 def test_saliency_monitor_logs_fixed_images_and_their_maps(tmp_path: Path) -> None:
@@ -102,19 +107,22 @@ def test_saliency_monitor_logs_fixed_images_and_their_maps(tmp_path: Path) -> No
     trainer.fit(model, train, val)
 
     logged = _logged_images(tmp_path)
-    assert [step for step, _ in logged] == [1, 3]  # one grid per epoch at its last step, none for the sanity check
+    assert [step for step, _ in logged] == [1, 3]  # one figure per epoch at its last step, none for the sanity check
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
     events.Reload()
     assert [event.step for event in events.Scalars("val_loss")] == [1, 3]  # beside Lightning's epoch metrics
+    figure = monitor.make_figure(model, "epoch 1")  # what the last validation drew: the weights did not change
+    np.testing.assert_allclose(logged[-1][1], figure_image(figure).permute(1, 2, 0).numpy(), atol=1e-6)
+    assert all(image.shape == _figure_size(figure) for _, image in logged)
+    assert figure.get_suptitle() == "LinearClassifier · gradient maps · epoch 1"
+    axes = grid_axes(figure, 2, 4)  # images on the first row, their maps on the second
     weight = model.net[2].weight.detach().view(CLASSES, SIDE, SIDE).abs()
-    for _, grid in logged:
-        assert grid.shape == (2 * CELL + 2, 4 * CELL + 2, 3)
-        for i in range(4):
-            image = dataset.tensors[0][i, 0].numpy()
-            np.testing.assert_allclose(_cell(grid, 0, i)[..., 0], image, atol=1.01 / 255)
-    for i in range(4):  # the last grid shows the maps of the final weights
-        expected = (weight[dataset[i][1]] / weight[dataset[i][1]].max()).numpy()
-        np.testing.assert_allclose(_cell(logged[-1][1], 1, i)[..., 0], expected, atol=1.01 / 255)
+    maps = [weight[dataset[i][1]] / weight[dataset[i][1]].sum() for i in range(4)]  # true-class maps, sum 1
+    for i in range(4):
+        np.testing.assert_array_equal(axes[0][i].images[0].get_array(), dataset.tensors[0][i, 0].numpy())
+        np.testing.assert_allclose(axes[1][i].images[0].get_array(), maps[i].numpy(), rtol=1e-5)
+        assert axes[1][i].images[0].get_clim() == pytest.approx((0, max(m.max().item() for m in maps)))
+    assert [image.get_cmap().name for image in colorbar_images(figure)] == ["inferno"]
     assert torch.equal(monitor.images, dataset.tensors[0][:4])
     assert torch.equal(monitor.labels, dataset.tensors[1][:4])
 
@@ -128,12 +136,16 @@ def test_saliency_monitor_every_n_epochs_and_under_validate(tmp_path: Path) -> N
     trainer = _trainer(tmp_path, monitor, epochs=3)
     trainer.fit(model, train, val)
     assert [step for step, _ in _logged_images(tmp_path, "maps")] == [3]  # after epoch index 1 only
+    figure = monitor.make_figure(model)
+    assert figure.get_suptitle() == "LinearClassifier · smoothgrad maps"
+    colour = grid_axes(figure, 2, 2)[0][1].images[0].get_array()
+    np.testing.assert_array_equal(colour, monitor.images[1].permute(1, 2, 0).numpy())  # colour images in colour
 
     validate_dir = tmp_path / "validate"
     monitor = SaliencyMonitor(num_images=2, use_labels=False)
     _trainer(validate_dir, monitor, epochs=1).validate(model, val)  # runs under torch.inference_mode
-    (grid,) = [grid for _, grid in _logged_images(validate_dir)]
-    assert grid.shape == (2 * CELL + 2, 2 * CELL + 2, 3)
+    (image,) = [image for _, image in _logged_images(validate_dir)]
+    assert image.shape == _figure_size(monitor.make_figure(model))
     assert monitor.labels is None
     assert not monitor.images.is_inference()
 
@@ -146,7 +158,7 @@ def test_saliency_monitor_restores_modes_and_checkpoints_its_images(tmp_path: Pa
     trainer.fit(model, train, val)
     model.train()
     model.net[1].eval()
-    monitor.make_grid(model)
+    monitor.make_figure(model)
     assert model.training and model.net[0].training and not model.net[1].training
 
     trainer.save_checkpoint(tmp_path / "last.ckpt")
@@ -173,7 +185,7 @@ def test_saliency_monitor_rejects_unknown_batches(tmp_path: Path) -> None:
     with pytest.raises(UPIError, match="image tensor"):
         monitor.on_validation_batch_end(trainer, LinearClassifier(), None, {"image": torch.rand(2)}, 0)
     with pytest.raises(UPIError, match="validation epoch"):
-        monitor.make_grid(LinearClassifier())
+        monitor.make_figure(LinearClassifier())
 
 
 # ----------------------------------------------------------- UPIAttack
@@ -253,7 +265,7 @@ def small_attack(**kwargs: Any) -> UPIAttack:
 
 
 class DumpAttack(Callback):
-    """Each rank writes the UPIAttack deltas and counters and its ``upi/`` metrics to ``folder/<name>_rank<r>.pt``."""
+    """Each rank saves the UPIAttack deltas, counters, metrics and logged ``upi/`` metrics to ``<name>_rank<r>.pt``."""
 
     def __init__(self, folder: Path, name: str) -> None:
         self.folder, self.name = folder, name
@@ -261,7 +273,7 @@ class DumpAttack(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         (attack,) = [callback for callback in trainer.callbacks if isinstance(callback, UPIAttack)]
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("upi/")}
-        state = {"deltas": attack.deltas, "attacks": attack.attacks, "metrics": metrics}
+        state = {"deltas": attack.deltas, "attacks": attack.attacks, "metrics": metrics, "all": attack.metrics}
         torch.save(state, self.folder / f"{self.name}_rank{trainer.global_rank}.pt")
 
 
@@ -294,9 +306,14 @@ def test_upi_attack_under_two_process_ddp_equals_one_process(tmp_path: Path) -> 
     assert rank0["metrics"] == rank1["metrics"]
     compared = [key for key in one["metrics"] if key.split("/")[1] in ("upi_grad", "upi_pca", "random")]
     compared = [key for key in compared if "seconds" not in key]
-    assert len(compared) == 3 * 13 and one["metrics"]["upi/upi_grad/n_samples"] == 32
+    assert len(compared) == 3 * len(DASHBOARD_METRICS)  # logged: the stability metrics
     for key in compared:
         assert rank0["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4, abs=1e-6), key
+    assert one["all"]["upi_grad"]["n_samples"] == 32  # kept in the callback: counts, norms, clean accuracy
+    for method, metrics in one["all"].items():
+        for key, value in metrics.items():
+            if "seconds" not in key:
+                assert rank0["all"][method][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (method, key)
 
 
 class Snapshot(Callback):
@@ -439,7 +456,16 @@ def test_upi_attack_runs_in_test_and_validate_under_inference_mode(tmp_path: Pat
     assert probe.modes == [True, True] and attack.attacks == 2
     for results, stage in ((tested, "test"), (validated, "val")):
         for method in ("upi_grad", "upi_pca", "random"):
-            assert results[f"{stage}/upi/{method}/relative_l2"] > 0 and results[f"{stage}/upi/{method}/n_seen"] == 16
+            # the stability metrics and the fit time are logged; the counts stay in the callback and its files
+            assert {key for key in results if key.startswith(f"{stage}/upi/{method}/")} == {
+                f"{stage}/upi/{method}/{metric}" for metric in (*DASHBOARD_METRICS, "fit_seconds")
+            }
+            assert results[f"{stage}/upi/{method}/relative_l2"] > 0 and attack.metrics[method]["n_seen"] == 16
+    layout = custom_scalar_layout(tmp_path)  # one chart per metric, the methods overlaid, for every stage
+    assert list(layout) == ["upi: L2 ε = 1 (fit)", "val/upi: L2 ε = 1 (validate)", "test/upi: L2 ε = 1 (test)"]
+    assert layout["test/upi: L2 ε = 1 (test)"]["spearman"] == [
+        f"test/upi/{method}/spearman" for method in ("upi_grad", "upi_pca", "random")
+    ]
     assert not any(delta.is_inference() for delta in attack.deltas.values())
     for stage in ("test", "validate"):
         saved = UniversalPerturbation.load(tmp_path / "upi" / f"upi_pca_l2_eps1_{stage}-epoch0-step0.pt")

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from tests.helpers import REPO
+from tests.helpers import REPO, scalar_points
 from upi_lightning.attack_cli import attack_main
 from upi_lightning.cli import train_cli
 from upi_lightning.module import Classifier
@@ -40,12 +41,20 @@ def test_fit_writes_a_checkpoint_that_reloads_to_the_same_outputs(
     assert last.name == "last.ckpt" and last.parents[2] == (tmp_path / "runs" / "default").resolve()
     assert sorted(p.name for p in last.parent.iterdir()) == ["best-epoch00.ckpt", "last.ckpt"]
     assert list((last.parent.parent).glob("events.out.tfevents.*"))
+    assert "hp_metric" not in scalar_points(last.parent.parent)  # no placeholder -1 in the dashboard
     restored = Classifier.load_from_checkpoint(last, map_location="cpu", weights_only=True)
     assert list(restored.hparams.input_shape) == [1, 28, 28] and restored.hparams.num_classes == 10
     x = torch.rand(5, 1, 28, 28)
     cli.model.eval()
     restored.eval()
     torch.testing.assert_close(restored(x), cli.model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", sorted(path.name for path in (REPO / "configs").glob("*.yaml")))
+def test_training_configs_log_no_placeholder_hp_metric(config: str) -> None:
+    logger = yaml.safe_load((REPO / "configs" / config).read_text()).get("trainer", {}).get("logger")
+    if logger is not None:  # attack configs have no trainer logger
+        assert logger["init_args"]["default_hp_metric"] is False
 
 
 def test_last_checkpoint_follows_its_step_trigger_before_any_validation(

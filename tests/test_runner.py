@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import Payload, numbers, scalar_points
+from tests.helpers import Payload, custom_scalar_layout, numbers, scalar_points
 from upi_lightning.attack_cli import attack_main
 from upi_lightning.attacks import runner
 from upi_lightning.attacks.settings import ALL_METHODS, AttackSettings, Budget, UPIGradSettings
@@ -20,6 +20,8 @@ from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import CheckpointMismatchError, UPIError
 from upi_lightning.module import Classifier
 from upi_lightning.perturbation import UniversalPerturbation
+from upi_lightning.plots.output import FILE_DPI
+from upi_lightning.tensorboard_layout import DASHBOARD_METRICS
 
 DATA = ["--data=upi_lightning.data.SyntheticDataModule", "--data.num_train=512", "--data.num_test=128"]
 SMALL = [
@@ -51,15 +53,26 @@ def test_attack_writes_report_figures_perturbations_and_tensorboard(checkpoint: 
     assert random_row["metrics"]["n_draws"] == 2 and "relative_l2_std" in random_row["metrics"]
     table = (tmp_path / "report.md").read_text()
     assert "## l2 eps = 1" in table and table.count("\n| ") == 7  # header, separator, 5 methods
+    assert "![maps](figure_gradient_l2_eps1.png)" in table
     for method in ("upi_grad", "upi_pca", "uap"):
         perturbation = UniversalPerturbation.load(tmp_path / "perturbations" / f"{method}_l2_eps1.pt", (1, 28, 28))
         assert perturbation.metadata["ckpt"] == str(checkpoint) and perturbation.norm == "l2"
-    assert (tmp_path / "figure_l2_eps1.png").stat().st_size > 0
+    assert (tmp_path / "figure_gradient_l2_eps1.png").stat().st_size > 20_000
+    assert (tmp_path / "figure_gradient_l2_eps1.pdf").read_bytes().startswith(b"%PDF")
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert "l2/relative_l2/upi_grad" in events.Tags()["scalars"]
-    assert events.Scalars("l2/relative_l2/upi_grad")[0].step == 1000  # eps in thousandths
-    assert "figure/l2_eps1" in events.Tags()["images"]
+    # the stability metrics of every method, nothing else (counts, spreads, norms stay in report.json)
+    expected = {f"l2/{metric}/{method}" for metric in DASHBOARD_METRICS for method in ALL_METHODS}
+    assert set(events.Tags()["scalars"]) == expected
+    assert events.Scalars("l2/relative_l2/upi_grad")[0].step == 0  # the first (only) eps of l2
+    assert custom_scalar_layout(tmp_path / "tensorboard")["L2: step 0 = ε 1"]["relative_l2"] == [
+        f"l2/relative_l2/{method}" for method in ALL_METHODS
+    ]
+    images = set(events.Tags()["images"])
+    assert {
+        "figure/l2_eps1",
+        *(f"perturbation/{m}/l2_eps1" for m in ("upi_grad", "upi_pca", "random", "uap")),
+    } == images
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -185,10 +198,12 @@ def test_sweep_charts_and_transfer_rows(checkpoint: Path, tmp_path: Path) -> Non
     for row, transferred in zip(report["results"], report["transfer"], strict=True):  # same model: same numbers
         assert transferred["metrics"] == pytest.approx(row["metrics"], rel=1e-6, abs=1e-7)
     table = (tmp_path / "report.md").read_text()
-    assert "## Sweep over l2 eps" in table and "![sweep](sweep_l2.png)" in table and f"`{name}`" in table
+    assert "## Sweep over l2 eps" in table and "![sweep](sweep_gradient_l2.png)" in table and f"`{name}`" in table
     ratio = report["results"][0]["metrics"]["relative_l2"] / report["results"][1]["metrics"]["relative_l2"]
     assert f"({ratio:.2f}x)" in table
-    assert Image.open(tmp_path / "sweep_l2.png").size == (3 * 480 + 4 * 4, 2 * 320 + 3 * 4)  # 3 x 2 charts
+    with Image.open(tmp_path / "sweep_gradient_l2.png") as image:  # 3 x 2 charts of 3.4 x 2.5 in, legend, title
+        assert image.size == (round(3 * 3.4 * FILE_DPI), round((2 * 2.5 + 0.9) * FILE_DPI))
+    assert (tmp_path / "sweep_gradient_l2.pdf").is_file()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert "sweep/l2" in events.Tags()["images"]
@@ -234,7 +249,7 @@ def test_a_rerun_after_an_interruption_fits_only_what_is_missing_and_reports_the
     assert json.loads((tmp_path / "resumed" / "report.json").read_text())["results"] == resumed["results"]
     points = scalar_points(tmp_path / "resumed" / "tensorboard")
     assert points == scalar_points(tmp_path / "whole" / "tensorboard")
-    assert all(steps == [500, 1000] for steps in points.values())  # one point per budget, whatever ran when
+    assert all(steps == [0, 1] for steps in points.values())  # one point per eps, whatever ran when
     assert len(list((tmp_path / "resumed" / "tensorboard").iterdir())) == 1
 
 
@@ -246,7 +261,7 @@ def test_a_rerun_of_a_finished_run_fits_nothing_and_keeps_one_tensorboard_point_
     monkeypatch.setattr(runner, "fit_method", lambda *args, **kwargs: pytest.fail("refitted a saved method"))
     again = attack_main(args)
     assert numbers(again["results"]) == numbers(first["results"])
-    assert all(steps == [1000] for steps in scalar_points(tmp_path / "tensorboard").values())
+    assert all(steps == [0] for steps in scalar_points(tmp_path / "tensorboard").values())
     assert len(list((tmp_path / "tensorboard").iterdir())) == 1
 
 

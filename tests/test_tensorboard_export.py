@@ -8,20 +8,19 @@ import torch
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from upi_lightning.charts import PALETTE, chart_axes
 from upi_lightning.errors import UPIError
-from upi_lightning.tensorboard_export import export_tensorboard, main
+from upi_lightning.plots.style import METHOD_STYLES
+from upi_lightning.tensorboard_export import EXPORT_DPI, export_tensorboard, main, tensorboard_figure
 
 SCALARS = {
     "loss": [(0, 2.0), (10, 1.0), (20, 0.5), (30, 0.25)],
-    "acc": [(0, 0.1), (10, 0.6), (20, 0.8), (30, 0.9)],
-    "lr": [(0, 1e-3), (30, 5e-4)],
+    "upi/upi_grad/relative_l2": [(9, 0.4), (19, 0.5), (29, 0.55)],
+    "upi/random/relative_l2": [(9, 0.3), (19, 0.35), (29, float("nan"))],
+    "upi/upi_grad/n_seen": [(9, 64.0)],  # bookkeeping of an older run
+    "epoch": [(0, 0.0), (30, 1.0)],
+    "hp_metric": [(0, -1.0)],
 }
-SOLID = (17, 201, 99)  # not a palette, grid or text colour
-
-
-def rgb(color: str) -> list[int]:
-    return [int(color[i : i + 2], 16) for i in (1, 3, 5)]
+SOLID = (17, 201, 99)
 
 
 def write_run(folder: Path, scalars: dict[str, list[tuple[int, float]]], image: bool = True) -> None:
@@ -42,64 +41,66 @@ def run(tmp_path: Path) -> Path:
     return folder
 
 
-def read(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        assert image.format == "PNG" and image.mode == "RGB"
-        return np.asarray(image).copy()
+def charts(figure) -> dict:
+    """``{title: {line colour: (x, y)}}`` of the figure's charts (the axes with lines)."""
+    return {
+        ax.get_title(): {line.get_color(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+        for ax in figure.axes
+        if ax.get_lines()
+    }
 
 
-def test_png_follows_the_documented_grid_with_the_solid_image_below(run: Path, tmp_path: Path) -> None:
+def legend_texts(figure) -> list[str]:
+    """The entries of the one legend of the figure (drawn in the part that holds the charts)."""
+    (legend,) = [legend for part in (figure, *figure.subfigs) for legend in part.legends]
+    return [text.get_text() for text in legend.get_texts()]
+
+
+def test_methods_share_one_chart_per_metric_and_bookkeeping_is_left_out(run: Path) -> None:
+    figure = tensorboard_figure(run, columns=2)
+    drawn = charts(figure)
+    assert list(drawn) == ["loss", "upi/relative_l2"]  # not epoch, hp_metric or n_seen; one chart for both methods
+    upi = sorted(drawn["upi/relative_l2"].values(), key=len)
+    assert [x for x, _ in upi] == [[9, 19], [9, 19, 29]]  # random without its NaN, upi_grad
+    assert [y for _, y in upi] == [pytest.approx([0.3, 0.35]), pytest.approx([0.4, 0.5, 0.55])]
+    assert legend_texts(figure) == ["version_0", "random", "upi_grad"]
+    assert set(drawn["upi/relative_l2"]) == {METHOD_STYLES["random"][0], METHOD_STYLES["upi_grad"][0]}
+    (solid,) = [ax for ax in figure.axes if ax.get_title() == "solid"]  # the last image, below the charts
+    np.testing.assert_array_equal(solid.images[0].get_array(), np.full((8, 8, 3), SOLID, dtype=np.uint8))
+    figure.canvas.draw()
+    assert solid.get_window_extent().y1 < min(ax.get_window_extent().y0 for ax in figure.axes if ax.get_lines())
+
+
+def test_the_file_is_a_readable_png_pdf_or_svg(run: Path, tmp_path: Path) -> None:
     out = export_tensorboard(run, tmp_path / "out" / "tb.png", columns=2)
-    assert out == tmp_path / "out" / "tb.png" and out.is_file()
-    pixels = read(out)
-    # 3 scalar tags in 2 columns: a 2 x 2 grid of 480 x 320 charts (the last slot empty); below it an
-    # 8-pixel gap, a 16-pixel label strip, the 8 x 8 image upscaled x14 to 112 x 112 and a last 8-pixel gap
-    assert pixels.shape == (2 * 320 + 8 + 16 + 112 + 8, 2 * 480, 3)
-    # each chart frames its plotting box in black: 64 px left margin, 28 top, 16 right, 40 bottom
-    frames = []
-    for row in range(2):
-        for column in range(2):
-            left, top = column * 480, row * 320
-            edge = pixels[top + 100 : top + 200, left + 64]  # a stretch of the box's left side
-            frames.append(bool((edge == 0).all()))
-    assert frames == [True, True, True, False]
-    assert (pixels[320:640, 480:960] == 255).all()  # the empty grid slot stays white
-    # the last logged image, in its solid colour, where the layout puts it (the older black one is not shown)
-    solid = (pixels == SOLID).all(axis=2)
-    assert solid.sum() == 112 * 112
-    assert solid[640 + 8 + 16 : 640 + 8 + 16 + 112, 0:112].all()
+    assert out == tmp_path / "out" / "tb.png"
+    width, height = tensorboard_figure(run, columns=2).get_size_inches() * EXPORT_DPI
+    with Image.open(out) as image:
+        assert image.format == "PNG" and abs(image.size[0] - width) < 1 and abs(image.size[1] - height) < 1
+    assert 20_000 < out.stat().st_size < 2_000_000
+    assert export_tensorboard(run, tmp_path / "tb.pdf").read_bytes().startswith(b"%PDF")
+    assert b"<svg" in export_tensorboard(run, tmp_path / "tb.svg").read_bytes()[:1000]
+    with pytest.raises(UPIError, match=r"must end in \.png, \.pdf or \.svg, got tb\.jpg"):
+        export_tensorboard(run, tmp_path / "tb.jpg")
 
 
-def test_images_only_make_a_png_as_wide_as_the_widest_image(run: Path, tmp_path: Path) -> None:
-    pixels = read(export_tensorboard(run, tmp_path / "tb.png", scalar_tags=[]))
-    assert pixels.shape[:2] == (8 + 16 + 112 + 8, 112)
-    assert (pixels == SOLID).all(axis=2).sum() == 112 * 112
+def test_chosen_tags_keep_their_order_even_bookkeeping(run: Path) -> None:
+    figure = tensorboard_figure(run, scalar_tags=["upi/upi_grad/n_seen", "loss"], image_tags=[])
+    assert list(charts(figure)) == ["upi/n_seen", "loss"]
+    assert not any(ax.images for ax in figure.axes)
+    images_only = tensorboard_figure(run, scalar_tags=[])
+    assert [ax.get_title() for ax in images_only.axes] == ["solid"]
 
 
-def test_each_scalar_is_drawn_where_the_chart_axes_put_it(run: Path, tmp_path: Path) -> None:
-    pixels = read(export_tensorboard(run, tmp_path / "tb.png", columns=3))
-    assert pixels.shape[:2] == (320 + 8 + 16 + 112 + 8, 3 * 480)
-    for index, tag in enumerate(sorted(SCALARS)):  # default: every tag, sorted
-        axes = chart_axes({"version_0": SCALARS[tag]}, (480, 320))
-        for step, value in SCALARS[tag]:
-            column, row = axes.pixel(step, value)
-            assert pixels[round(row), 480 * index + round(column)].tolist() == rgb(PALETTE[0]), (tag, step)
-
-
-def test_chosen_tags_keep_their_order_and_several_runs_get_one_series_each(tmp_path: Path) -> None:
-    write_run(tmp_path / "a", {"loss": [(0, 1.0), (10, 0.5)]}, image=False)
-    write_run(tmp_path / "b", {"loss": [(0, 0.8), (10, 0.2)], "acc": [(0, 0.5), (10, 0.7)]}, image=False)
-    pixels = read(export_tensorboard(tmp_path, tmp_path / "tb.png", scalar_tags=["loss", "acc"], columns=1))
-    assert pixels.shape[:2] == (2 * 320, 480)
-    series = {"a": [(0, 1.0), (10, 0.5)], "b": [(0, 0.8), (10, 0.2)]}  # runs sorted by folder name
-    axes = chart_axes(series, (480, 320))
-    for index, points in enumerate(series.values()):
-        for step, value in points:
-            column, row = axes.pixel(step, value)
-            assert pixels[round(row), round(column)].tolist() == rgb(PALETTE[index]), (index, step)
-    acc = chart_axes({"b": [(0, 0.5), (10, 0.7)]}, (480, 320))
-    column, row = acc.pixel(10, 0.7)
-    assert pixels[320 + round(row), round(column)].tolist() == rgb(PALETTE[0])
+def test_several_runs_get_one_series_each(tmp_path: Path) -> None:
+    write_run(tmp_path / "a", {"loss": [(0, 1.0), (10, 0.5)], "upi/random/spearman": [(0, 0.9)]}, image=False)
+    write_run(tmp_path / "b", {"loss": [(0, 0.8), (10, 0.2)], "acc": [(0, 0.5), (10, 0.7)]}, image=True)
+    figure = tensorboard_figure(tmp_path, columns=1)
+    drawn = charts(figure)
+    assert list(drawn) == ["acc", "loss", "upi/spearman"]
+    assert sorted(y for _, y in drawn["loss"].values()) == [pytest.approx([0.8, 0.2]), pytest.approx([1.0, 0.5])]
+    assert legend_texts(figure) == ["b", "a", "random · a"]
+    assert [ax.get_title() for ax in figure.axes if ax.images] == ["solid (b)"]
 
 
 def test_a_folder_without_event_files_is_refused(tmp_path: Path) -> None:
@@ -112,19 +113,23 @@ def test_a_folder_without_event_files_is_refused(tmp_path: Path) -> None:
 
 
 def test_unknown_tags_are_refused_with_the_available_ones(run: Path, tmp_path: Path) -> None:
-    with pytest.raises(UPIError, match=r"Unknown scalar tag\(s\) nope in .*; available scalar tags: acc, loss, lr\."):
+    available = "epoch, hp_metric, loss, upi/random/relative_l2, upi/upi_grad/n_seen, upi/upi_grad/relative_l2"
+    with pytest.raises(UPIError, match=rf"Unknown scalar tag\(s\) nope in .*; available scalar tags: {available}\."):
         export_tensorboard(run, tmp_path / "tb.png", scalar_tags=["loss", "nope"])
     with pytest.raises(UPIError, match=r"Unknown image tag\(s\) figure in .*; available image tags: solid\."):
         export_tensorboard(run, tmp_path / "tb.png", image_tags=["figure"])
     with pytest.raises(UPIError, match="Nothing to export"):
         export_tensorboard(run, tmp_path / "tb.png", scalar_tags=[], image_tags=[])
+    with pytest.raises(UPIError, match="columns must be at least 1"):
+        export_tensorboard(run, tmp_path / "tb.png", columns=0)
     assert not (tmp_path / "tb.png").exists()
 
 
 def test_command_line(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = main([str(run), str(tmp_path / "tb.png"), "--scalars", "loss", "--images", "solid", "--columns", "2"])
-    assert read(out).shape[:2] == (320 + 8 + 16 + 112 + 8, 480)
+    assert out.is_file() and f"Wrote {out}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main([str(run), str(tmp_path / "other.png"), "--scalars", "nope"])
     assert exit_info.value.code == 2
-    assert "error: Unknown scalar tag(s) nope" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: Unknown scalar tag(s) nope") and err.count("\n") == 1

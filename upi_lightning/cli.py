@@ -1,11 +1,12 @@
 """The ``train.py`` command line: LightningCLI with the project's defaults.
 
 ``UPILightningCLI`` links the data module's statistics (classes, image shape, mean/std) into the
-model, defaults to a TensorBoard logger under ``runs/`` and always adds two ``ModelCheckpoint``
-callbacks: ``checkpoint`` keeps the best by validation accuracy, ``last_checkpoint`` keeps the latest
-state as ``last.ckpt`` (every epoch, or every ``--last_checkpoint.every_n_train_steps`` steps, from
-the first step on: it monitors nothing, so it never waits for a validation). User errors
-(:class:`UPIError`) are printed as one line instead of a traceback.
+model, defaults to a TensorBoard logger under ``runs/`` (without Lightning's placeholder ``hp_metric``)
+and always adds two ``ModelCheckpoint`` callbacks: ``checkpoint`` keeps the best by validation
+accuracy, ``last_checkpoint`` keeps the latest state as ``last.ckpt`` (every epoch, or every
+``--last_checkpoint.every_n_train_steps`` steps, from the first step on: it monitors nothing, so it
+never waits for a validation). User errors (:class:`UPIError`) are printed as one line instead of a
+traceback.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "default"},
+        "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
     },
 }
 

@@ -7,17 +7,21 @@ e.g. ``fabric.all_reduce`` or ``trainer.strategy.reduce``), which is :func:`iden
 from __future__ import annotations
 
 import atexit
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from upi_lightning.errors import UPIError
 
 Reduce = Callable[[Tensor], Tensor]
 """Sums a tensor over the processes (every process gets the sum)."""
+Batch = tuple[Tensor, Tensor]
+"""Images and their labels."""
 
 
 def identity(tensor: Tensor) -> Tensor:
@@ -93,3 +97,31 @@ class ShardedBatches:
         for x, y in self.loader:
             if len(x) >= self.world_size:
                 yield x[self.rank :: self.world_size], y[self.rank :: self.world_size]
+
+
+def shard_batches(
+    dataset: Dataset[Any],
+    num_batches: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> list[Batch]:
+    """This process's part of the first ``num_batches`` global batches of a map-style ``(image, label)`` dataset.
+
+    Global batch ``b`` holds samples ``b * batch_size`` to ``(b + 1) * batch_size - 1`` in order; process
+    ``rank`` takes its :class:`~upi_lightning.distributed.ShardedBatches` part of each (every
+    ``world_size``-th sample from ``rank`` on; a last batch of fewer than ``world_size`` samples is
+    dropped), moved to ``device``.
+
+    Raises:
+        UPIError: if ``dataset`` is not a sized map-style dataset or holds fewer than ``world_size`` samples.
+    """
+    if not isinstance(dataset, Sized) or not hasattr(dataset, "__getitem__"):
+        raise UPIError(f"the attack needs a map-style dataset with a length, got {type(dataset).__name__}.")
+    head = Subset(dataset, range(min(len(dataset), num_batches * batch_size)))
+    shards = ShardedBatches(DataLoader(head, batch_size=batch_size), rank, world_size)
+    batches = [(x.to(device), y.to(device)) for x, y in shards]
+    if not batches:
+        raise UPIError(f"the attack data has {len(dataset)} samples, fewer than the {world_size} processes.")
+    return batches

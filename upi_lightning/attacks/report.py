@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from upi_lightning.attacks.run_folder import figure_name, sweep_name
+from upi_lightning.attacks.settings import Budget
+
 TABLE_METRICS = ("relative_l2", "topk_intersection", "spearman", "kendall", "com_shift", "flip_rate")
 
 
@@ -23,9 +26,10 @@ def machine_description(device: torch.device, processes: int = 1) -> str:
 
 
 def markdown_report(report: dict[str, Any]) -> str:
-    """The results as Markdown: one table per budget, random's mean ± std, each UPI's ratio to random."""
+    """The results as Markdown: one table per budget, random's mean ± std, each UPI's ratio to random, figures."""
     lines = ["# UPI attack report", ""]
     description = report["description"]
+    saliency = report["settings"]["saliency"]["method"]
     lines.append(
         f"Model: `{description.get('model', '?')}`; data: `{description.get('data', '?')}`; saliency: "
         f"`{report['settings']['saliency']['method']}` ({report['settings']['saliency']['score']}); "
@@ -46,8 +50,9 @@ def markdown_report(report: dict[str, Any]) -> str:
                 cells.append(f"{metrics[name]:.4f}" + (f" ± {std:.4f}" if std is not None else ""))
             ratio = f"{metrics['relative_l2'] / random_l2:.2f}x" if random_l2 else "-"
             lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {ratio} | {row['fit_seconds']:.1f} |")
+        lines += ["", f"![maps]({figure_name(saliency, Budget(norm, eps))}.png)"]
     lines += ["", "Per-sample time is the whole per-sample attack on the evaluated samples."]
-    lines += sweep_tables(report["results"]) + transfer_tables(report.get("transfer", []))
+    lines += sweep_tables(report["results"], saliency) + transfer_tables(report.get("transfer", []))
     return "\n".join([*lines, ""])
 
 
@@ -73,14 +78,15 @@ def method_table(rows: list[dict[str, Any]], column: str, values: list[Any], lab
     return lines
 
 
-def sweep_tables(results: list[dict[str, Any]]) -> list[str]:
-    """Markdown: for each norm attacked at several eps, relative L2 (ratio to random) per method and eps."""
+def sweep_tables(results: list[dict[str, Any]], saliency: str) -> list[str]:
+    """Markdown: for each norm attacked at several eps, its sweep figure and relative L2 (ratio to random)."""
     lines: list[str] = []
     for norm in dict.fromkeys(row["norm"] for row in results):
         rows = [row for row in results if row["norm"] == norm]
         epsilons = list(dict.fromkeys(row["eps"] for row in rows))
         if len(epsilons) > 1:
-            lines += ["", f"## Sweep over {norm} eps: relative L2 (ratio to random)", "", f"![sweep](sweep_{norm}.png)"]
+            lines += ["", f"## Sweep over {norm} eps: relative L2 (ratio to random)"]
+            lines += ["", f"![sweep]({sweep_name(saliency, norm)}.png)"]
             lines += ["", *method_table(rows, "eps", epsilons, lambda eps: f"eps {eps:g}")]
     return lines
 

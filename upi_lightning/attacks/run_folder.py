@@ -7,7 +7,8 @@ difference, so a folder never mixes two runs.
 
 Each (budget, method) result is saved to ``results/<method>_<norm>_eps<eps>.json`` as soon as it is
 evaluated (after its perturbation file in ``perturbations/``): the result row and its transfer rows. A
-resumed run reads them instead of fitting again.
+resumed run reads them instead of fitting again. The figures drawn at the end are named after the
+saliency method, the norm and the eps: :func:`figure_name`, :func:`sweep_name`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ def first_difference(saved: Any, current: Any, where: str = "") -> str | None:
                 return found
         return None
     return None if saved == current else f"{where or 'run'}: {short(saved)} there, {short(current)} now"
+
+
+def figure_name(saliency: str, budget: Budget) -> str:
+    """File name, without suffix, of the maps figure of ``budget``, e.g. ``figure_gradient_l2_eps1``."""
+    return f"figure_{saliency}_{budget.tag}"
+
+
+def sweep_name(saliency: str, norm: str) -> str:
+    """File name, without suffix, of the sweep over the eps of ``norm``, e.g. ``sweep_gradient_l2``."""
+    return f"sweep_{saliency}_{norm}"
 
 
 class RunFolder:

@@ -8,9 +8,10 @@ samples, maps of the original model), and writes into the output folder:
 * ``run.json`` first: the run's identity (:class:`~upi_lightning.attacks.run_folder.RunFolder`);
 * ``perturbations/<method>_<norm>_eps<eps>.pt`` (:class:`~upi_lightning.perturbation.UniversalPerturbation`)
   and ``results/<method>_<norm>_eps<eps>.json`` (its result and transfer rows), as each method completes;
-* at the end, from every saved result: ``figure_<norm>_eps<eps>.png`` (clean images, their maps, the
-  perturbed maps and the perturbations), ``sweep_<norm>.png``, ``tensorboard/`` (every metric as a
-  scalar, step = eps in thousandths so curves run along eps, and the figures and perturbations as
+* at the end, from every saved result: ``figure_<saliency>_<norm>_eps<eps>.png`` and ``.pdf`` (clean
+  images, their maps, the perturbed maps and the perturbations), the sweeps
+  (:mod:`~upi_lightning.attacks.visuals`), ``tensorboard/`` (the stability metrics at the eps index of
+  each norm, one chart per metric overlaying the methods, and the figures and perturbations as
   images), then ``report.json`` and ``report.md``.
 
 Every file is written atomically, so an interrupted run leaves complete files or none; rerunning it
@@ -31,7 +32,6 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid
 
 from upi_lightning.attacks.baselines import random_universal
 from upi_lightning.attacks.engine import Batches, UPIFitResult
@@ -42,17 +42,24 @@ from upi_lightning.attacks.evaluate import (
     maps_under_perturbations,
 )
 from upi_lightning.attacks.methods import fit_method, per_sample_deltas
-from upi_lightning.attacks.report import TABLE_METRICS, machine_description, markdown_report
-from upi_lightning.attacks.run_folder import RunFolder
+from upi_lightning.attacks.report import machine_description, markdown_report
+from upi_lightning.attacks.run_folder import RunFolder, figure_name
 from upi_lightning.attacks.settings import AttackSettings, Budget, MethodName
-from upi_lightning.charts import line_chart
+from upi_lightning.attacks.visuals import log_metrics, write_sweeps
 from upi_lightning.distributed import Processes, ShardedBatches
 from upi_lightning.errors import UPIError
 from upi_lightning.eta import TimeLeft
-from upi_lightning.figures import perturbation_image, saliency_figure, save_png
 from upi_lightning.io import atomic_write_json, atomic_write_text
 from upi_lightning.model_modes import model_device
 from upi_lightning.perturbation import UniversalPerturbation
+from upi_lightning.plots import (
+    budget_label,
+    budget_title,
+    figure_image,
+    perturbation_figure,
+    saliency_figure,
+    save_figure,
+)
 
 Perturbation = Tensor | PerSampleDeltas | list[Tensor]
 """What a method evaluates: a universal delta, per-sample deltas of each batch, or random draws."""
@@ -294,34 +301,12 @@ class AttackRun:
         ``tensorboard/`` is emptied first, so a resumed run logs one point per tag and step, like a run
         that was never interrupted.
         """
+        model, saliency = str(self.description.get("model", "model")), self.settings.saliency.method
         with SummaryWriter(str(self.folder.fresh_tensorboard())) as writer:
             for budget in self.settings.budgets:
                 self.write_figure(budget, images, labels, self.universal_deltas(budget), writer)
-            for row in results:
-                step = round(row["eps"] * 1000)
-                for metric, value in row["metrics"].items():
-                    writer.add_scalar(f"{row['norm']}/{metric}/{row['method']}", value, global_step=step)
-            self.write_sweeps(results, writer)
-
-    def write_sweeps(self, results: list[dict[str, Any]], writer: SummaryWriter) -> None:
-        """For each norm attacked at several eps: every table metric against eps, one curve per method.
-
-        Written as ``sweep_<norm>.png`` (a grid of charts) and as the ``sweep/<norm>`` TensorBoard image.
-        """
-        for norm in dict.fromkeys(row["norm"] for row in results):
-            rows = [row for row in results if row["norm"] == norm]
-            if len({row["eps"] for row in rows}) < 2:
-                continue
-            charts = []
-            for metric in TABLE_METRICS:
-                series = {
-                    method: [(row["eps"], row["metrics"][metric]) for row in rows if row["method"] == method]
-                    for method in dict.fromkeys(row["method"] for row in rows)
-                }
-                charts.append(line_chart(series, f"{metric} ({norm})", "eps", metric))
-            grid = make_grid(torch.stack(charts), nrow=3, padding=4, pad_value=1.0)
-            save_png(grid, self.output / f"sweep_{norm}.png")
-            writer.add_image(f"sweep/{norm}", grid)
+            log_metrics(writer, results)
+            write_sweeps(writer, self.output, results, model, saliency)
 
     def write_figure(
         self,
@@ -331,12 +316,14 @@ class AttackRun:
         deltas: dict[str, Tensor],
         writer: SummaryWriter,
     ) -> None:
-        """PNG and TensorBoard figure of the maps before and after each universal perturbation."""
+        """PNG, PDF and TensorBoard figure of the maps before and after each universal perturbation."""
         maps = self.settings.evaluation_maps()
         clean, perturbed = maps_under_perturbations(self.model, images, labels, deltas, maps)
+        model, saliency = str(self.description.get("model", "model")), self.settings.saliency.method
         for name, delta in deltas.items():
-            writer.add_image(f"perturbation/{name}/{budget.tag}", perturbation_image(delta.cpu()))
+            figure = perturbation_figure(delta.cpu(), f"{name} · {budget_label(budget.norm, budget.eps)}")
+            writer.add_image(f"perturbation/{name}/{budget.tag}", figure_image(figure))
         rows = [(name, perturbed[name], delta) for name, delta in deltas.items()]
-        figure = saliency_figure(images.cpu(), clean, rows)
-        save_png(figure, self.output / f"figure_{budget.tag}.png")
-        writer.add_image(f"figure/{budget.tag}", figure)
+        figure = saliency_figure(images.cpu(), clean, rows, budget_title(model, saliency, budget.norm, budget.eps))
+        save_figure(figure, self.output / figure_name(saliency, budget))
+        writer.add_image(f"figure/{budget.tag}", figure_image(figure))

@@ -1,4 +1,4 @@
-"""``SaliencyMonitor``: a TensorBoard grid of fixed validation images and their saliency maps."""
+"""``SaliencyMonitor``: a TensorBoard figure of fixed validation images and their saliency maps."""
 
 from __future__ import annotations
 
@@ -8,26 +8,28 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
 from torch import Tensor
-from torchvision.utils import make_grid
 from typing_extensions import override
 
 from upi_lightning.attacks.settings import as_settings
 from upi_lightning.callbacks.steps import epoch_metrics_step
 from upi_lightning.errors import UPIError
+from upi_lightning.plots import budget_title, figure_image, saliency_figure
 from upi_lightning.saliency import SaliencySettings
 
 
 class SaliencyMonitor(Callback):
-    """Log a grid of fixed validation images (top row) and their saliency maps (bottom row) to TensorBoard.
+    """Log a figure of fixed validation images (top row) and their saliency maps (bottom row) to TensorBoard.
 
     The first ``num_images`` images of the validation loader (of the first dataloader, on each
     process) are captured the first time validation runs outside the sanity check, and kept (on the
     module's device, and in checkpoints) so every grid shows the same images. Every
     ``every_n_epochs``-th validation epoch, global rank 0 computes their maps with
     :meth:`upi_lightning.saliency.SaliencySettings.maps` (model in eval mode, its mode restored) and adds the
-    grid to every :class:`~lightning.pytorch.loggers.TensorBoardLogger` under ``tag``. Each map is
-    shown rescaled to a maximum of 1 (white). Works with any module whose forward returns logits.
+    figure (:func:`~upi_lightning.plots.saliency_figure`: the maps on one colour scale, from 0 to their
+    largest value, with a colour bar) to every :class:`~lightning.pytorch.loggers.TensorBoardLogger` under
+    ``tag``. Works with any module whose forward returns logits.
 
     Args:
         num_images: how many validation images to show.
@@ -86,7 +88,7 @@ class SaliencyMonitor(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Log the image / saliency grid every ``every_n_epochs`` epochs (skipped in the sanity check)."""
+        """Log the image / saliency figure every ``every_n_epochs`` epochs (skipped in the sanity check)."""
         if (
             trainer.sanity_checking
             or self.images is None
@@ -97,22 +99,21 @@ class SaliencyMonitor(Callback):
         loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
         if not loggers:
             return
-        grid = self.make_grid(pl_module)
+        image = figure_image(self.make_figure(pl_module, f"epoch {trainer.current_epoch}"))
         for logger in loggers:
-            logger.experiment.add_image(self.tag, grid, global_step=epoch_metrics_step(trainer))
+            logger.experiment.add_image(self.tag, image, global_step=epoch_metrics_step(trainer))
 
-    def make_grid(self, pl_module: LightningModule) -> Tensor:
-        """Return the ``(3, H', W')`` grid: inputs on the first row, their saliency maps on the second."""
+    def make_figure(self, pl_module: LightningModule, moment: str = "") -> Figure:
+        """The figure: the images on the first row, their saliency maps on the second; ``moment`` ends the title."""
         if self.images is None:
             raise UPIError("SaliencyMonitor has no images yet: run a validation epoch first.")
         images = self.images.to(pl_module.device)
         self.images = images
         labels = None if self.labels is None else self.labels.to(pl_module.device)
         maps = self.saliency.maps(pl_module, images, labels)
-        peak = maps.flatten(1).amax(dim=1).view(-1, 1, 1, 1)
-        maps = maps[:, None] / torch.where(peak > 0, peak, torch.ones_like(peak))
-        rows = torch.cat([_to_rgb(images.clamp(0, 1)), _to_rgb(maps.to(images.dtype))])
-        return make_grid(rows.detach().float().cpu(), nrow=len(images), pad_value=0.5)
+        title = budget_title(str(pl_module.hparams.get("arch", type(pl_module).__name__)), self.saliency.method)
+        title = f"{title} · {moment}" if moment else title
+        return saliency_figure(images.detach().cpu(), maps.detach().cpu(), [], title, samples_in_columns=True)
 
     @property
     @override
@@ -142,10 +143,3 @@ def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
         f"SaliencyMonitor expects validation batches to be an image tensor or (images, labels, ...), got "
         f"{type(batch).__name__}."
     )
-
-
-def _to_rgb(images: Tensor) -> Tensor:
-    """Three-channel version of ``(N, C, H, W)`` images: grey images repeated, others averaged to grey."""
-    if images.shape[1] == 3:
-        return images
-    return images.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence, Sized
+from collections.abc import Sequence
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -13,8 +13,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from matplotlib.figure import Figure
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 from typing_extensions import override
 
 from upi_lightning.attacks.baselines import random_universal
@@ -24,12 +25,13 @@ from upi_lightning.attacks.methods import fit_method
 from upi_lightning.attacks.runner import figure_batch
 from upi_lightning.attacks.settings import Budget, MethodSettings, UPIGradSettings, UPIPCASettings, as_settings
 from upi_lightning.callbacks.steps import epoch_metrics_step
-from upi_lightning.distributed import Reduce, ShardedBatches, destroy_process_group_at_exit
+from upi_lightning.distributed import Reduce, destroy_process_group_at_exit, shard_batches
 from upi_lightning.errors import UPIError
-from upi_lightning.figures import perturbation_image, saliency_figure
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
 from upi_lightning.perturbation import UniversalPerturbation
+from upi_lightning.plots import budget_label, budget_title, figure_image, perturbation_figure, saliency_figure
 from upi_lightning.saliency import SaliencySettings
+from upi_lightning.tensorboard_layout import DASHBOARD_METRICS, Layout, dashboard_metrics, overlay_layout
 from upi_lightning.threat import Norm
 
 Batch = tuple[Tensor, Tensor]
@@ -40,6 +42,8 @@ CALLBACK_METHODS: tuple[str, ...] = get_args(CallbackMethod)
 AttackStage = Literal["fit", "validate", "test"]
 ATTACK_STAGES: tuple[str, ...] = get_args(AttackStage)
 STAGE_PREFIX = {"fit": "", "validate": "val/", "test": "test/"}
+LOGGED = (*DASHBOARD_METRICS, "fit_seconds")
+"""What UPIAttack logs of each method."""
 
 
 class UPIAttack(Callback):
@@ -57,13 +61,15 @@ class UPIAttack(Callback):
     of ``batch_size`` samples of the datamodule's ``attack_fit_dataloader()`` dataset and evaluated with
     :func:`~upi_lightning.attacks.evaluate.evaluate_perturbation` (maps of the model itself) on the first
     ``eval_batches`` batches of its ``attack_eval_dataloader()`` dataset (any
-    :class:`~upi_lightning.data.ImageDataModule` has both). Every metric is logged with ``self.log`` as
-    ``upi/<method>/<metric>`` (``val/upi/...`` in ``validate``, ``test/upi/...`` in ``test``), plus the
-    fit time ``fit_seconds``; TensorBoard gets each perturbation as the image ``upi/<method>/delta``
-    and a figure ``upi/figure`` (clean images, clean maps, the maps under each perturbation); global rank
-    0 saves each perturbation (:class:`~upi_lightning.perturbation.UniversalPerturbation`, atomic write,
-    evaluation metrics in its metadata) to
-    ``<trainer.log_dir>/upi/<method>_<norm>_eps<eps>_<stage>-epoch<E>-step<S>.pt``.
+    :class:`~upi_lightning.data.ImageDataModule` has both). The stability metrics
+    (:data:`~upi_lightning.tensorboard_layout.DASHBOARD_METRICS`) and ``fit_seconds`` are logged with
+    ``self.log`` as ``upi/<method>/<metric>`` (``val/upi/...`` in ``validate``, ``test/upi/...`` in
+    ``test``), the counts kept in :attr:`metrics`. TensorBoard gets one chart per metric overlaying the
+    methods (a custom-scalars layout, written in ``setup`` by the trainer's first ``UPIAttack`` for all),
+    each perturbation as the image ``upi/<method>/delta`` and the figure ``upi/figure`` (clean images and
+    maps, the maps under each perturbation on one colour scale, the perturbations); global rank 0 saves
+    each perturbation (:class:`~upi_lightning.perturbation.UniversalPerturbation`, metrics in its
+    metadata) to ``<trainer.log_dir>/upi/<method>_<norm>_eps<eps>_<stage>-epoch<E>-step<S>.pt``.
     ``upi`` is ``prefix``: give each instance its own when attacking several budgets.
 
     **Several processes.** ``batch_size`` is the global batch: process ``r`` of ``W`` takes samples
@@ -197,6 +203,14 @@ class UPIAttack(Callback):
         destroy_process_group_at_exit()  # DDP on the CPU: a clean exit for gloo
         if stage not in self.stages:
             return
+        attacks = [callback for callback in trainer.callbacks if isinstance(callback, UPIAttack)]  # type: ignore[attr-defined]
+        if trainer.is_global_zero and attacks[0] is self:  # one layout per run, so the first writes all
+            layout: Layout = {}
+            for attack in attacks:
+                layout |= attack.layout()
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_custom_scalars(layout)
         self.attack_datasets(trainer)
         if self.batch_size < trainer.world_size:
             raise UPIError(
@@ -228,6 +242,15 @@ class UPIAttack(Callback):
         """Attack once at the end of ``trainer.test``."""
         if "test" in self.stages:
             self.run(trainer, pl_module, "test")
+
+    def layout(self) -> Layout:
+        """This attack's custom-scalars categories: one per stage, a chart per logged metric overlaying the methods."""
+        layout: Layout = {}
+        for stage in self.stages:
+            tag = f"{STAGE_PREFIX[stage]}{self.prefix}"
+            category = f"{tag}: {budget_label(self.budget.norm, self.budget.eps)} ({stage})"
+            layout |= overlay_layout(category, tag + "/{method}/{metric}", self.methods, LOGGED)
+        return layout
 
     def fit_due(self, trainer: Trainer) -> bool:
         """Whether the training epoch that just ended is to be attacked (and was not yet)."""
@@ -284,7 +307,8 @@ class UPIAttack(Callback):
                 results[method]["fit_seconds"] = seconds
                 self.deltas[method] = delta.detach().cpu()
             if trainer.is_global_zero and self.num_images > 0:
-                figure = self.figure(pl_module, eval_batches)
+                moment = f"{stage}, epoch {trainer.current_epoch}, step {trainer.global_step}"
+                figure = self.figure(pl_module, eval_batches, moment)
         self.metrics = results
         self.attacks += 1
         self.global_step = trainer.global_step
@@ -292,7 +316,7 @@ class UPIAttack(Callback):
             self.fit_epoch = trainer.current_epoch
         tag = f"{STAGE_PREFIX[stage]}{self.prefix}"
         for name, metrics in results.items():
-            for metric, value in metrics.items():
+            for metric, value in dashboard_metrics(metrics, ("fit_seconds",)).items():
                 # identical on every rank (fit_seconds aside): sync_dist only averages away Lightning's warning
                 pl_module.log(f"{tag}/{name}/{metric}", value, sync_dist=True)
         if trainer.is_global_zero:
@@ -309,14 +333,20 @@ class UPIAttack(Callback):
         init: Init | Tensor = "random" if previous is None else previous
         return fit_method(method, model, batches, self.budget, self.settings, reduce=reduce, init=init).delta
 
-    def figure(self, pl_module: LightningModule, batches: list[Batch]) -> Tensor | None:
-        """The figure of the first ``num_images`` correctly classified held-out images (``None`` if none)."""
+    def figure(self, pl_module: LightningModule, batches: list[Batch], moment: str = "") -> Figure | None:
+        """The figure of the first ``num_images`` correctly classified held-out images (``None`` if none).
+
+        Its title names the model, the saliency method, the budget and ``moment`` (e.g. the epoch).
+        """
         images, labels = figure_batch(pl_module, batches, self.num_images)
         if len(images) == 0:
             return None
         deltas: dict[str, Tensor] = {name: self.deltas[name] for name in self.methods}
         clean, perturbed = maps_under_perturbations(pl_module, images, labels, deltas, self.settings.saliency)
-        return saliency_figure(images.cpu(), clean, [(name, perturbed[name], delta) for name, delta in deltas.items()])
+        model = str(pl_module.hparams.get("arch", type(pl_module).__name__))
+        title = budget_title(model, self.settings.saliency.method, self.budget.norm, self.budget.eps)
+        rows = [(name, perturbed[name], delta) for name, delta in deltas.items()]
+        return saliency_figure(images.cpu(), clean, rows, f"{title} · {moment}" if moment else title)
 
     def write(
         self,
@@ -325,16 +355,21 @@ class UPIAttack(Callback):
         stage: AttackStage,
         tag: str,
         folder: Path | None,
-        figure: Tensor | None,
+        figure: Figure | None,
     ) -> None:
         """Rank 0: add the images to TensorBoard and save the perturbations (no collective in here)."""
         shown = epoch_metrics_step(trainer)  # beside the scalars of this attack
+        budget = budget_label(self.budget.norm, self.budget.eps)
+        images = {
+            f"{tag}/{method}/delta": perturbation_figure(self.deltas[method], f"{method} · {budget}")
+            for method in self.methods
+        }
+        if figure is not None:
+            images[f"{tag}/figure"] = figure
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                for method in self.methods:
-                    logger.experiment.add_image(f"{tag}/{method}/delta", perturbation_image(self.deltas[method]), shown)
-                if figure is not None:
-                    logger.experiment.add_image(f"{tag}/figure", figure, shown)
+                for name, image in images.items():
+                    logger.experiment.add_image(name, figure_image(image), shown)
         if folder is None:
             return
         step = trainer.global_step  # optimizer steps taken, as in Lightning's checkpoint names
@@ -354,34 +389,6 @@ class UPIAttack(Callback):
             }
             perturbation = UniversalPerturbation(self.deltas[method], self.budget.norm, self.budget.eps, metadata)
             perturbation.save(folder / f"{method}_{self.budget.tag}_{suffix}.pt")
-
-
-def shard_batches(
-    dataset: Dataset[Any],
-    num_batches: int,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    device: torch.device | str = "cpu",
-) -> list[Batch]:
-    """This process's part of the first ``num_batches`` global batches of a map-style ``(image, label)`` dataset.
-
-    Global batch ``b`` holds samples ``b * batch_size`` to ``(b + 1) * batch_size - 1`` in order; process
-    ``rank`` takes its :class:`~upi_lightning.distributed.ShardedBatches` part of each (every
-    ``world_size``-th sample from ``rank`` on; a last batch of fewer than ``world_size`` samples is
-    dropped), moved to ``device``.
-
-    Raises:
-        UPIError: if ``dataset`` is not a sized map-style dataset or holds fewer than ``world_size`` samples.
-    """
-    if not isinstance(dataset, Sized) or not hasattr(dataset, "__getitem__"):
-        raise UPIError(f"UPIAttack needs a map-style dataset with a length, got {type(dataset).__name__}.")
-    head = Subset(dataset, range(min(len(dataset), num_batches * batch_size)))
-    shards = ShardedBatches(DataLoader(head, batch_size=batch_size), rank, world_size)
-    batches = [(x.to(device), y.to(device)) for x, y in shards]
-    if not batches:
-        raise UPIError(f"UPIAttack: the dataset has {len(dataset)} samples, fewer than the {world_size} processes.")
-    return batches
 
 
 def _last_epoch(trainer: Trainer) -> bool:
