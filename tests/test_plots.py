@@ -215,6 +215,14 @@ def test_dashboard_figure_puts_images_under_the_charts() -> None:
     assert titled["solid"].get_window_extent().y1 < titled["loss"].get_window_extent().y0
     images_only = dashboard_figure({}, {"solid": solid}, "tb", "step")
     assert [ax.get_title() for ax in images_only.axes] == ["solid"]
+    wide = np.zeros((300, 3000, 3), dtype=np.uint8)  # 20 in at 150 dpi: shrunk to the charts' width, a row alone
+    charts = {name: {"run": Curve([0, 1], [1.0, 0.5])} for name in "abc"}
+    flowing = dashboard_figure(charts, {"one": solid, "two": solid, "wide": wide, "three": solid}, "tb", "step")
+    flowing.canvas.draw()
+    boxes = {ax.get_title(): ax.get_window_extent() for ax in flowing.axes if ax.images}
+    assert boxes["one"].y0 == boxes["two"].y0 and boxes["two"].x0 > boxes["one"].x1  # side by side
+    assert boxes["wide"].y1 < boxes["one"].y0 and boxes["three"].y1 < boxes["wide"].y0  # rows of their own
+    assert boxes["wide"].width <= flowing.bbox.width
     with pytest.raises(ValueError, match="at least one chart or image"):
         dashboard_figure({}, {}, "tb", "step")
 

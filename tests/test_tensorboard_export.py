@@ -93,14 +93,20 @@ def test_chosen_tags_keep_their_order_even_bookkeeping(run: Path) -> None:
 
 
 def test_several_runs_get_one_series_each(tmp_path: Path) -> None:
-    write_run(tmp_path / "a", {"loss": [(0, 1.0), (10, 0.5)], "upi/random/spearman": [(0, 0.9)]}, image=False)
-    write_run(tmp_path / "b", {"loss": [(0, 0.8), (10, 0.2)], "acc": [(0, 0.5), (10, 0.7)]}, image=True)
+    a = {"loss": [(0, 1.0), (10, 0.5)], "upi/random/spearman": [(0, 0.9)], "upi/upi_grad/spearman": [(0, 0.8)]}
+    write_run(tmp_path / "a", a, image=False)
+    b = {"loss": [(0, 0.8), (10, 0.2)], "acc": [(0, 0.5), (10, 0.7)], "upi/random/spearman": [(0, 0.7)]}
+    write_run(tmp_path / "b", b, image=True)
     figure = tensorboard_figure(tmp_path, columns=1)
     drawn = charts(figure)
     assert list(drawn) == ["acc", "loss", "upi/spearman"]
     assert sorted(y for _, y in drawn["loss"].values()) == [pytest.approx([0.8, 0.2]), pytest.approx([1.0, 0.5])]
-    assert legend_texts(figure) == ["b", "a", "random · a"]
-    assert [ax.get_title() for ax in figure.axes if ax.images] == ["solid (b)"]
+    # a method drawn by two runs is named with its run; drawn by one, it keeps its name (and colour)
+    assert legend_texts(figure) == ["b", "a", "random · a", "random · b", "upi_grad"]
+    assert METHOD_STYLES["upi_grad"][0] in drawn["upi/spearman"]
+    assert [ax.get_title() for ax in figure.axes if ax.images] == ["solid\n(b)"]
+    (acc,) = [ax for ax in figure.axes if ax.get_title() == "upi/spearman"]
+    assert list(acc.get_xticks()) == [0]  # one step: one tick
 
 
 def test_a_folder_without_event_files_is_refused(tmp_path: Path) -> None:

@@ -6,11 +6,11 @@ The figure (PNG, PDF or SVG, by the output's suffix) holds one chart per metric,
 ``columns`` columns: scalar tags that differ only in an attack method's name (a path segment among
 :data:`~upi_lightning.attacks.settings.ALL_METHODS`, e.g. ``upi/upi_grad/relative_l2`` and
 ``upi/random/relative_l2``) share the chart of the tag without it (``upi/relative_l2``), one curve per
-method; any other tag gets a chart of its own. With several runs under the log folder every curve is
-also named after its run. By default every tag is drawn except bookkeeping (:func:`bookkeeping`:
+method (named ``method · run`` where two runs under the log folder drew it); any other tag gets a chart
+of its own, one curve per run. By default every tag is drawn except bookkeeping (:func:`bookkeeping`:
 Lightning's ``epoch`` and ``hp_metric``, the attacks' counts, spreads, norms and clean accuracy, which
 report.json holds); ``--scalars`` chooses tags. Below the charts come the last image logged under each
-image tag, one row each, titled by its tag (``tag (run)`` with several runs).
+image tag, titled by its tag (and its run, with several runs), flowing left to right in rows.
 """
 
 from __future__ import annotations
@@ -91,6 +91,18 @@ def chart_of(tag: str) -> tuple[str, str | None]:
     return ("/".join(part for part in parts if part != method), method) if method else (tag, None)
 
 
+def curve_names(drawn: list[tuple[str | None, str, Curve]]) -> dict[str, Curve]:
+    """One chart's curves ``(method, run, curve)`` by name: the method, with its run where two runs drew it.
+
+    A tag without a method is named after its run.
+    """
+    methods = [method for method, _, _ in drawn]
+    return {
+        method if method and methods.count(method) == 1 else " · ".join(filter(None, (method, run))): curve
+        for method, run, curve in drawn
+    }
+
+
 def _select(kind: str, requested: Sequence[str] | None, available: list[str], logdir: Path) -> list[str]:
     """The tags to draw: ``requested`` in order, all of them known, else every ``available`` one."""
     if requested is None:
@@ -128,16 +140,16 @@ def tensorboard_figure(
         scalars = [tag for tag in scalars if not bookkeeping(tag)]
     image_names = _select("image", image_tags, sorted({tag for run in runs for tag in run.images}), logdir)
     several = len(runs) > 1
-    charts: dict[str, dict[str, Curve]] = {}
+    series: dict[str, list[tuple[str | None, str, Curve]]] = {}  # chart: (method, run, curve)
     for tag in scalars:
         chart, method = chart_of(tag)
         for run in runs:
             points = [(step, value) for step, value in run.scalars.get(tag, []) if np.isfinite(value)]
             if points:
-                name = " · ".join(part for part in (method, run.name if several or not method else None) if part)
-                charts.setdefault(chart, {})[name] = Curve(*zip(*points, strict=True))
+                series.setdefault(chart, []).append((method, run.name, Curve(*zip(*points, strict=True))))
+    charts = {chart: curve_names(drawn) for chart, drawn in series.items()}
     images = {
-        f"{tag} ({run.name})" if several else tag: run.images[tag]
+        f"{tag}\n({run.name})" if several else tag: run.images[tag]
         for tag in image_names
         for run in runs
         if tag in run.images

@@ -63,8 +63,11 @@ def draw_charts(
             draw_curve(ax, curve, *styles[name])
         ax.set_title(chart)
         ax.set_xlabel(x_label)
+        xs = {x for curve in series.values() for x in curve.x}
         if x_ticks is not None:
             ax.set_xticks(list(x_ticks), list(x_ticks.values()))
+        elif len(xs) == 1:  # one step: its tick alone, not a range around it
+            ax.set_xticks(list(xs))
     for ax in axes[len(charts) :]:
         ax.set_axis_off()
     handles: list[Any] = []
@@ -113,14 +116,31 @@ def chart_grid(
     return figure
 
 
+def image_rows(sizes: Mapping[str, tuple[float, float]], width: float) -> list[list[tuple[str, float, float]]]:
+    """Images ``{name: (width, height)}`` flowed left to right into rows at most ``width`` wide.
+
+    An image wider than ``width`` is shrunk to it (keeping its aspect) and gets a row of its own.
+    """
+    rows: list[list[tuple[str, float, float]]] = []
+    for name, (image_width, image_height) in sizes.items():
+        shrink = min(1.0, width / image_width)
+        item = (name, image_width * shrink, image_height * shrink)
+        if rows and sum(placed[1] for placed in rows[-1]) + item[1] <= width:
+            rows[-1].append(item)
+        else:
+            rows.append([item])
+    return rows
+
+
 @styled
 def dashboard_figure(
     charts: Charts, images: Mapping[str, np.ndarray], title: str, x_label: str, columns: int = 3, dpi: int = 150
 ) -> Figure:
-    """Charts (as :func:`chart_grid`) above images (``(H, W, 3)`` uint8 arrays, one row each, titled by key).
+    """Charts (as :func:`chart_grid`) above images (``(H, W, 3)`` uint8 arrays, titled by their keys).
 
     Each image is shown at its size in pixels at ``dpi`` (enlarged by the smallest integer factor that
-    makes its shorter side :data:`MIN_IMAGE_SIDE` pixels), narrowed to the width of the charts.
+    makes its shorter side :data:`MIN_IMAGE_SIDE` pixels); the images flow left to right in rows as wide
+    as the charts (:func:`image_rows`).
 
     Raises:
         ValueError: if there is neither a chart nor an image, or ``columns < 1``.
@@ -128,23 +148,24 @@ def dashboard_figure(
     if not charts and not images:
         raise ValueError("dashboard_figure needs at least one chart or image.")
     columns = check_charts(charts, columns) if charts else columns
-    chart_rows = math.ceil(len(charts) / columns)
     sizes = {}  # display width and height of each image, inches
     for name, image in images.items():
         height, width = image.shape[:2]
         scale = max(1, math.ceil(MIN_IMAGE_SIDE / min(height, width))) / dpi
         sizes[name] = (width * scale, height * scale)
     figure_width = CHART_SIZE[0] * columns if charts else max(width for width, _ in sizes.values())
-    shown = [(min(width, figure_width), height * min(1.0, figure_width / width)) for width, height in sizes.values()]
-    heights = ([CHART_SIZE[1] * chart_rows + 0.6] if charts else []) + [height + 0.35 for _, height in shown]
+    rows = image_rows(sizes, figure_width)
+    heights = [CHART_SIZE[1] * math.ceil(len(charts) / columns) + 0.6] if charts else []
+    heights += [max(height for *_, height in row) + 0.35 for row in rows]
     figure = Figure(figsize=(figure_width, sum(heights) + 0.4), layout="constrained")
     figure.suptitle(title)
     parts = list(figure.subfigures(len(heights), 1, height_ratios=heights, squeeze=False)[:, 0])
     if charts:
         draw_charts(parts.pop(0), charts, x_label, columns)
-    for part, (name, image) in zip(parts, images.items(), strict=True):
-        ax = part.subplots()
-        ax.imshow(image, interpolation="nearest")
-        ax.set_title(name)
-        bare(ax)
+    for part, row in zip(parts, rows, strict=True):
+        axes = part.subplots(1, len(row), squeeze=False, width_ratios=[width for _, width, _ in row])[0]
+        for ax, (name, *_) in zip(axes, row, strict=True):
+            ax.imshow(images[name], interpolation="nearest")
+            ax.set_title(name, fontsize="small")
+            bare(ax)
     return figure
