@@ -24,7 +24,7 @@ class SaliencyMonitor(Callback):
 
     The first ``num_images`` images of the validation loader (of the first dataloader, on each
     process) are captured the first time validation runs outside the sanity check, and kept (on the
-    module's device, and in checkpoints) so every grid shows the same images. Every
+    module's device, and in checkpoints) so every figure shows the same images. Every
     ``every_n_epochs``-th validation epoch, global rank 0 computes their maps with
     :meth:`upi_lightning.saliency.SaliencySettings.maps` (model in eval mode, its mode restored) and adds the
     figure (:func:`~upi_lightning.plots.saliency_figure`: the maps on one colour scale, from 0 to their
