@@ -205,6 +205,45 @@ def test_upi_adversarial_term_matches_a_hand_computation() -> None:
     assert torch.equal(regularizer.delta, delta)
 
 
+def test_upi_adversarial_random_draws_and_adversarial_ce_match_a_hand_computation() -> None:
+    model, (x, y) = softplus_model(), data()
+    delta = 0.1 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    regularizer = UPIAdversarial(weight=2.0, eps=1.0, every_n_steps=100, random_draws=2, adversarial_ce=0.5)
+    regularizer.load_state_dict({"delta": delta, "train_steps": 1, "updates": 1, "last_objective": 0.0})
+    perturbations = regularizer.perturbations(x)  # the draws of step 1, the one the call below takes
+    assert perturbations.shape == (3, *SHAPE) and torch.equal(perturbations[0], delta)
+    torch.testing.assert_close(perturbations[1:].flatten(1).norm(dim=1), torch.ones(2))  # on the L2 sphere
+    loss, grads = loss_and_grads(model, training_batch(model, x, y), regularizer)
+    with torch.no_grad():
+        clean = softplus_saliency(model, x, y)
+        change = [(softplus_saliency(model, (x + v).clamp(0, 1), y) - clean).norm(dim=1).mean() for v in perturbations]
+        adversarial = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
+        expected = F.cross_entropy(model(x), y) + 2.0 * torch.stack(change).mean() + 0.5 * adversarial
+    torch.testing.assert_close(loss, expected)
+    assert_every_parameter_gets_a_gradient(grads)
+    diagnostics = regularizer.diagnostics()
+    assert diagnostics["term_delta"] == pytest.approx(change[0].item(), rel=1e-5)
+    assert diagnostics["term_random"] == pytest.approx((change[1] + change[2]).item() / 2, rel=1e-5)
+    assert diagnostics["adversarial_ce"] == pytest.approx(adversarial.item(), rel=1e-5)
+    assert not torch.equal(regularizer.perturbations(x)[1:], perturbations[1:])  # fresh draws at every step
+    with pytest.raises(UPIError, match="random_draws"):
+        UPIAdversarial(random_draws=-1)
+    with pytest.raises(UPIError, match="adversarial_ce"):
+        UPIAdversarial(adversarial_ce=-0.1)
+
+
+def test_upi_adversarial_diagnostics_say_how_far_delta_moved() -> None:
+    model, (x, y) = softplus_model(), data()
+    regularizer = UPIAdversarial(weight=1.0, eps=1.0, every_n_steps=1, objective={"surrogate_beta": None})
+    regularizer(training_batch(model, x, y))
+    first = regularizer.delta.clone()
+    regularizer(training_batch(model, x, y))
+    diagnostics = regularizer.diagnostics()
+    assert diagnostics["delta_step"] == pytest.approx((regularizer.delta - first).norm().item(), rel=1e-5)
+    assert diagnostics["delta_norm"] == pytest.approx(regularizer.delta.norm().item(), rel=1e-5)
+    assert diagnostics["delta_grad_norm"] > 0 and "objective" in diagnostics
+
+
 def test_upi_adversarial_updates_delta_every_k_steps_inside_the_ball() -> None:
     model, (x, y) = softplus_model(), data()
     regularizer = UPIAdversarial(weight=1.0, norm="linf", eps=0.05, every_n_steps=2, ascent_steps=2)

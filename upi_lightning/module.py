@@ -137,6 +137,8 @@ class Classifier(LightningModule):
         for key, regularizer in zip(self.regularizer_keys, self.regularizers, strict=True):
             term = regularizer(context)
             self.log(key, term, on_step=True, on_epoch=True, sync_dist=True)
+            for name, value in regularizer.diagnostics().items():
+                self.log(f"{key}/{name}", value, on_step=True, on_epoch=False)
             loss = loss + term
         self.log_step("train", logits, y, loss)
         return loss

@@ -68,6 +68,8 @@ class UPIFitResult:
             before each step, reduced over ranks; UPI-PCA: see :func:`fit_upi_pca`).
         seconds: wall-clock fit time.
         info: settings and diagnostics (primitives only, ready for a report or a metadata dict).
+        grad_norms: per-step L2 norm of the mean gradient w.r.t. ``delta`` (UPI-Grad and UAP; reduced over
+            ranks), how much signal each step had before the step rule normalized it.
 
     """
 
@@ -75,6 +77,7 @@ class UPIFitResult:
     history: list[float]
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    grad_norms: list[float] = field(default_factory=list)
 
     def to_perturbation(self, **metadata: Any) -> UniversalPerturbation:
         """Wrap ``delta`` in a :class:`UniversalPerturbation` (norm and eps from ``info``).
@@ -235,6 +238,7 @@ def fit_universal(
     total = None if length is None else epochs * length
     device = model_device(model)
     history: list[float] = []
+    grad_norms: list[float] = []
     start = time.perf_counter()
     with evaluation_mode(model), gradients_enabled():
         generator = make_generator(seed, device)
@@ -260,8 +264,10 @@ def fit_universal(
                     )
                 count, mean_value = packed[-1], (packed[-2] / packed[-1]).item()
                 eta = step_size_at(schedule, base_step, step, total)
-                delta = threat.step(delta, packed[:-2].view_as(delta) / count, eta)
+                mean_grad = packed[:-2].view_as(delta) / count
+                delta = threat.step(delta, mean_grad, eta)
                 history.append(mean_value)
+                grad_norms.append(torch.linalg.vector_norm(mean_grad).item())
                 bar.set_postfix(objective=f"{mean_value:.4g}", refresh=False)
                 if on_step is not None:
                     on_step(step, delta, mean_value)
@@ -279,4 +285,4 @@ def fit_universal(
         "init": init if isinstance(init, str) else "tensor",
         "seed": seed,
     }
-    return UPIFitResult(delta.detach(), history, time.perf_counter() - start, info)
+    return UPIFitResult(delta.detach(), history, time.perf_counter() - start, info, grad_norms)

@@ -126,6 +126,13 @@ class Regularizer:
         init_args = {name: getattr(self, name) for name in parameters if name != "self"}
         return {"class_path": class_path(type(self)), "init_args": init_args}
 
+    def diagnostics(self) -> dict[str, float]:
+        """Scalars describing the last :meth:`__call__` (none by default).
+
+        The classifier logs each one at every training step as ``train/<name>/<key>``, beside the term.
+        """
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Return the state to checkpoint (tensors and primitives only; empty by default)."""
         return {}

@@ -2,11 +2,14 @@ r"""UPI-adversarial training (this project's mode): stable saliency maps under a
 
 .. math::
 
-    R = \lambda \frac1N \sum_i D\big(I(\mathrm{clip}(x_i + \delta)), I(x_i)\big),
+    R = \frac{\lambda}{(1 + m) N} \sum_i \Big[D\big(I(\mathrm{clip}(x_i + \delta)), I(x_i)\big)
+        + \sum_{j=1}^{m} D\big(I(\mathrm{clip}(x_i + r_j)), I(x_i)\big)\Big]
+        + \mu \frac1N \sum_i \mathrm{CE}(f(\mathrm{clip}(x_i + \delta)), y_i),
 
 with ``delta`` refreshed every ``k`` training steps by a few UPI-Grad ascent steps on the current batch,
 its gradient summed over processes so every rank trains against the same ``delta`` (universal
-adversarial training, Shafahi et al. 2020).
+adversarial training, Shafahi et al. 2020), ``r_j`` fresh random points of the sphere of the same ball
+(``m = random_draws``) and ``mu = adversarial_ce``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
@@ -25,8 +30,10 @@ from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.distributed import Reduce
 from upi_lightning.errors import UPIError
+from upi_lightning.model_modes import evaluation_mode
+from upi_lightning.noise import make_generator
 from upi_lightning.regularizers.base import BallRegularizer, TrainingBatch, check_count, check_weight
-from upi_lightning.threat import Norm, threat_model
+from upi_lightning.threat import Norm, apply_perturbation, threat_model
 
 
 class UPIAdversarial(BallRegularizer):
@@ -34,11 +41,16 @@ class UPIAdversarial(BallRegularizer):
 
     .. math::
 
-        R = \lambda \frac1N \sum_i D\big(I(\mathrm{clip}(x_i + \delta)), I(x_i)\big)
+        R = \frac{\lambda}{1 + m} \Big[\bar D(\delta) + \sum_{j=1}^{m} \bar D(r_j)\Big]
+            + \mu\, \overline{\mathrm{CE}}(\delta), \qquad
+        \bar D(v) = \frac1N \sum_i D\big(I(\mathrm{clip}(x_i + v)), I(x_i)\big)
 
     with ``I`` and ``D`` the saliency map and dissimilarity of the :class:`UPIObjective` built from
     ``objective``; the perturbed maps are differentiated w.r.t. the parameters (double backprop), the
-    clean maps are the (detached) reference, as in the attack.
+    clean maps are the (detached) reference, as in the attack. ``r_j`` are ``random_draws`` fresh random
+    points of the sphere of the ball at every step (the maps must not move under noise of the same size
+    either), and ``mu`` weighs the cross-entropy on ``clip(x + delta)`` (universal adversarial training of
+    the predictions). All perturbed copies go through the network as one batch.
     Every ``every_n_steps`` training steps, ``delta`` takes ``ascent_steps`` UPI-Grad steps
     (:func:`upi_lightning.attacks.upi_grad.fit_upi_grad`, constant step size, warm-started from the current
     ``delta``; the first update starts from a random point of the ball) on the current batch. The gradient
@@ -50,7 +62,9 @@ class UPIAdversarial(BallRegularizer):
     objective's ``keep_prediction`` penalty. ``delta``, the step and update counters and the last
     objective value are saved in checkpoints; at every training epoch end ``delta`` is logged to
     TensorBoard as the image ``train/upi_delta`` (grey = 0, scaled to the largest absolute entry), with
-    its norm and the last objective value as scalars.
+    its norm and the last objective value as scalars. At every step :meth:`diagnostics` gives the L2 norm
+    of the mean gradient w.r.t. ``delta`` and how far ``delta`` moved in the last update, ``delta``'s norm,
+    the fit's objective and the parts of the term (logged as ``train/upi_adversarial/<key>``).
 
     Args:
         weight: ``lambda >= 0``.
@@ -61,7 +75,9 @@ class UPIAdversarial(BallRegularizer):
         step_size: UPI-Grad step (``None``: the UPI-Grad default, ``eps / 4`` for L2, ``eps / 10`` for Linf).
         objective: the fields of :class:`UPIObjective` (:meth:`UPIObjective.from_config`: ``saliency``,
             ``dissimilarity``, ``surrogate_beta``, ``sigma``, ...).
-        seed: seeds the random start and the smoothing noise of the updates.
+        random_draws: ``m >= 0``, random perturbations of the same ball penalized beside ``delta``.
+        adversarial_ce: ``mu >= 0``, weight of the cross-entropy on ``clip(x + delta)``.
+        seed: seeds the random start and the smoothing noise of the updates, and the random draws.
     """
 
     name = "upi_adversarial"
@@ -75,6 +91,8 @@ class UPIAdversarial(BallRegularizer):
         ascent_steps: int = 1,
         step_size: float | None = None,
         objective: dict[str, Any] | None = None,
+        random_draws: int = 0,
+        adversarial_ce: float = 0.0,
         seed: int = 0,
     ) -> None:
         self.weight = check_weight("UPIAdversarial weight", weight)
@@ -90,14 +108,20 @@ class UPIAdversarial(BallRegularizer):
         except TypeError as err:
             raise UPIError(f"Invalid UPIAdversarial objective {self.objective}: {err}") from err
         self.train_objective = replace(self.attack_objective, surrogate_beta=None, keep_prediction=0.0)
+        if isinstance(random_draws, bool) or not isinstance(random_draws, int) or random_draws < 0:
+            raise UPIError(f"random_draws must be an integer >= 0, got {random_draws!r}.")
+        self.random_draws = random_draws
+        self.adversarial_ce = check_weight("UPIAdversarial adversarial_ce", adversarial_ce)
         self.seed = seed
         self.delta: Tensor | None = None
         self.train_steps = 0
         self.updates = 0
         self.last_objective = math.nan
+        self.last: dict[str, float] = {}
 
     def update(self, model: nn.Module, x: Tensor, y: Tensor, reduce: Reduce) -> None:
         """Take ``ascent_steps`` UPI-Grad steps of ``delta`` on the batch ``(x, y)``."""
+        previous = self.delta
         result = fit_upi_grad(
             model,
             [(x, y)] * self.ascent_steps,
@@ -106,24 +130,62 @@ class UPIAdversarial(BallRegularizer):
             epochs=1,
             step_size=self.step_size,
             schedule="constant",
-            init="random" if self.delta is None else self.delta,
+            init="random" if previous is None else previous,
             reduce=reduce,
             seed=self.seed + self.updates,
         )
         self.delta = result.delta
         self.updates += 1
         self.last_objective = result.history[-1]
+        moved = math.nan if previous is None else self.threat.norm_of(self.delta - previous.to(self.delta)).item()
+        self.last.update(
+            objective=self.last_objective,
+            delta_grad_norm=sum(result.grad_norms) / len(result.grad_norms),
+            delta_step=moved,
+            delta_norm=self.threat.norm_of(self.delta).item(),
+        )
+
+    def perturbations(self, x: Tensor) -> Tensor:
+        """``delta`` and this step's ``random_draws`` random points of the sphere, ``(1 + m, C, H, W)`` like ``x``."""
+        assert self.delta is not None  # set by the first update
+        shape = tuple(x.shape[1:])
+        generator = make_generator(self.seed + 1_000_003 * (1 + self.train_steps))
+        draws = [self.threat.random_on_sphere(shape, generator) for _ in range(self.random_draws)]
+        return torch.stack([self.delta.detach().cpu(), *draws]).to(x)
 
     def __call__(self, batch: TrainingBatch) -> Tensor:
-        x = batch.x.detach()
+        x, y = batch.x.detach(), batch.y
         if self.train_steps % self.every_n_steps == 0:
-            self.update(batch.model, x, batch.y, batch.reduce)
+            self.update(batch.model, x, y, batch.reduce)
+        perturbations = self.perturbations(x)
         self.train_steps += 1
-        # maps built with their graph: the term is differentiable w.r.t. the parameters (double backprop)
-        assert self.delta is not None  # set by the update above, at the first step at the latest
-        delta = self.delta.to(x).detach()
-        term = self.train_objective.dissimilarity_term(batch.model, x, batch.y, delta, create_graph=True)
-        return self.weight * term.mean()
+        copies = len(perturbations)
+        # every perturbed copy in one batch; maps built with their graph: the term is differentiable
+        # w.r.t. the parameters (double backprop)
+        with evaluation_mode(batch.model):  # as the perturbed maps of dissimilarity_term
+            clean = self.train_objective.clean_maps(batch.model, x, y)
+        per_copy = perturbations.repeat_interleave(len(x), dim=0)
+        values = self.train_objective.dissimilarity_term(
+            batch.model,
+            x.repeat(copies, 1, 1, 1),
+            y.repeat(copies),
+            per_copy,
+            clean.repeat(copies, 1, 1),
+            create_graph=True,
+        ).view(copies, len(x))
+        term = self.weight * values.mean()
+        self.last.update(term_delta=values[0].mean().item())
+        if copies > 1:
+            self.last.update(term_random=values[1:].mean().item())
+        if self.adversarial_ce > 0:
+            ce = F.cross_entropy(batch.model(apply_perturbation(x, perturbations[0])), y)
+            self.last.update(adversarial_ce=ce.item())
+            term = term + self.adversarial_ce * ce
+        return term
+
+    def diagnostics(self) -> dict[str, float]:
+        """The last update's ``delta`` figures and this step's parts of the term (see the class docstring)."""
+        return dict(self.last)
 
     def state_dict(self) -> dict[str, Any]:
         """Return ``delta`` (CPU, or ``None`` before the first update) and the counters."""
