@@ -40,32 +40,47 @@ from upi_lightning.errors import run_reporting_errors  # noqa: E402
 from upi_lightning.eta import TimeLeft  # noqa: E402
 from upi_lightning.io import atomic_write_json, atomic_write_text  # noqa: E402
 
-MODES = {
-    "standard": "mnist.yaml",
-    "input_grad": "mnist_input_grad.yaml",
-    "ir": "mnist_ir.yaml",
-    "upi_adv": "mnist_upi_adv.yaml",
-    "consistency": "mnist_consistency.yaml",
-    "pgd": "mnist_pgd.yaml",
-    "softplus": "mnist_softplus.yaml",
-    "ig_norm": "mnist_ig_norm.yaml",
-    "ig_sum_norm": "mnist_ig_sum_norm.yaml",
-    "gradient_consistency": "mnist_gradient_consistency.yaml",
-    "attributional_adv": "mnist_attributional_adv.yaml",
-}
+MODES = (
+    "standard",
+    "input_grad",
+    "ir",
+    "upi_adv",
+    "consistency",
+    "pgd",
+    "softplus",
+    "ig_norm",
+    "ig_sum_norm",
+    "gradient_consistency",
+    "attributional_adv",
+)
+"""Every training mode; ``mode`` trains ``configs/<dataset>_<mode>.yaml`` (``standard``: ``<dataset>.yaml``)."""
+DATASETS = {"mnist": "root", "cifar10_subset": "path"}
+"""The study's datasets and the data module option ``--data-root`` sets (MNIST's folder, the subset's file)."""
 PGD_TRAINED = ("PGDAdversarial", "IGNorm", "IGSumNorm", "AttributionalAdversarial")
 """Regularizers whose PGD steps ``--pgd-train-steps`` replaces."""
-ROBUST_BUDGETS = [("linf", 0.1), ("linf", 0.2), ("linf", 0.3), ("l2", 1.5), ("l2", 2.5)]
+ROBUST_BUDGETS = {
+    "mnist": [("linf", 0.1), ("linf", 0.2), ("linf", 0.3), ("l2", 1.5), ("l2", 2.5)],
+    "cifar10_subset": [("linf", 2 / 255), ("linf", 8 / 255), ("l2", 0.25), ("l2", 0.5)],
+}
+"""PGD robust accuracy budgets per dataset (MNIST: IR's evaluation; CIFAR: the usual 8/255 and L2 0.5)."""
+STAGES = ("test", "attack")
+"""What runs after each fit: PGD robust accuracy (``train.py test``) and the UPI attacks (``attack.py``)."""
 UPI_METHODS = ("upi_grad", "upi_pca", "random")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The study's command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default="data", help="Folder holding MNIST/raw (or where to download it).")
+    parser.add_argument("--dataset", default="mnist", choices=list(DATASETS), help="Which configs to train.")
+    parser.add_argument(
+        "--data-root", default="data", help="MNIST: folder holding MNIST/raw; cifar10_subset: the .npz file."
+    )
     parser.add_argument("--output", default="runs/study_training_modes", help="Output folder.")
     parser.add_argument("--epochs", type=int, default=2, help="Training epochs of every mode.")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="Modes to run.")
+    parser.add_argument(
+        "--stages", nargs="+", default=list(STAGES), choices=STAGES, help="Steps after the fit (e.g. test alone)."
+    )
     parser.add_argument("--robust-samples", type=int, default=500, help="Test images attacked by PGD.")
     parser.add_argument("--attack-samples", type=int, default=1000, help="UPI fit and held-out samples (each).")
     parser.add_argument("--upi-eps", type=float, default=1.0, help="L2 radius of the UPI attacks.")
@@ -73,11 +88,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pgd-train-steps", type=int, default=None, help="PGD steps of the PGD-trained modes (None: the configs' 40)."
     )
     parser.add_argument("--ir-samples", type=int, default=None, help="IR teacher SmoothGrad copies (None: 50).")
+    parser.add_argument("--ig-steps", type=int, default=None, help="IG-NORM's IG points (None: the configs').")
+    parser.add_argument(
+        "--attack-ig-steps", type=int, default=None, help="IG points per PGD step of IG-NORM (None: the configs')."
+    )
+    parser.add_argument("--limit-batches", type=int, default=None, help="Batches per epoch and split (smoke runs).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default).")
     return parser.parse_args(argv)
 
 
-def robust_callbacks(eval_batch_size: int, robust_samples: int) -> list[dict[str, Any]]:
+def robust_callbacks(dataset: str, eval_batch_size: int, robust_samples: int) -> list[dict[str, Any]]:
     """RobustAccuracy callbacks (test stage) attacking the first ``robust_samples`` test images."""
     max_batches = max(1, robust_samples // eval_batch_size)
     return [
@@ -85,19 +105,27 @@ def robust_callbacks(eval_batch_size: int, robust_samples: int) -> list[dict[str
             "class_path": "upi_lightning.callbacks.RobustAccuracy",
             "init_args": {"norm": norm, "eps": eps, "steps": 40, "max_batches": max_batches},
         }
-        for norm, eps in ROBUST_BUDGETS
+        for norm, eps in ROBUST_BUDGETS[dataset]
     ]
+
+
+def config_name(dataset: str, mode: str) -> str:
+    """The config file of ``mode`` on ``dataset``."""
+    return f"{dataset}.yaml" if mode == "standard" else f"{dataset}_{mode}.yaml"
 
 
 def mode_config(mode: str, args: argparse.Namespace, teacher: Path | None) -> Path:
     """Write the config of ``mode`` with the study's overrides; return its path."""
-    config = yaml.safe_load((REPO / "configs" / MODES[mode]).read_text())
+    config = yaml.safe_load((REPO / "configs" / config_name(args.dataset, mode)).read_text())
     trainer = config["trainer"]
     trainer["max_epochs"] = args.epochs
     trainer["logger"]["init_args"].update(save_dir=str(Path(args.output)), name=mode, version="fit")
+    if args.limit_batches is not None:
+        for split in ("train", "val", "test"):
+            trainer[f"limit_{split}_batches"] = args.limit_batches
     data = config["data"]["init_args"]
-    data["root"] = args.data_root
-    trainer["callbacks"] = robust_callbacks(data["eval_batch_size"], args.robust_samples)
+    data[DATASETS[args.dataset]] = args.data_root
+    trainer["callbacks"] = robust_callbacks(args.dataset, data["eval_batch_size"], args.robust_samples)
     for regularizer in config["model"].get("regularizers") or []:
         init = regularizer["init_args"]
         name = regularizer["class_path"].rsplit(".", 1)[1]
@@ -110,6 +138,9 @@ def mode_config(mode: str, args: argparse.Namespace, teacher: Path | None) -> Pa
             init["teacher_ckpt"] = str(teacher)
             if args.ir_samples is not None:
                 init["n_samples"] = args.ir_samples
+        for option in ("ig_steps", "attack_ig_steps"):
+            if name in ("IGNorm", "IGSumNorm") and getattr(args, option) is not None:
+                init[option] = getattr(args, option)
     path = Path(args.output) / "configs" / f"{mode}.yaml"
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
     return path
@@ -157,10 +188,10 @@ def attack(ckpt: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return attack_main(
         [
             "--config",
-            str(REPO / "configs" / "attack_mnist.yaml"),
+            str(REPO / "configs" / f"attack_{args.dataset}.yaml"),
             "--ckpt",
             ckpt,
-            "--data.init_args.root",
+            f"--data.init_args.{DATASETS[args.dataset]}",
             args.data_root,
             "--attack.budgets",
             json.dumps([{"norm": "l2", "eps": args.upi_eps}]),
@@ -178,12 +209,14 @@ def attack(ckpt: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     )
 
 
-def row_of(mode: str, fit_result: dict[str, Any], metrics: dict[str, float], report: dict[str, Any]) -> dict[str, Any]:
-    """One table row from the fit time, the test metrics and the attack report of a mode."""
+def row_of(
+    mode: str, dataset: str, fit_result: dict[str, Any], metrics: dict[str, float], report: dict[str, Any] | None
+) -> dict[str, Any]:
+    """One table row from the fit time, the test metrics and (when run) the attack report of a mode."""
     row: dict[str, Any] = {"mode": mode, "clean_acc": metrics["test/acc"]}
-    for norm, eps in ROBUST_BUDGETS:
+    for norm, eps in ROBUST_BUDGETS[dataset]:
         row[f"robust_{norm}_{eps:g}"] = metrics[f"test/robust_acc_{norm}_{eps:g}"]
-    for result in report["results"]:
+    for result in [] if report is None else report["results"]:
         row[f"{result['method']}_relative_l2"] = result["metrics"]["relative_l2"]
         row[f"{result['method']}_topk"] = result["metrics"]["topk_intersection"]
     row["seconds_per_epoch"] = fit_result["seconds"] / max(1, fit_result["epochs"])
@@ -193,34 +226,42 @@ def row_of(mode: str, fit_result: dict[str, Any], metrics: dict[str, float], rep
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """The table as Markdown, time per epoch also as a multiple of the standard mode's."""
     standard = next((row["seconds_per_epoch"] for row in rows if row["mode"] == "standard"), None)
-    robust = [f"{norm} {eps:g}" for norm, eps in ROBUST_BUDGETS]
-    upi = [f"{method} {metric}" for method in UPI_METHODS for metric in ("rel. L2", "top-k")]
+    budgets = ROBUST_BUDGETS[args.dataset]
+    robust = [f"{norm} {eps:.4g}" for norm, eps in budgets]
+    methods = [method for method in UPI_METHODS if "attack" in args.stages]
+    upi = [f"{method} {metric}" for method in methods for metric in ("rel. L2", "top-k")]
     header = ["mode", "clean acc", *robust, *upi, "s / epoch", "x standard"]
     lines = [
-        f"PGD robust accuracy (40 steps) on the first {args.robust_samples} test images; UPI budget L2 "
-        f"{args.upi_eps:g} (fit on {args.attack_samples}, evaluated on {args.attack_samples} held-out); "
-        f"{args.epochs} epochs per mode.",
+        f"{args.dataset}: PGD robust accuracy (40 steps) on the first {args.robust_samples} test images; "
+        + (
+            f"UPI budget L2 {args.upi_eps:g} (fit on {args.attack_samples}, evaluated on {args.attack_samples} "
+            "held-out); "
+            if methods
+            else ""
+        )
+        + f"{args.epochs} epochs per mode.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
     ]
     for row in rows:
         cells = [row["mode"], f"{row['clean_acc']:.4f}"]
-        cells += [f"{row[f'robust_{norm}_{eps:g}']:.3f}" for norm, eps in ROBUST_BUDGETS]
-        cells += [f"{row[f'{method}_{key}']:.4f}" for method in UPI_METHODS for key in ("relative_l2", "topk")]
-        cells.append(f"{row['seconds_per_epoch']:.0f}")
+        cells += [f"{row[f'robust_{norm}_{eps:g}']:.3f}" for norm, eps in budgets]
+        cells += [f"{row[f'{method}_{key}']:.4f}" for method in methods for key in ("relative_l2", "topk")]
+        cells.append(f"{row['seconds_per_epoch']:.1f}")
         cells.append(f"{row['seconds_per_epoch'] / standard:.2f}x" if standard else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def finished_rows(output: Path) -> list[dict[str, Any]]:
-    """Table rows of every mode (in :data:`MODES` order) whose fit, test and attack are all saved."""
+def finished_rows(output: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Table rows of every mode (in :data:`MODES` order) whose stages are all saved."""
     rows = []
     for mode in MODES:
-        saved = [load_json(output / mode / name) for name in ("fit.json", "test.json", "attack/report.json")]
-        if all(item is not None for item in saved):
-            rows.append(row_of(mode, *saved))
+        fitted, tested = load_json(output / mode / "fit.json"), load_json(output / mode / "test.json")
+        report = load_json(output / mode / "attack" / "report.json") if "attack" in args.stages else None
+        if fitted is not None and tested is not None and ("attack" not in args.stages or report is not None):
+            rows.append(row_of(mode, args.dataset, fitted, tested, report))
     return rows
 
 
@@ -235,14 +276,18 @@ def main(argv: list[str] | None = None) -> None:
     time_left = TimeLeft(len(args.modes))
     for mode in args.modes:
         out = output / mode
-        computed = load_json(out / "attack" / "report.json") is None
+        computed = load_json(out / "test.json") is None or (
+            "attack" in args.stages and load_json(out / "attack" / "report.json") is None
+        )
         config = mode_config(mode, args, teacher)
         fit_result = fit(mode, config, out)
         if mode == "standard":
             teacher = Path(fit_result["ckpt"])
-        test(config, fit_result["ckpt"], out)
-        attack(fit_result["ckpt"], args, out)
-        rows = finished_rows(output)
+        if "test" in args.stages:
+            test(config, fit_result["ckpt"], out)
+        if "attack" in args.stages:
+            attack(fit_result["ckpt"], args, out)
+        rows = finished_rows(output, args)
         atomic_write_json(output / "table.json", rows)
         atomic_write_text(output / "table.md", markdown(rows, args))
         print(markdown(rows, args), flush=True)
