@@ -10,6 +10,7 @@ import torch
 
 from upi_lightning.attacks.comparison import TABLE_METRICS
 from upi_lightning.compare_cli import compare_main, parse_compare_args
+from upi_lightning.errors import UPIError
 
 SMALL = [
     "--data=upi_lightning.data.SyntheticDataModule",
@@ -84,6 +85,6 @@ def test_bad_models_are_one_line(two_models: list[str], tmp_path: Path) -> None:
         "not --ckpt": ["--models", *two_models, f"--ckpt={two_models[0].split('=')[1]}"],
     }
     for message, args in cases.items():
-        with pytest.raises(Exception, match=message) as error:
+        with pytest.raises(UPIError, match=message) as error:
             parse_compare_args([*args, *SMALL])
         assert "\n" not in str(error.value)
