@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+import re
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.helpers import QuadraticScore, TinyCNN, assert_untouched, make_batches, snapshot
+from upi_lightning.attacks import methods
 from upi_lightning.attacks.baselines import fit_classification_uap, fit_per_sample_attack, random_universal
-from upi_lightning.attacks.objective import UPIObjective
+from upi_lightning.attacks.objective import OBJECTIVE_NOISE_SEED, UPIObjective
+from upi_lightning.attacks.settings import BaselineSettings, Budget, MethodSettings
 from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.errors import UPIError
 from upi_lightning.threat import L2Ball, LinfBall, threat_model
@@ -106,3 +112,78 @@ def test_per_sample_attack_through_a_surrogate_under_inference_mode() -> None:
     with torch.inference_mode():
         deltas = fit_per_sample_attack(model, x.clone(), y.clone(), L2Ball(0.5), objective=objective, steps=2)
     assert torch.allclose(deltas, expected, atol=1e-6)
+
+
+def test_restarts_never_lower_the_objective_and_the_first_is_the_single_start() -> None:
+    model = TinyCNN()
+    x, y = make_batches(1, 8, shape=(1, 6, 6))[0]
+    objective = UPIObjective(k=5, surrogate_beta=5.0)
+    runs = {
+        restarts: fit_per_sample_attack(model, x, y, L2Ball(1.0), objective=objective, steps=3, restarts=restarts)
+        for restarts in (1, 3)
+    }
+    one, three = (objective.per_sample(model, x, y, runs[r]) for r in (1, 3))
+    assert bool((three >= one - 1e-6).all()) and bool((three > one + 1e-6).any())
+    assert torch.equal(runs[1], fit_per_sample_attack(model, x, y, L2Ball(1.0), objective=objective, steps=3))
+    with pytest.raises(UPIError, match="restarts must be an integer >= 1"):
+        fit_per_sample_attack(model, x, y, L2Ball(1.0), objective=objective, restarts=0)
+
+
+def test_holding_the_label_leaves_no_flip_where_the_free_attack_flips() -> None:
+    model = TinyCNN(seed=1)
+    x = make_batches(1, 16, shape=(1, 6, 6), low=0.0, high=1.0)[0][0]
+    with torch.no_grad():
+        y = model(x).argmax(dim=1)
+    objective = UPIObjective(k=5, surrogate_beta=5.0)
+
+    def flips(hold_label: bool) -> int:
+        deltas = fit_per_sample_attack(model, x, y, L2Ball(4.0), objective=objective, steps=5, hold_label=hold_label)
+        with torch.no_grad():
+            return int((model((x + deltas).clamp(0, 1)).argmax(dim=1) != y).sum())
+
+    assert flips(False) > 0  # a large ball: the free attack changes some predictions
+    assert flips(True) == 0
+
+
+def test_the_per_sample_attack_uses_the_top_k_mass_objective_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = TinyCNN()
+    x, y = make_batches(1, 4, shape=(1, 6, 6))[0]
+    seen: dict[str, Any] = {}
+
+    def record(*args: Any, **kwargs: Any) -> Tensor:
+        seen.update(kwargs)
+        return torch.zeros_like(x)
+
+    monkeypatch.setattr(methods, "fit_per_sample_attack", record)
+    budget = Budget("l2", 1.0)
+    methods.per_sample_deltas(model, budget, MethodSettings(k=5))(x, y)
+    assert seen["objective"].dissimilarity == "l2" and (seen["restarts"], seen["hold_label"]) == (1, False)
+    baselines = BaselineSettings(
+        per_sample_dissimilarity="topk_mass", per_sample_restarts=2, per_sample_hold_label=True
+    )
+    methods.per_sample_deltas(model, budget, MethodSettings(k=5, baselines=baselines))(x, y)
+    objective: UPIObjective = seen["objective"]
+    assert (objective.dissimilarity, objective.k, seen["restarts"], seen["hold_label"]) == ("topk_mass", 5, 2, True)
+    # the objective is the clean top-5 mass lost, computed here by hand from the two maps
+    delta = 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    clean = objective.clean_maps(model, x, y).flatten(1).numpy()
+    net = objective.network(model)
+    perturbed = objective.saliency.maps(net, (x + delta).clamp(0, 1), y, clean=x, noise_seed=OBJECTIVE_NOISE_SEED)
+    perturbed_flat = perturbed.detach().flatten(1).numpy()
+    top = [np.argsort(-b, kind="stable")[:5] for b in clean]
+    expected = [1 - a[s].sum() / b[s].sum() for a, b, s in zip(perturbed_flat, clean, top, strict=True)]
+    assert np.allclose(objective.per_sample(model, x, y, delta).detach().numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("per_sample_restarts", 0, "per_sample_restarts=0"),
+        ("per_sample_dissimilarity", "l1", "per_sample_dissimilarity='l1'"),
+        ("per_sample_steps", 0, "per_sample_steps=0"),
+    ],
+)
+def test_bad_baseline_settings_are_one_line(field: str, value: Any, message: str) -> None:
+    with pytest.raises(UPIError, match=re.escape(message)) as error:
+        BaselineSettings(**{field: value})
+    assert "\n" not in str(error.value)

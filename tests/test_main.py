@@ -31,8 +31,10 @@ def run_module(*args: str) -> subprocess.CompletedProcess[str]:
 def test_commands_and_usage() -> None:
     assert "--model.arch" in run_module("train", "fit", "--help").stdout
     assert "--eval_ckpt" in run_module("attack", "--help").stdout
+    assert "--robust.budgets" in run_module("compare", "--help").stdout
     missing = run_module("nope")
-    assert missing.returncode == 2 and missing.stderr.startswith("usage: python -m upi_lightning {train,attack}")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("usage: python -m upi_lightning {train,attack,compare}")
 
 
 def test_attack_with_only_a_checkpoint_uses_its_data(checkpoint: Path, tmp_path: Path) -> None:

@@ -8,14 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from PIL import Image
 
 from tests.helpers import colorbar_images, grid_axes
 from upi_lightning.plots import (
+    Bar,
     Curve,
     budget_title,
     chart_grid,
+    comparison_figure,
     dashboard_figure,
     eps_label,
     figure_image,
@@ -230,3 +233,22 @@ def test_dashboard_figure_puts_images_under_the_charts() -> None:
 def test_figures_are_built_without_pyplot() -> None:
     figure = chart_grid({"a": {"b": Curve([0], [1])}}, "t", "x")
     assert isinstance(figure, Figure) and type(figure.canvas).__name__ == "FigureCanvasBase"
+
+
+def test_comparison_figure_draws_a_bar_per_model_in_each_method_group_and_random_errors() -> None:
+    bars = [
+        Bar(panel, method, model, value, 0.1 if method == "random" else None)
+        for panel in ("cosine", "spearman", "kendall")
+        for method, value in (("upi_grad", 0.5), ("random", 0.8))
+        for model in ("a", "b")
+    ]
+    figure = comparison_figure(bars, columns=2)
+    visible = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == ["cosine", "spearman", "kendall"]
+    for ax in visible:
+        heights = sorted(patch.get_height() for patch in ax.patches)
+        assert heights == [0.5, 0.5, 0.8, 0.8]
+        assert [tick.get_text() for tick in ax.get_xticklabels()] == ["upi_grad", "random"]
+        assert sum(isinstance(container, ErrorbarContainer) for container in ax.containers) == 2  # random's
+    colors = {tuple(patch.get_facecolor()) for patch in visible[0].patches}
+    assert len(colors) == 2  # one colour per model

@@ -1,16 +1,21 @@
-"""``python -m upi_lightning train ...`` and ``python -m upi_lightning attack ...``: the two commands.
+"""``python -m upi_lightning train|attack|compare ...``: the three commands.
 
-The same as ``upi-train ...`` and ``upi-attack ...`` (and the repository's ``train.py`` / ``attack.py``).
+The same as ``upi-train``, ``upi-attack`` and ``upi-compare`` (and the repository's ``train.py``,
+``attack.py`` and ``compare.py``).
 """
 
 import sys
 import warnings
 from collections.abc import Callable
 
-from upi_lightning import attack_cli, cli
+from upi_lightning import attack_cli, cli, compare_cli
 
-COMMANDS: dict[str, Callable[[list[str] | None], None]] = {"train": cli.main, "attack": attack_cli.main}
-USAGE = "usage: python -m upi_lightning {train,attack} [--help | options]"
+COMMANDS: dict[str, Callable[[list[str] | None], None]] = {
+    "train": cli.main,
+    "attack": attack_cli.main,
+    "compare": compare_cli.main,
+}
+USAGE = "usage: python -m upi_lightning {train,attack,compare} [--help | options]"
 
 
 def main(args: list[str] | None = None) -> None:

@@ -184,8 +184,15 @@ def data_parser() -> ArgumentParser:
 
 
 def attack_main(args: list[str] | None = None) -> Report | None:
-    """Entry point of ``attack.py``: parse, then attack in this process or in several (``--trainer.*``)."""
-    config = parse_attack_args(args)
+    """Entry point of ``attack.py``: parse, then :func:`run_attack`."""
+    return run_attack(parse_attack_args(args))
+
+
+def run_attack(config: Namespace) -> Report | None:
+    """Attack as :func:`parse_attack_args`' ``config`` says, in this process or in several (``--trainer.*``).
+
+    Returns the report (``None`` on the processes other than rank 0 of a multi-process run).
+    """
     devices: DeviceSettings = DeviceSettings(**vars(config.trainer))
     fabric = devices.fabric()
     identity = run_identity(config)

@@ -214,6 +214,49 @@ def map_cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
     return _degenerate_ratio((flat_a * flat_b).sum(dim=1), norm_a * norm_b, norm_a == 0, norm_b == 0)
 
 
+def topk_mass_share(maps: Tensor, k: int) -> Tensor:
+    """Share of each map's L1 mass in its ``k`` largest entries ``(N,)``: how concentrated the map is.
+
+    ``|map|`` is used; a flat map gives ``k / (H * W)``, a map on ``k`` pixels or fewer gives 1. An all-zero
+    map counts as flat (``k / (H * W)``).
+
+    Args:
+        maps: saliency maps ``(N, H, W)``.
+        k: size of the top set, ``1 <= k <= H * W``.
+
+    Raises:
+        UPIError: on maps that are not ``(N, H, W)`` or a bad ``k``.
+    """
+    if maps.dim() != 3:
+        raise UPIError(f"maps must be (N, H, W), got shape {tuple(maps.shape)}.")
+    flat = maps.flatten(1).abs()
+    check_k(k, flat.shape[1])
+    top = flat.gather(1, topk_indices(flat, k)).sum(dim=1)
+    total = flat.sum(dim=1)
+    flat_share = torch.full_like(total, k / flat.shape[1])
+    return torch.where(total > 0, top / torch.where(total > 0, total, torch.ones_like(total)), flat_share)
+
+
+def map_image_cosine(maps: Tensor, images: Tensor) -> Tensor:
+    """Cosine between ``|map|`` and its image averaged over channels, per sample ``(N,)``.
+
+    Near 1, the map is a copy of the image (as training on the map-image cosine can make it), not an
+    explanation of the prediction. Degenerate cases as :func:`map_cosine_similarity`.
+
+    Args:
+        maps: saliency maps ``(N, H, W)``.
+        images: their images ``(N, C, H, W)``.
+
+    Raises:
+        UPIError: when the images' ``(N, H, W)`` differ from the maps'.
+    """
+    if images.dim() != 4 or images.shape[:1] + images.shape[2:] != maps.shape:
+        raise UPIError(
+            f"images {tuple(images.shape)} must be (N, C, H, W) with (N, H, W) = the maps' {tuple(maps.shape)}."
+        )
+    return map_cosine_similarity(maps.abs(), images.mean(dim=1).to(maps.dtype))
+
+
 def _rescale_to_unit_max(maps: Tensor) -> Tensor:
     peak = maps.flatten(1).amax(dim=1).view(-1, 1, 1)
     return maps / torch.where(peak > 0, peak, torch.ones_like(peak))

@@ -7,6 +7,7 @@ through :func:`fit_method`, from the same :class:`~upi_lightning.attacks.setting
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from torch import Tensor, nn
 
@@ -82,8 +83,15 @@ def fit_method(
 
 
 def per_sample_deltas(model: nn.Module, budget: Budget, settings: MethodSettings) -> Callable[[Tensor, Tensor], Tensor]:
-    """``fn(x, y)`` running the per-sample attack (same objective as UPI-Grad) on a batch."""
+    """``fn(x, y)`` running the per-sample attack on a batch.
+
+    Its objective is UPI-Grad's, with ``baselines.per_sample_dissimilarity`` as ``D`` when set; restarts
+    and label holding as ``baselines`` says.
+    """
+    base = settings.baselines
     objective = settings.upi_grad.objective(settings.saliency, settings.k)
+    if base.per_sample_dissimilarity is not None:
+        objective = replace(objective, dissimilarity=base.per_sample_dissimilarity)
 
     def attack(x: Tensor, y: Tensor) -> Tensor:
         return fit_per_sample_attack(
@@ -92,8 +100,10 @@ def per_sample_deltas(model: nn.Module, budget: Budget, settings: MethodSettings
             y,
             budget.threat,
             objective=objective,
-            steps=settings.baselines.per_sample_steps,
+            steps=base.per_sample_steps,
             seed=settings.seed,
+            restarts=base.per_sample_restarts,
+            hold_label=base.per_sample_hold_label,
         )
 
     return attack

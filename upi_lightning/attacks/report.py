@@ -44,16 +44,19 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines += ["", f"## {norm} eps = {eps:g}", "", header, "|" + " --- |" * (len(TABLE_METRICS) + 3)]
         for row in rows:
             metrics = row["metrics"]
-            cells = []
-            for name in TABLE_METRICS:
-                std = metrics.get(f"{name}_std")
-                cells.append(f"{metrics[name]:.4f}" + (f" ± {std:.4f}" if std is not None else ""))
+            cells = [metric_cell(metrics, name) for name in TABLE_METRICS]
             ratio = f"{metrics['relative_l2'] / random_l2:.2f}x" if random_l2 else "-"
             lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {ratio} | {row['fit_seconds']:.1f} |")
         lines += ["", f"![maps]({figure_name(saliency, Budget(norm, eps))}.png)"]
     lines += ["", "Per-sample time is the whole per-sample attack on the evaluated samples."]
     lines += sweep_tables(report["results"], saliency) + transfer_tables(report.get("transfer", []))
     return "\n".join([*lines, ""])
+
+
+def metric_cell(metrics: dict[str, float], name: str) -> str:
+    """``metrics[name]`` to 4 decimals, ``± <name>_std`` when the row has it (random's draws)."""
+    std = metrics.get(f"{name}_std")
+    return f"{metrics[name]:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
 
 def relative_to_random(rows: list[dict[str, Any]], row: dict[str, Any]) -> str:

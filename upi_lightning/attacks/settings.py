@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from upi_lightning.attacks.engine import Schedule
-from upi_lightning.attacks.objective import UPI_PCA_SIGMA, ObjectiveSettings
+from upi_lightning.attacks.objective import DISSIMILARITIES, UPI_PCA_SIGMA, Dissimilarity, ObjectiveSettings
 from upi_lightning.captum_maps import CaptumSaliency
 from upi_lightning.errors import UPIError
 from upi_lightning.saliency import SaliencyMaps, SaliencySettings
@@ -105,14 +105,40 @@ class BaselineSettings:
     Attributes:
         random_draws: random universal perturbations of the same norm (mean and std reported).
         per_sample_steps: ascent steps of the per-sample attack (the upper bound).
+        per_sample_dissimilarity: ``D`` of the per-sample attack (``null``: UPI-Grad's); ``topk_mass`` is
+            Ghorbani et al. (2019)'s top-k attack (the clean top-k mass lost, with the run's ``k``).
+        per_sample_restarts: random restarts of the per-sample attack; each sample keeps the best iterate
+            of all of them.
+        per_sample_hold_label: only iterates that keep the model's prediction count (a sample with none
+            gets a zero perturbation), so the attack moves maps, not labels.
         uap_epochs: passes of the classification UAP (clamped cross-entropy).
         uap_clamp: cap of the clamped cross-entropy.
     """
 
     random_draws: int = 5
     per_sample_steps: int = 20
+    per_sample_dissimilarity: Dissimilarity | None = None
+    per_sample_restarts: int = 1
+    per_sample_hold_label: bool = False
     uap_epochs: int = 2
     uap_clamp: float = 10.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.random_draws >= 1, f"random_draws={self.random_draws}: draw at least 1"),
+            (self.per_sample_steps >= 1, f"per_sample_steps={self.per_sample_steps}: at least 1 step"),
+            (
+                self.per_sample_restarts >= 1,
+                f"per_sample_restarts={self.per_sample_restarts}: at least 1 (1 = a single random start)",
+            ),
+            (
+                self.per_sample_dissimilarity in (None, *DISSIMILARITIES),
+                f"per_sample_dissimilarity={self.per_sample_dissimilarity!r}: null or one of {DISSIMILARITIES}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UPIError(f"Invalid baselines setting {message}.")
 
 
 @dataclass
