@@ -77,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output", default="runs/study_training_modes", help="Output folder.")
     parser.add_argument("--epochs", type=int, default=2, help="Training epochs of every mode.")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="Modes to run.")
+    parser.add_argument(
+        "--modes", nargs="+", default=list(MODES), help="Modes: MODES, or NAME of any configs/<dataset>_NAME.yaml."
+    )
     parser.add_argument(
         "--stages", nargs="+", default=list(STAGES), choices=STAGES, help="Steps after the fit (e.g. test alone)."
     )
@@ -94,7 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--limit-batches", type=int, default=None, help="Batches per epoch and split (smoke runs).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default).")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    missing = [mode for mode in args.modes if not (REPO / "configs" / config_name(args.dataset, mode)).is_file()]
+    if missing:
+        first = config_name(args.dataset, missing[0])
+        parser.error(f"no config for modes {missing} on {args.dataset}: configs/{first} does not exist")
+    return args
 
 
 def robust_callbacks(dataset: str, eval_batch_size: int, robust_samples: int) -> list[dict[str, Any]]:
@@ -255,9 +262,10 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def finished_rows(output: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Table rows of every mode (in :data:`MODES` order) whose stages are all saved."""
+    """Table rows of every mode (:data:`MODES` first, then other variants by name) whose stages are all saved."""
     rows = []
-    for mode in MODES:
+    variants = sorted(path.parent.name for path in output.glob("*/fit.json") if path.parent.name not in MODES)
+    for mode in [*MODES, *variants]:
         fitted, tested = load_json(output / mode / "fit.json"), load_json(output / mode / "test.json")
         report = load_json(output / mode / "attack" / "report.json") if "attack" in args.stages else None
         if fitted is not None and tested is not None and ("attack" not in args.stages or report is not None):
