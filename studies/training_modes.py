@@ -1,22 +1,24 @@
-"""Train the MNIST small CNN in every training mode, then measure what each mode buys and costs.
+"""Train a small CNN in every training mode, then measure what each mode buys and costs.
 
 For each mode (standard, input-gradient norm, IR, UPI-adversarial, consistency, PGD-AT, and the
-literature's defenses: softplus, IG-NORM, IG-SUM-NORM, gradient consistency, attributional AT) this script
+literature's defenses: softplus, IG-NORM, IG-SUM-NORM, gradient consistency, attributional AT; or any
+variant with a ``configs/<dataset>_<name>.yaml``) on MNIST or the CIFAR-10 subset, this script
 
-1. trains ``configs/mnist[_<mode>].yaml`` for ``--epochs`` epochs (``train.py fit``), timing the fit;
+1. trains ``configs/<dataset>[_<mode>].yaml`` for ``--epochs`` epochs (``train.py fit``), timing the fit;
 2. tests the last checkpoint (``train.py test``): clean accuracy on the whole test set and PGD robust
-   accuracy (40 steps, random start) at Linf 0.1/0.2/0.3 and L2 1.5/2.5 on its first ``--robust-samples``;
-3. attacks it (``attack.py`` with ``configs/attack_mnist.yaml``) with UPI-Grad, UPI-PCA and random
-   noise at one fixed budget (L2 ``--upi-eps``), fitted on ``--attack-samples`` and evaluated on as many
-   held-out ones,
+   accuracy (40 steps, random start) at the dataset's budgets on its first ``--robust-samples``;
+3. runs the comparison protocol (``compare.py`` with ``configs/compare_<dataset>.yaml``) on every mode
+   trained so far, into ``--protocol-output``: each attack fitted on the model it evaluates, clean and PGD
+   accuracy, map concentration; ``compare.md`` / ``compare.json`` / ``compare.png`` there,
 
-and writes ``table.md`` / ``table.json`` under ``--output`` from every mode finished so far. Each step's
-result is saved as it finishes and skipped when present, so an interrupted study resumes where it
-stopped, and several invocations with disjoint ``--modes`` can run side by side. The configs each run used
-(with the study's overrides: epochs, output folder, data root, fewer PGD steps and IR teacher samples when asked)
-are written to ``<output>/configs``.
+and writes ``table.md`` / ``table.json`` under ``--output`` from every mode fitted and tested so far. Each
+step's result is saved as it finishes and skipped when present (the protocol resumes per model), so an
+interrupted study resumes where it stopped, and several invocations with disjoint ``--modes`` can run side
+by side. The configs each run used (with the study's overrides: epochs, output folder, data, fewer PGD
+steps, IR teacher samples and IG points when asked) are written to ``<output>/configs``.
 
-Run: ``python studies/training_modes.py --data-root data --epochs 2``
+Run: ``python studies/training_modes.py --data-root data --epochs 3`` (``studies/defenses_gpu.sh`` runs
+it on a GPU machine, several modes side by side).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from upi_lightning.attack_cli import attack_main  # noqa: E402
 from upi_lightning.cli import train_cli  # noqa: E402
+from upi_lightning.compare_cli import compare_main  # noqa: E402
 from upi_lightning.errors import run_reporting_errors  # noqa: E402
 from upi_lightning.eta import TimeLeft  # noqa: E402
 from upi_lightning.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -63,9 +65,8 @@ ROBUST_BUDGETS = {
     "cifar10_subset": [("linf", 2 / 255), ("linf", 8 / 255), ("l2", 0.25), ("l2", 0.5)],
 }
 """PGD robust accuracy budgets per dataset (MNIST: IR's evaluation; CIFAR: the usual 8/255 and L2 0.5)."""
-STAGES = ("test", "attack")
-"""What runs after each fit: PGD robust accuracy (``train.py test``) and the UPI attacks (``attack.py``)."""
-UPI_METHODS = ("upi_grad", "upi_pca", "random")
+STAGES = ("test", "protocol")
+"""What runs after the fits: PGD robust accuracy (``train.py test``), the comparison protocol (``compare.py``)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,8 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stages", nargs="+", default=list(STAGES), choices=STAGES, help="Steps after the fit (e.g. test alone)."
     )
     parser.add_argument("--robust-samples", type=int, default=500, help="Test images attacked by PGD.")
-    parser.add_argument("--attack-samples", type=int, default=1000, help="UPI fit and held-out samples (each).")
-    parser.add_argument("--upi-eps", type=float, default=1.0, help="L2 radius of the UPI attacks.")
+    parser.add_argument("--protocol-output", default=None, help="The protocol's folder (default: <output>/protocol).")
     parser.add_argument(
         "--pgd-train-steps", type=int, default=None, help="PGD steps of the PGD-trained modes (None: the configs' 40)."
     )
@@ -187,45 +187,35 @@ def test(config: Path, ckpt: str, out: Path) -> dict[str, float]:
     return metrics
 
 
-def attack(ckpt: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """``attack.py``: UPI-Grad, UPI-PCA and random noise at L2 ``--upi-eps``."""
-    done = load_json(out / "attack" / "report.json")
-    if done is not None:
-        return done
-    return attack_main(
+def protocol(args: argparse.Namespace) -> None:
+    """``compare.py`` on every mode fitted so far (each model's attacks resume from its folder)."""
+    output = Path(args.output)
+    fitted = {mode: load_json(output / mode / "fit.json") for mode in modes_in(output)}
+    models = [f"{mode}={result['ckpt']}" for mode, result in fitted.items() if result is not None]
+    if len(models) < 2:
+        print("protocol: fewer than two modes fitted yet, nothing to compare", flush=True)
+        return
+    compare_main(
         [
             "--config",
-            str(REPO / "configs" / f"attack_{args.dataset}.yaml"),
-            "--ckpt",
-            ckpt,
+            str(REPO / "configs" / f"compare_{args.dataset}.yaml"),
             f"--data.init_args.{DATASETS[args.dataset]}",
             args.data_root,
-            "--attack.budgets",
-            json.dumps([{"norm": "l2", "eps": args.upi_eps}]),
-            "--attack.methods",
-            json.dumps(list(UPI_METHODS)),
-            "--attack.fit_samples",
-            str(args.attack_samples),
-            "--attack.eval_samples",
-            str(args.attack_samples),
             "--output",
-            str(out / "attack"),
+            args.protocol_output or str(output / "protocol"),
             "--progress",
             "false",
+            "--models",
+            *models,
         ]
     )
 
 
-def row_of(
-    mode: str, dataset: str, fit_result: dict[str, Any], metrics: dict[str, float], report: dict[str, Any] | None
-) -> dict[str, Any]:
-    """One table row from the fit time, the test metrics and (when run) the attack report of a mode."""
+def row_of(mode: str, dataset: str, fit_result: dict[str, Any], metrics: dict[str, float]) -> dict[str, Any]:
+    """One table row from the fit time and the test metrics of a mode."""
     row: dict[str, Any] = {"mode": mode, "clean_acc": metrics["test/acc"]}
     for norm, eps in ROBUST_BUDGETS[dataset]:
         row[f"robust_{norm}_{eps:g}"] = metrics[f"test/robust_acc_{norm}_{eps:g}"]
-    for result in [] if report is None else report["results"]:
-        row[f"{result['method']}_relative_l2"] = result["metrics"]["relative_l2"]
-        row[f"{result['method']}_topk"] = result["metrics"]["topk_intersection"]
     row["seconds_per_epoch"] = fit_result["seconds"] / max(1, fit_result["epochs"])
     return row
 
@@ -234,19 +224,10 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """The table as Markdown, time per epoch also as a multiple of the standard mode's."""
     standard = next((row["seconds_per_epoch"] for row in rows if row["mode"] == "standard"), None)
     budgets = ROBUST_BUDGETS[args.dataset]
-    robust = [f"{norm} {eps:.4g}" for norm, eps in budgets]
-    methods = [method for method in UPI_METHODS if "attack" in args.stages]
-    upi = [f"{method} {metric}" for method in methods for metric in ("rel. L2", "top-k")]
-    header = ["mode", "clean acc", *robust, *upi, "s / epoch", "x standard"]
+    header = ["mode", "clean acc", *(f"{norm} {eps:.4g}" for norm, eps in budgets), "s / epoch", "x standard"]
     lines = [
         f"{args.dataset}: PGD robust accuracy (40 steps) on the first {args.robust_samples} test images; "
-        + (
-            f"UPI budget L2 {args.upi_eps:g} (fit on {args.attack_samples}, evaluated on {args.attack_samples} "
-            "held-out); "
-            if methods
-            else ""
-        )
-        + f"{args.epochs} epochs per mode.",
+        f"{args.epochs} epochs per mode.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
@@ -254,22 +235,25 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for row in rows:
         cells = [row["mode"], f"{row['clean_acc']:.4f}"]
         cells += [f"{row[f'robust_{norm}_{eps:g}']:.3f}" for norm, eps in budgets]
-        cells += [f"{row[f'{method}_{key}']:.4f}" for method in methods for key in ("relative_l2", "topk")]
         cells.append(f"{row['seconds_per_epoch']:.1f}")
         cells.append(f"{row['seconds_per_epoch'] / standard:.2f}x" if standard else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def finished_rows(output: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Table rows of every mode (:data:`MODES` first, then other variants by name) whose stages are all saved."""
-    rows = []
+def modes_in(output: Path) -> list[str]:
+    """The modes with a folder in ``output``: :data:`MODES` first, then other variants by name."""
     variants = sorted(path.parent.name for path in output.glob("*/fit.json") if path.parent.name not in MODES)
-    for mode in [*MODES, *variants]:
+    return [mode for mode in [*MODES, *variants] if (output / mode).is_dir()]
+
+
+def finished_rows(output: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Table rows of every mode whose fit and test are saved."""
+    rows = []
+    for mode in modes_in(output):
         fitted, tested = load_json(output / mode / "fit.json"), load_json(output / mode / "test.json")
-        report = load_json(output / mode / "attack" / "report.json") if "attack" in args.stages else None
-        if fitted is not None and tested is not None and ("attack" not in args.stages or report is not None):
-            rows.append(row_of(mode, args.dataset, fitted, tested, report))
+        if fitted is not None and tested is not None:
+            rows.append(row_of(mode, args.dataset, fitted, tested))
     return rows
 
 
@@ -284,22 +268,20 @@ def main(argv: list[str] | None = None) -> None:
     time_left = TimeLeft(len(args.modes))
     for mode in args.modes:
         out = output / mode
-        computed = load_json(out / "test.json") is None or (
-            "attack" in args.stages and load_json(out / "attack" / "report.json") is None
-        )
+        computed = load_json(out / "test.json") is None
         config = mode_config(mode, args, teacher)
         fit_result = fit(mode, config, out)
         if mode == "standard":
             teacher = Path(fit_result["ckpt"])
         if "test" in args.stages:
             test(config, fit_result["ckpt"], out)
-        if "attack" in args.stages:
-            attack(fit_result["ckpt"], args, out)
         rows = finished_rows(output, args)
         atomic_write_json(output / "table.json", rows)
         atomic_write_text(output / "table.md", markdown(rows, args))
         print(markdown(rows, args), flush=True)
         print(f"{mode}: {time_left.step(computed)}", flush=True)
+    if "protocol" in args.stages:
+        protocol(args)
 
 
 if __name__ == "__main__":
