@@ -134,6 +134,14 @@ def test_a_missing_teacher_checkpoint_is_reported(tmp_path: Path) -> None:
         regularizer.on_fit_start(Classifier(mean=[0.5], std=[0.25]))
 
 
+def test_a_teacher_trained_on_other_data_is_reported(teacher_ckpt: Path) -> None:
+    regularizer = InterpretationRegularization(str(teacher_ckpt))
+    student = Classifier(input_shape=(3, 4, 4), num_classes=CLASSES, mean=[0.5] * 3, std=[0.25] * 3)
+    with pytest.raises(UPIError, match=r"trained on images \(1, 4, 4\) with 3 classes.*\(3, 4, 4\)"):
+        regularizer.on_fit_start(student)
+    regularizer.on_fit_start(Classifier(input_shape=SHAPE, num_classes=CLASSES, mean=[0.5], std=[0.25]))
+
+
 def test_the_teacher_is_the_network_of_the_classifier_checkpoint(tmp_path: Path) -> None:
     # load_teacher rebuilds the network without the LightningModule: the same network as
     # Classifier.load_from_checkpoint(...).net, with the same draws from the global generator

@@ -38,18 +38,30 @@ NET_PREFIX = "net."
 """Prefix of the network's entries in a ``Classifier`` ``state_dict`` (the attribute ``Classifier.net``)."""
 
 
-def load_teacher(path: Path) -> nn.Sequential:
+def load_teacher(path: Path, data: tuple[tuple[int, ...], int] | None = None) -> nn.Sequential:
     """Return ``Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True).net``.
 
     The network is rebuilt with :func:`~upi_lightning.models.build_classifier` from the checkpoint's
     hyperparameters, exactly as ``Classifier.__init__`` builds it (same modules, same draws from the
     global random generator), then its ``net.*`` weights are loaded strictly.
 
+    Args:
+        path: the teacher's checkpoint.
+        data: ``(input_shape, num_classes)`` of the student's data, checked against the teacher's.
+
     Raises:
-        UPIError: if the checkpoint lacks a hyperparameter of the classifier's network.
+        UPIError: if the checkpoint lacks a hyperparameter of the classifier's network, or was trained on
+            images or classes other than ``data``.
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     hparams = checkpoint.get(LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, {})
+    trained = (tuple(hparams.get("input_shape", ())), int(hparams.get("num_classes", 0)))
+    if data is not None and "input_shape" in hparams and trained != (tuple(data[0]), int(data[1])):
+        raise UPIError(
+            f"IR teacher checkpoint {path} was trained on images {trained[0]} with {trained[1]} classes, but the "
+            f"model being trained takes images {tuple(data[0])} with {data[1]} classes; give a teacher trained "
+            "on the same data."
+        )
     try:
         net = build_classifier(
             hparams["arch"],
@@ -132,6 +144,7 @@ class InterpretationRegularization(Regularizer):
         self.threshold = threshold
         self.cache_targets = cache_targets
         self._teacher: nn.Module | None = None
+        self._data: tuple[tuple[int, ...], int] | None = None  # the student's (input_shape, num_classes)
         self._cache = SampleCache(storage="cpu")
 
     def teacher(self, device: torch.device) -> nn.Module:
@@ -147,7 +160,7 @@ class InterpretationRegularization(Regularizer):
                     f"IR teacher checkpoint {path} not found; train a teacher first (e.g. train.py fit "
                     "--config configs/mnist.yaml) and set teacher_ckpt to its checkpoint."
                 )
-            self._teacher = load_teacher(path).eval().requires_grad_(False)
+            self._teacher = load_teacher(path, self._data).eval().requires_grad_(False)
         return self._teacher.to(device)
 
     def teacher_targets(self, x: Tensor, y: Tensor) -> Tensor:
@@ -177,5 +190,6 @@ class InterpretationRegularization(Regularizer):
         return self.l_cs * (1 - cosine.mean()) + self.l_gm * torch.linalg.vector_norm(grad)
 
     def on_fit_start(self, module: LightningModule) -> None:
-        """Load the teacher now, so a wrong path fails before training starts."""
+        """Load the teacher now, so a wrong path or a teacher of other data fails before training starts."""
+        self._data = (tuple(module.hparams["input_shape"]), int(module.hparams["num_classes"]))
         self.teacher(module.device)
