@@ -1,7 +1,8 @@
 """Why UPI-adversarial training did not harden maps, and which change does: short MNIST runs of its variants.
 
-Each variant is ``configs/mnist_upi_adv.yaml`` with some ``UPIAdversarial`` options replaced (or the
-standard model, no regularizer), trained for ``--steps`` steps; the script then
+Each variant is ``configs/mnist_upi_adv_l2.yaml`` (the mode as configured before issue 15) with some
+``UPIAdversarial`` options (and, under ``model``, some model options) replaced (or the standard model, no
+regularizer), trained for ``--steps`` steps; the script then
 
 1. reads the mode's diagnostics from TensorBoard (``train/upi_adversarial/*``: the L2 norm of the mean
    gradient w.r.t. ``delta``, how far ``delta`` moved per update, the term's parts), averaged over the
@@ -33,7 +34,7 @@ from upi_lightning.io import atomic_write_json, atomic_write_text
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "standard": None,
-    "l2 (the config)": {},
+    "l2 (issue-6 config)": {},
     "cosine": {"weight": 5.0, "objective": {"saliency": {"method": "gradient"}, "dissimilarity": "cosine"}},
     "cosine + 1 random": {
         "weight": 5.0,
@@ -50,6 +51,12 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
         "random_draws": 1,
         "adversarial_ce": 1.0,
         "objective": {"saliency": {"method": "gradient"}, "dissimilarity": "cosine"},
+    },
+    "cosine + CE(x+delta), softplus network": {
+        "weight": 5.0,
+        "adversarial_ce": 1.0,
+        "objective": {"saliency": {"method": "gradient"}, "dissimilarity": "cosine"},
+        "model": {"activation": "softplus", "softplus_beta": 10.0},
     },
     "cosine, update every step": {
         "weight": 5.0,
@@ -68,7 +75,7 @@ def slug(name: str) -> str:
 def variant_config(name: str, args: argparse.Namespace) -> Path:
     """Write the config of variant ``name``; return its path."""
     overrides = VARIANTS[name]
-    config = yaml.safe_load((REPO / "configs" / "mnist_upi_adv.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "mnist_upi_adv_l2.yaml").read_text())
     trainer = config["trainer"]
     trainer.update(max_epochs=None, max_steps=args.steps, log_every_n_steps=10, callbacks=[])
     trainer["logger"]["init_args"].update(save_dir=str(Path(args.output)), name=slug(name), version="fit")
@@ -76,7 +83,9 @@ def variant_config(name: str, args: argparse.Namespace) -> Path:
     if overrides is None:
         config["model"].pop("regularizers")
     else:
-        config["model"]["regularizers"][0]["init_args"].update(overrides)
+        options = dict(overrides)
+        config["model"].update(options.pop("model", {}))
+        config["model"]["regularizers"][0]["init_args"].update(options)
     path = Path(args.output) / "configs" / f"{slug(name)}.yaml"
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
     return path
