@@ -1,7 +1,8 @@
 """Why UPI-adversarial training did not harden maps, and which change does: short MNIST runs of its variants.
 
 Each variant is ``configs/mnist_upi_adv_l2.yaml`` (the mode as configured before issue 15) with some
-``UPIAdversarial`` options (and, under ``model``, some model options) replaced (or the standard model, no
+``UPIAdversarial`` options (and, under ``model``, some model options; under ``regularizers``, terms added)
+replaced (or the standard model, no
 regularizer), trained for ``--steps`` steps; the script then
 
 1. reads the mode's diagnostics from TensorBoard (``train/upi_adversarial/*``: the L2 norm of the mean
@@ -58,6 +59,17 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
         "objective": {"saliency": {"method": "gradient"}, "dissimilarity": "cosine"},
         "model": {"activation": "softplus", "softplus_beta": 10.0},
     },
+    "cosine + CE(x+delta) + IR": {
+        "weight": 5.0,
+        "adversarial_ce": 1.0,
+        "objective": {"saliency": {"method": "gradient"}, "dissimilarity": "cosine"},
+        "regularizers": [
+            {
+                "class_path": "upi_lightning.regularizers.InterpretationRegularization",
+                "init_args": {"teacher_ckpt": "runs/study15/mnist/standard/fit/checkpoints/last.ckpt", "n_samples": 10},
+            }
+        ],
+    },
     "cosine, update every step": {
         "weight": 5.0,
         "every_n_steps": 1,
@@ -85,6 +97,7 @@ def variant_config(name: str, args: argparse.Namespace) -> Path:
     else:
         options = dict(overrides)
         config["model"].update(options.pop("model", {}))
+        config["model"]["regularizers"].extend(options.pop("regularizers", []))
         config["model"]["regularizers"][0]["init_args"].update(options)
     path = Path(args.output) / "configs" / f"{slug(name)}.yaml"
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
