@@ -112,9 +112,8 @@ def diagnostics(logs: Path) -> dict[str, float]:
     for tag in events.Tags()["scalars"]:
         if tag.startswith("train/upi_adversarial") and not tag.endswith("_epoch"):
             values = [event.value for event in events.Scalars(tag)]
-            summary[tag.removeprefix("train/upi_adversarial").strip("/") or "term"] = statistics.fmean(
-                values[len(values) // 2 :]
-            )
+            key = tag.removeprefix("train/upi_adversarial").strip("/")
+            summary["term" if key == "_step" else key] = statistics.fmean(values[len(values) // 2 :])
     return summary
 
 
