@@ -319,7 +319,11 @@ def printed_config(config: str, capsys: pytest.CaptureFixture[str], monkeypatch:
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("config", MODE_CONFIGS)
+UPI_ADVERSARIAL_VARIANTS = ["mnist_upi_adv_relu.yaml", "mnist_upi_adv_l2.yaml", "mnist_upi_adv_every_step.yaml"]
+"""The UPI-adversarial configurations measured against the default one (docs/RESULTS.md, issue 15)."""
+
+
+@pytest.mark.parametrize("config", [*MODE_CONFIGS, *UPI_ADVERSARIAL_VARIANTS])
 def test_mode_configs_parse_and_print(
     config: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -332,6 +336,14 @@ def test_softplus_configs_train_a_softplus_network(
 ) -> None:
     printed = printed_config(f"{dataset}_softplus.yaml", capsys, monkeypatch)
     assert "activation: softplus" in printed and "softplus_beta: 10.0" in printed
+
+
+def test_the_mnist_upi_adversarial_config_trains_a_softplus_network_on_the_cosine_and_cross_entropy(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    printed = printed_config("mnist_upi_adv.yaml", capsys, monkeypatch)
+    assert "activation: softplus" in printed and "dissimilarity: cosine" in printed
+    assert "adversarial_ce: 1.0" in printed
 
 
 def test_nesterov_without_momentum_is_refused() -> None:
