@@ -26,6 +26,7 @@ from upi_lightning.plots import (
     ratio_heat_map,
     saliency_figure,
     save_figure,
+    series_looks,
 )
 from upi_lightning.plots.output import FILE_DPI, SCREEN_DPI
 from upi_lightning.plots.style import METHOD_STYLES, OKABE_ITO
@@ -252,3 +253,11 @@ def test_comparison_figure_draws_a_bar_per_model_in_each_method_group_and_random
         assert sum(isinstance(container, ErrorbarContainer) for container in ax.containers) == 2  # random's
     colors = {tuple(patch.get_facecolor()) for patch in visible[0].patches}
     assert len(colors) == 2  # one colour per model
+
+
+def test_every_one_of_many_compared_models_keeps_its_own_look() -> None:
+    models = [f"model{i}" for i in range(13)]
+    looks = series_looks(models)
+    assert len(set(looks.values())) == 13  # past the 8 colours, hatches tell them apart
+    figure = comparison_figure([Bar("cosine", "random", model, 0.5) for model in models], columns=1)
+    assert len({(tuple(p.get_facecolor()), p.get_hatch()) for p in figure.axes[0].patches}) == 13

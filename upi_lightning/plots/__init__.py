@@ -17,7 +17,7 @@ norm and eps (:func:`budget_title`).
 """
 
 from upi_lightning.plots.charts import Curve, chart_grid, dashboard_figure
-from upi_lightning.plots.comparison import Bar, comparison_figure
+from upi_lightning.plots.comparison import Bar, comparison_figure, series_looks
 from upi_lightning.plots.heatmap import ratio_heat_map
 from upi_lightning.plots.maps import perturbation_figure, saliency_figure
 from upi_lightning.plots.output import figure_image, save_figure, write_figure
@@ -37,5 +37,6 @@ __all__ = [
     "ratio_heat_map",
     "saliency_figure",
     "save_figure",
+    "series_looks",
     "write_figure",
 ]
