@@ -93,9 +93,11 @@ def arithmetic_count(regularizer: Regularizer | None) -> tuple[float, str]:
             return DOUBLE_BACKPROP, "double backprop 3 (teacher targets cached)"
         case UPIAdversarial():
             update = (1 + DOUBLE_BACKPROP) * regularizer.ascent_steps / regularizer.every_n_steps
-            return 2 + DOUBLE_BACKPROP + update, (
-                f"clean 1 + clean maps 1 + double backprop 3 + (1 + 3) x {regularizer.ascent_steps} ascent / "
-                f"{regularizer.every_n_steps} steps"
+            copies = 1 + regularizer.random_draws
+            ce = 1 if regularizer.adversarial_ce > 0 else 0
+            return 2 + copies * DOUBLE_BACKPROP + ce + update, (
+                f"clean 1 + clean maps 1 + double backprop 3 x {copies} + CE(x + delta) {ce} + (1 + 3) x "
+                f"{regularizer.ascent_steps} ascent / {regularizer.every_n_steps} steps"
             )
         case AttributionalAdversarial():
             points = regularizer.n_steps if regularizer.method == "integrated_gradients" else 1
