@@ -1,14 +1,15 @@
 """Why UPI-adversarial training did not harden maps, and which change does: short MNIST runs of its variants.
 
 Each variant is ``configs/mnist_upi_adv_l2.yaml`` (the mode as configured before issue 15) with some
-``UPIAdversarial`` options (and, under ``model``, some model options; under ``regularizers``, terms added)
-replaced (or the standard model, no
+``UPIAdversarial`` options (and, under ``model``, some model options) replaced (or the standard model, no
 regularizer), trained for ``--steps`` steps; the script then
 
 1. reads the mode's diagnostics from TensorBoard (``train/upi_adversarial/*``: the L2 norm of the mean
    gradient w.r.t. ``delta``, how far ``delta`` moved per update, the term's parts), averaged over the
    last half of training;
-2. attacks the checkpoint with ``attack.py`` (``configs/attack_mnist.yaml``: UPI-Grad and random noise
+2. profiles its clean maps (top-k mass share, map-image cosine: is a stable map merely peaked, or unlike
+   the image?) on the attack's held-out samples;
+3. attacks the checkpoint with ``attack.py`` (``configs/attack_mnist.yaml``: UPI-Grad and random noise
    at L2 ``--upi-eps``, fitted on ``--attack-samples`` and evaluated on as many held-out samples),
 
 and writes ``table.md`` / ``table.json`` under ``--output`` from every variant finished so far. Each step is
@@ -25,11 +26,17 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from training_modes import REPO, fit, load_json
 
 from upi_lightning.attack_cli import attack_main
+from upi_lightning.attacks.profile import clean_map_profile
+from upi_lightning.attacks.runner import attack_loaders
+from upi_lightning.attacks.settings import AttackSettings
+from upi_lightning.checkpoints import load_classifier
+from upi_lightning.data import MNISTDataModule
 from upi_lightning.errors import run_reporting_errors
 from upi_lightning.io import atomic_write_json, atomic_write_text
 
@@ -59,17 +66,6 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
         "objective": {"saliency": {"method": "gradient"}, "dissimilarity": "cosine"},
         "model": {"activation": "softplus", "softplus_beta": 10.0},
     },
-    "cosine + CE(x+delta) + IR": {
-        "weight": 5.0,
-        "adversarial_ce": 1.0,
-        "objective": {"saliency": {"method": "gradient"}, "dissimilarity": "cosine"},
-        "regularizers": [
-            {
-                "class_path": "upi_lightning.regularizers.InterpretationRegularization",
-                "init_args": {"teacher_ckpt": "runs/study15/mnist/standard/fit/checkpoints/last.ckpt", "n_samples": 10},
-            }
-        ],
-    },
     "cosine, update every step": {
         "weight": 5.0,
         "every_n_steps": 1,
@@ -97,7 +93,6 @@ def variant_config(name: str, args: argparse.Namespace) -> Path:
     else:
         options = dict(overrides)
         config["model"].update(options.pop("model", {}))
-        config["model"]["regularizers"].extend(options.pop("regularizers", []))
         config["model"]["regularizers"][0]["init_args"].update(options)
     path = Path(args.output) / "configs" / f"{slug(name)}.yaml"
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
@@ -137,11 +132,30 @@ def attack(ckpt: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return report
 
 
-def row_of(name: str, fit_result: dict[str, Any], report: dict[str, Any], logs: dict[str, float]) -> dict[str, Any]:
-    """One table row: fit time, clean accuracy, each method's metrics, the diagnostics."""
+def map_profile(ckpt: str, args: argparse.Namespace) -> dict[str, float]:
+    """Top-k mass share and map-image cosine of the clean maps of the attack's held-out samples."""
+    datamodule = MNISTDataModule(root=args.data_root, eval_batch_size=500)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    settings = AttackSettings(fit_samples=args.attack_samples, eval_samples=args.attack_samples)
+    evaluated = attack_loaders(datamodule, settings)[1]
+    return clean_map_profile(load_classifier(ckpt, torch.device("cpu")).eval(), evaluated, settings)
+
+
+def row_of(
+    name: str, fit_result: dict[str, Any], report: dict[str, Any], logs: dict[str, float], profile: dict[str, float]
+) -> dict[str, Any]:
+    """One table row: fit time, clean accuracy, the map profile, each method's metrics, the diagnostics."""
     methods = {r["method"]: {key: r["metrics"][key] for key in METRICS} for r in report["results"]}
     clean = report["results"][0]["metrics"]["clean_accuracy"]
-    return {"variant": name, "seconds": fit_result["seconds"], "clean_accuracy": clean, **methods, "diagnostics": logs}
+    return {
+        "variant": name,
+        "seconds": fit_result["seconds"],
+        "clean_accuracy": clean,
+        "profile": profile,
+        **methods,
+        "diagnostics": logs,
+    }
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -150,9 +164,10 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"UPI-adversarial variants: MNIST small CNN, {args.steps} training steps, attacks at L2 eps {args.upi_eps} "
         f"(fit {args.attack_samples} / eval {args.attack_samples}); diagnostics: mean over the last half of "
         "training.\n\n"
-        "| variant | fit s | clean acc | UPI-Grad top-k / Kendall / Spearman / cosine | random top-k / Kendall / "
-        "Spearman / cosine | grad norm wrt delta | delta moved / update | term delta | term random |\n"
-        "|---|---:|---:|---|---|---:|---:|---:|---:|\n"
+        "| variant | fit s | clean acc | top-k mass / map-image cos | UPI-Grad top-k / Kendall / Spearman / cosine | "
+        "random top-k / Kendall / Spearman / cosine | grad norm wrt delta | delta moved / update | term delta | "
+        "term random |\n"
+        "|---|---:|---:|---|---|---|---:|---:|---:|---:|\n"
     )
     lines = []
     for row in rows:
@@ -163,9 +178,9 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             for k in ("delta_grad_norm", "delta_step", "term_delta", "term_random")
         ]
         lines.append(
-            f"| {row['variant']} | {row['seconds']:.0f} | {row['clean_accuracy']:.4f} | {cells[0]} | {cells[1]} | "
-            + " | ".join(extra)
-            + " |"
+            f"| {row['variant']} | {row['seconds']:.0f} | {row['clean_accuracy']:.4f} | "
+            f"{row['profile']['topk_mass_share']:.3f} / {row['profile']['map_image_cosine']:.3f} | "
+            f"{cells[0]} | {cells[1]} | " + " | ".join(extra) + " |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -186,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         fitted = fit(name, variant_config(name, args), out)
         report = attack(fitted["ckpt"], args, out)
         logs = diagnostics(output / slug(name) / "fit") if VARIANTS[name] is not None else {}
-        atomic_write_json(out / "row.json", row_of(name, fitted, report, logs))
+        saved = load_json(out / "row.json")
+        profile = saved["profile"] if saved is not None and "profile" in saved else map_profile(fitted["ckpt"], args)
+        atomic_write_json(out / "row.json", row_of(name, fitted, report, logs, profile))
     rows = [load_json(output / slug(name) / "row.json") for name in VARIANTS]
     finished = [row for row in rows if row is not None]
     atomic_write_json(output / "table.json", finished)
