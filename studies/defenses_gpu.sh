@@ -109,7 +109,7 @@ group mnist "$mnist" pgd pgd attributional_adv &
 ig_group mnist "$mnist" ig_norm "${ig_mnist[@]}" &
 ig_group mnist "$mnist" ig_sum_norm "${ig_mnist[@]}" &
 group mnist "$mnist" upi_a upi_adv upi_adv_l2 &
-group mnist "$mnist" upi_b upi_adv_every_step upi_adv_random upi_adv_softplus &
+group mnist "$mnist" upi_b upi_adv_relu upi_adv_every_step &
 group cifar10_subset "$cifar" base standard ir input_grad softplus gradient_consistency consistency upi_adv &
 group cifar10_subset "$cifar" pgd pgd attributional_adv &
 ig_group cifar10_subset "$cifar" ig_norm "${ig_cifar[@]}" &
