@@ -31,7 +31,16 @@ from functools import partial
 
 import torch
 from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
-from harness import MODELS, benchmark_model, interleaved_seconds, machine_line, set_threads, timed, write_json
+from harness import (
+    MODELS,
+    add_run_arguments,
+    benchmark_model,
+    interleaved_seconds,
+    machine_line,
+    set_threads,
+    timed,
+    write_json,
+)
 from torch import Tensor, nn
 
 from upi_lightning.attribution import attribution
@@ -48,9 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n-samples", type=int, default=16, help="SmoothGrad noisy copies")
     parser.add_argument("--sigma", type=float, default=0.15, help="SmoothGrad noise std (pixel units)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median kept)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; 0 = torch's default")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    add_run_arguments(parser)
     return parser.parse_args()
 
 

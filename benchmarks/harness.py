@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -75,6 +76,13 @@ def interleaved_seconds(fns: dict[Key, Callable[[], float]], repeats: int, warmu
             if round_index >= warmup:
                 times[key].append(seconds)
     return times
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, threads: int = 2) -> None:
+    """``--device``, ``--threads`` (default ``threads``; 0 = torch's default) and ``--json``: every script's."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=threads, help="torch.set_num_threads; 0 = torch's default")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
 
 
 def set_threads(threads: int) -> None:

@@ -19,7 +19,15 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from harness import MODELS, benchmark_model, interleaved_seconds, machine_line, set_threads, write_json
+from harness import (
+    MODELS,
+    add_run_arguments,
+    benchmark_model,
+    interleaved_seconds,
+    machine_line,
+    set_threads,
+    write_json,
+)
 from upi_step_cost import upi_step_fn
 
 from upi_lightning.attacks.objective import UPIObjective
@@ -39,9 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
     parser.add_argument("--norm", choices=("l2", "linf"), default="l2")
     parser.add_argument("--eps", type=float, default=1.0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; 0 = torch's default")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    add_run_arguments(parser)
     return parser.parse_args()
 
 

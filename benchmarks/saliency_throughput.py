@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from harness import MODELS, benchmark_model, machine_line, median_seconds, set_threads, write_json
+from harness import MODELS, add_run_arguments, benchmark_model, machine_line, median_seconds, set_threads, write_json
 from torch import Tensor, nn
 
 from upi_lightning.saliency import SALIENCY_METHODS, saliency_map
@@ -32,14 +32,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--loop-samples", type=int, default=8, help="images timed in the per-sample loop")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (median kept)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch.set_num_threads; 1 keeps CPU timings stable on a shared machine, 0 = torch's default",
-    )
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    add_run_arguments(parser, threads=1)  # 1 thread keeps CPU timings stable on a shared machine
     return parser.parse_args()
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 import yaml
-from harness import interleaved_seconds, machine_line, set_threads, write_json
+from harness import add_run_arguments, interleaved_seconds, machine_line, set_threads, write_json
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -129,9 +129,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each fit")
     parser.add_argument("--repeats", type=int, default=2, help="fits per mode (minimum kept)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; 0 = torch's default")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    add_run_arguments(parser)
     return parser.parse_args()
 
 

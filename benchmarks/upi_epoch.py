@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from harness import MODELS, benchmark_model, machine_line, set_threads, timed, write_json
+from harness import MODELS, add_run_arguments, benchmark_model, machine_line, set_threads, timed, write_json
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -42,9 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=50_000)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; 0 = torch's default")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    add_run_arguments(parser)
     return parser.parse_args()
 
 

@@ -25,7 +25,16 @@ import copy
 import statistics
 
 import torch
-from harness import MODELS, benchmark_model, machine_line, median_seconds, set_threads, train_step_fn, write_json
+from harness import (
+    MODELS,
+    add_run_arguments,
+    benchmark_model,
+    machine_line,
+    median_seconds,
+    set_threads,
+    train_step_fn,
+    write_json,
+)
 from torch import Tensor
 
 from upi_lightning.attacks.objective import UPIObjective
@@ -46,9 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     parser.add_argument("--sigma", type=float, default=0.1, help="smoothing noise std (pixel units), > 0")
     parser.add_argument("--beta", type=float, default=10.0, help="softplus surrogate beta; 0 = the ReLU model")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; 0 = torch's default")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    add_run_arguments(parser)
     return parser.parse_args()
 
 

@@ -30,7 +30,16 @@ import time
 from collections.abc import Callable
 
 import torch
-from harness import MODELS, benchmark_model, interleaved_seconds, machine_line, set_threads, train_step_fn, write_json
+from harness import (
+    MODELS,
+    add_run_arguments,
+    benchmark_model,
+    interleaved_seconds,
+    machine_line,
+    set_threads,
+    train_step_fn,
+    write_json,
+)
 from torch import Tensor, nn
 
 from upi_lightning.attacks.objective import UPIObjective
@@ -50,14 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=10.0, help="softplus surrogate beta")
     parser.add_argument("--norm", choices=("l2", "linf"), default="l2")
     parser.add_argument("--eps", type=float, default=1.0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=2,
-        help="torch.set_num_threads; 0 = torch's default",
-    )
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    add_run_arguments(parser)
     return parser.parse_args()
 
 

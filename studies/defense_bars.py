@@ -86,8 +86,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cost", type=float, default=None, help="measured time per epoch of --upi-mode / standard")
     parser.add_argument("--max-cost", type=float, default=4.0)
     args = parser.parse_args(argv)
+    for path in (args.study / "table.json", args.protocol / "compare.json"):
+        if not path.is_file():
+            parser.error(f"{path} does not exist: run the study (and its protocol) first")
     accuracy = {row["mode"]: row["clean_acc"] for row in json.loads((args.study / "table.json").read_text())}
     compared = json.loads((args.protocol / "compare.json").read_text())
+    missing = [mode for mode in ("standard", args.upi_mode) if mode not in accuracy]
+    missing += [mode for mode in ("standard", args.upi_mode) if mode not in metrics_by_model(compared, "upi_grad")]
+    if missing:
+        parser.error(f"no finished study or protocol row for {sorted(set(missing))}: train and compare them first")
     print("\n".join(bar_1(accuracy, metrics_by_model(compared, "per_sample"), args)))
     print("\n".join(bar_2(accuracy, compared, args)))
 

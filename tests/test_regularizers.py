@@ -230,9 +230,9 @@ def test_upi_adversarial_random_draws_and_adversarial_ce_match_a_hand_computatio
     torch.testing.assert_close(loss, expected)
     assert_every_parameter_gets_a_gradient(grads)
     diagnostics = regularizer.diagnostics()
-    assert diagnostics["term_delta"] == pytest.approx(change[0].item(), rel=1e-5)
-    assert diagnostics["term_random"] == pytest.approx((change[1] + change[2]).item() / 2, rel=1e-5)
-    assert diagnostics["adversarial_ce"] == pytest.approx(adversarial.item(), rel=1e-5)
+    assert float(diagnostics["term_delta"]) == pytest.approx(change[0].item(), rel=1e-5)
+    assert float(diagnostics["term_random"]) == pytest.approx((change[1] + change[2]).item() / 2, rel=1e-5)
+    assert float(diagnostics["adversarial_ce"]) == pytest.approx(adversarial.item(), rel=1e-5)
     assert not torch.equal(regularizer.perturbations(x)[1:], perturbations[1:])  # fresh draws at every step
     with pytest.raises(UPIError, match="random_draws"):
         UPIAdversarial(random_draws=-1)

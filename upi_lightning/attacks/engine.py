@@ -262,12 +262,14 @@ def fit_universal(
                         f"{name}: the objective or its gradient became NaN/inf at step {step}; lower the "
                         "surrogate beta or the step size, or check the model."
                     )
-                count, mean_value = packed[-1], (packed[-2] / packed[-1]).item()
-                eta = step_size_at(schedule, base_step, step, total)
+                count = packed[-1]
                 mean_grad = packed[:-2].view_as(delta) / count
+                # one device sync a step for both figures
+                mean_value, grad_norm = torch.stack([packed[-2] / count, torch.linalg.vector_norm(mean_grad)]).tolist()
+                eta = step_size_at(schedule, base_step, step, total)
                 delta = threat.step(delta, mean_grad, eta)
                 history.append(mean_value)
-                grad_norms.append(torch.linalg.vector_norm(mean_grad).item())
+                grad_norms.append(grad_norm)
                 bar.set_postfix(objective=f"{mean_value:.4g}", refresh=False)
                 if on_step is not None:
                     on_step(step, delta, mean_value)

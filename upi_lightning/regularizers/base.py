@@ -126,8 +126,8 @@ class Regularizer:
         init_args = {name: getattr(self, name) for name in parameters if name != "self"}
         return {"class_path": class_path(type(self)), "init_args": init_args}
 
-    def diagnostics(self) -> dict[str, float]:
-        """Scalars describing the last :meth:`__call__` (none by default).
+    def diagnostics(self) -> dict[str, float | Tensor]:
+        """Scalars (numbers or 0-d tensors) describing the last :meth:`__call__` (none by default).
 
         The classifier logs each one at every training step as ``train/<name>/<key>``, beside the term.
         """

@@ -117,7 +117,7 @@ class UPIAdversarial(BallRegularizer):
         self.train_steps = 0
         self.updates = 0
         self.last_objective = math.nan
-        self.last: dict[str, float] = {}
+        self.last: dict[str, float | Tensor] = {}
 
     def update(self, model: nn.Module, x: Tensor, y: Tensor, reduce: Reduce) -> None:
         """Take ``ascent_steps`` UPI-Grad steps of ``delta`` on the batch ``(x, y)``."""
@@ -148,10 +148,13 @@ class UPIAdversarial(BallRegularizer):
     def perturbations(self, x: Tensor) -> Tensor:
         """``delta`` and this step's ``random_draws`` random points of the sphere, ``(1 + m, C, H, W)`` like ``x``."""
         assert self.delta is not None  # set by the first update
+        delta = self.delta.detach().to(x)[None]
+        if not self.random_draws:
+            return delta
         shape = tuple(x.shape[1:])
         generator = make_generator(self.seed + 1_000_003 * (1 + self.train_steps))
-        draws = [self.threat.random_on_sphere(shape, generator) for _ in range(self.random_draws)]
-        return torch.stack([self.delta.detach().cpu(), *draws]).to(x)
+        draws = torch.stack([self.threat.random_on_sphere(shape, generator) for _ in range(self.random_draws)])
+        return torch.cat([delta, draws.to(x)])
 
     def __call__(self, batch: TrainingBatch) -> Tensor:
         x, y = batch.x.detach(), batch.y
@@ -164,26 +167,26 @@ class UPIAdversarial(BallRegularizer):
         # w.r.t. the parameters (double backprop)
         with evaluation_mode(batch.model):  # as the perturbed maps of dissimilarity_term
             clean = self.train_objective.clean_maps(batch.model, x, y)
-        per_copy = perturbations.repeat_interleave(len(x), dim=0)
         values = self.train_objective.dissimilarity_term(
             batch.model,
             x.repeat(copies, 1, 1, 1),
             y.repeat(copies),
-            per_copy,
+            perturbations.repeat_interleave(len(x), dim=0),
             clean.repeat(copies, 1, 1),
             create_graph=True,
         ).view(copies, len(x))
         term = self.weight * values.mean()
-        self.last.update(term_delta=values[0].mean().item())
+        # diagnostics stay tensors: no device sync in the training step (the logger reads them)
+        self.last.update(term_delta=values[0].mean().detach())
         if copies > 1:
-            self.last.update(term_random=values[1:].mean().item())
+            self.last.update(term_random=values[1:].mean().detach())
         if self.adversarial_ce > 0:
             ce = F.cross_entropy(batch.model(apply_perturbation(x, perturbations[0])), y)
-            self.last.update(adversarial_ce=ce.item())
+            self.last.update(adversarial_ce=ce.detach())
             term = term + self.adversarial_ce * ce
         return term
 
-    def diagnostics(self) -> dict[str, float]:
+    def diagnostics(self) -> dict[str, float | Tensor]:
         """The last update's ``delta`` figures and this step's parts of the term (see the class docstring)."""
         return dict(self.last)
 
