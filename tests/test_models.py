@@ -92,3 +92,32 @@ def test_mlp_is_the_composition_of_its_layers() -> None:
     torch.testing.assert_close(net(x), expected)
     assert first.in_features == 16 and last.out_features == 3
     assert sum(isinstance(m, nn.Softplus) for m in MLP(activation="softplus").modules()) == 2
+
+
+@pytest.mark.parametrize("activation", ["relu", "softplus"])
+def test_small_cnn_pooling_first_is_the_conv_act_pool_network_to_second_order(activation: str) -> None:
+    torch.manual_seed(0)
+    net = SmallCNN((1, 8, 8), 3, activation=activation, beta=4.0).double()
+    first, second = (m for m in net.features if isinstance(m, nn.Conv2d))
+    fc, last = (m for m in net.classifier if isinstance(m, nn.Linear))
+    act = torch.relu if activation == "relu" else (lambda z: nn.functional.softplus(z, beta=4.0))
+
+    def literal(images: torch.Tensor) -> torch.Tensor:  # the oracle: conv - act - pool, as written in papers
+        hidden = nn.functional.max_pool2d(act(first(images)), 2)
+        hidden = nn.functional.max_pool2d(act(second(hidden)), 2)
+        return last(act(fc(hidden.flatten(1))))
+
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(net(x), literal(x))
+    grads = [torch.autograd.grad(f(x)[:, 0].sum(), x, create_graph=True)[0] for f in (net, literal)]
+    torch.testing.assert_close(grads[0], grads[1])
+    direction = torch.randn_like(x)
+    hvps = [torch.autograd.grad((g * direction).sum(), x, allow_unused=True)[0] for g in grads]
+    if activation == "softplus":  # ReLU's input Hessian is 0 (no graph at all)
+        assert hvps[1] is not None and hvps[1].abs().max() > 0
+        torch.testing.assert_close(hvps[0], hvps[1])
+    assert list(net.state_dict()) == [
+        f"{part}.{i}.{p}"
+        for part, i in (("features", 0), ("features", 3), ("classifier", 1), ("classifier", 3))
+        for p in ("weight", "bias")
+    ]

@@ -133,9 +133,15 @@ class MLP(nn.Sequential):
 
 
 class SmallCNN(nn.Module):
-    """Two conv blocks and two linear layers; ~99% on MNIST in a few CPU epochs.
+    r"""Two conv blocks and two linear layers; ~99% on MNIST in a few CPU epochs.
 
-    ``conv3x3(32) - act - maxpool2 - conv3x3(64) - act - maxpool2 - fc(128) - act - fc(classes)``.
+    ``conv3x3(32) - act - maxpool2 - conv3x3(64) - act - maxpool2 - fc(128) - act - fc(classes)``,
+    computed with each max-pool *before* its activation: both activations are non-decreasing, so
+    :math:`\max_{j \in W} f(z_j) = f(\max_{j \in W} z_j)` and the network is the same function with the
+    same derivatives of every order (up to ties inside a pooling window, where ReLU's gradient is 0
+    anyway), while the activation and its backward passes run on a quarter of the elements
+    (:func:`upi_lightning.surrogate.pool_before_activation` explains the identity). The ``state_dict``
+    keys are those of the conv - act - pool order.
 
     Args:
         input_shape: ``(C, H, W)`` of one image.
@@ -155,11 +161,11 @@ class SmallCNN(nn.Module):
         channels, height, width = input_shape
         self.features = nn.Sequential(
             nn.Conv2d(channels, 32, 3, padding=1),
-            make_activation(activation, beta),
             nn.MaxPool2d(2),
+            make_activation(activation, beta),
             nn.Conv2d(32, 64, 3, padding=1),
-            make_activation(activation, beta),
             nn.MaxPool2d(2),
+            make_activation(activation, beta),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
