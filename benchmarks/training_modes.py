@@ -82,8 +82,9 @@ def pgd_count(steps: int) -> tuple[float, str]:
     return steps + 2.0, f"PGD {steps} + clean 1 + adv 1"
 
 
-def arithmetic_count(regularizer: Regularizer | None) -> tuple[float, str]:
-    """Forward+backward units of one training step with ``regularizer`` (``None``: standard) and the formula."""
+def arithmetic_count(regularizer: Regularizer | None, batch_size: int) -> tuple[float, str]:
+    """Forward+backward units of one training step of ``batch_size`` images with ``regularizer`` (``None``:
+    standard) and the formula."""
     match regularizer:
         case None:
             return 1.0, "forward + backward"
@@ -95,9 +96,10 @@ def arithmetic_count(regularizer: Regularizer | None) -> tuple[float, str]:
             update = (1 + DOUBLE_BACKPROP) * regularizer.ascent_steps / regularizer.every_n_steps
             copies = 1 + regularizer.random_draws
             ce = 1 if regularizer.adversarial_ce > 0 else 0
-            return 2 + copies * DOUBLE_BACKPROP + ce + update, (
-                f"clean 1 + clean maps 1 + double backprop 3 x {copies} + CE(x + delta) {ce} + (1 + 3) x "
-                f"{regularizer.ascent_steps} ascent / {regularizer.every_n_steps} steps"
+            share = min(regularizer.term_batch_size or batch_size, batch_size) / batch_size
+            return 1 + share * (1 + copies * DOUBLE_BACKPROP + ce + update), (
+                f"clean 1 + {share:g} x (clean maps 1 + double backprop 3 x {copies} + CE(x + delta) {ce} + (1 + 3) x "
+                f"{regularizer.ascent_steps} ascent / {regularizer.every_n_steps} steps)"
             )
         case AttributionalAdversarial():
             points = regularizer.n_steps if regularizer.method == "integrated_gradients" else 1
@@ -224,7 +226,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---|---:|---|")
     for mode, model in models.items():
         entries = model.get("regularizers") or [None]
-        count, how = arithmetic_count(entries[0] and regularizer_from_config(entries[0]))
+        count, how = arithmetic_count(entries[0] and regularizer_from_config(entries[0]), args.batch_size)
         seconds = min(times[mode])
         multiple = seconds / standard
         ratio = multiple / count

@@ -240,6 +240,24 @@ def test_upi_adversarial_random_draws_and_adversarial_ce_match_a_hand_computatio
         UPIAdversarial(adversarial_ce=-0.1)
 
 
+def test_upi_adversarial_term_batch_size_is_the_term_of_the_first_images() -> None:
+    model, (x, y) = softplus_model(), data(n=6)
+    options = {"weight": 2.0, "eps": 1.0, "every_n_steps": 2, "random_draws": 1, "adversarial_ce": 0.5}
+    subset, oracle, whole = (
+        UPIAdversarial(**options, term_batch_size=4),
+        UPIAdversarial(**options),
+        UPIAdversarial(**options),
+    )
+    for _ in range(3):  # steps 0 and 2 update delta, on the 4 images only
+        term = subset(training_batch(model, x, y))
+        torch.testing.assert_close(term, oracle(training_batch(model, x[:4], y[:4])))
+        assert not torch.allclose(term, whole(training_batch(model, x, y)))
+        torch.testing.assert_close(subset.delta, oracle.delta)
+    assert subset.config()["init_args"]["term_batch_size"] == 4
+    with pytest.raises(UPIError, match="term_batch_size"):
+        UPIAdversarial(term_batch_size=0)
+
+
 def test_upi_adversarial_diagnostics_say_how_far_delta_moved() -> None:
     model, (x, y) = softplus_model(), data()
     regularizer = UPIAdversarial(weight=1.0, eps=1.0, every_n_steps=1, objective={"surrogate_beta": None})

@@ -9,7 +9,8 @@ r"""UPI-adversarial training (this project's mode): stable saliency maps under a
 with ``delta`` refreshed every ``k`` training steps by a few UPI-Grad ascent steps on the current batch,
 its gradient summed over processes so every rank trains against the same ``delta`` (universal
 adversarial training, Shafahi et al. 2020), ``r_j`` fresh random points of the sphere of the same ball
-(``m = random_draws``) and ``mu = adversarial_ce``.
+(``m = random_draws``) and ``mu = adversarial_ce``. The sums may run over the first ``term_batch_size``
+images of each batch only (an unbiased estimate of the whole batch's term, at that fraction of its cost).
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ class UPIAdversarial(BallRegularizer):
     clean maps are the (detached) reference, as in the attack. ``r_j`` are ``random_draws`` fresh random
     points of the sphere of the ball at every step (the maps must not move under noise of the same size
     either), and ``mu`` weighs the cross-entropy on ``clip(x + delta)`` (universal adversarial training of
-    the predictions). All perturbed copies go through the network as one batch.
+    the predictions). All perturbed copies go through the network as one batch. With ``term_batch_size``,
+    the term and ``delta``'s updates use only the first ``term_batch_size`` images ``x_1..x_N`` of each
+    (shuffled) training batch: an unbiased estimate of the whole batch's term whose cost, which dominates
+    the step, shrinks in proportion; the clean cross-entropy still sees the whole batch.
     Every ``every_n_steps`` training steps, ``delta`` takes ``ascent_steps`` UPI-Grad steps
     (:func:`upi_lightning.attacks.upi_grad.fit_upi_grad`, constant step size, warm-started from the current
     ``delta``; the first update starts from a random point of the ball) on the current batch. The gradient
@@ -78,6 +82,7 @@ class UPIAdversarial(BallRegularizer):
         random_draws: ``m >= 0``, random perturbations of the same ball penalized beside ``delta``.
         adversarial_ce: ``mu >= 0``, weight of the cross-entropy on ``clip(x + delta)``.
         seed: seeds the random start and the smoothing noise of the updates, and the random draws.
+        term_batch_size: images of each batch (per process) that the term and the updates use (``None``: all).
     """
 
     name = "upi_adversarial"
@@ -94,6 +99,7 @@ class UPIAdversarial(BallRegularizer):
         random_draws: int = 0,
         adversarial_ce: float = 0.0,
         seed: int = 0,
+        term_batch_size: int | None = None,
     ) -> None:
         self.weight = check_weight("UPIAdversarial weight", weight)
         self.threat = threat_model(norm, eps)
@@ -113,6 +119,7 @@ class UPIAdversarial(BallRegularizer):
         self.random_draws = random_draws
         self.adversarial_ce = check_weight("UPIAdversarial adversarial_ce", adversarial_ce)
         self.seed = seed
+        self.term_batch_size = None if term_batch_size is None else check_count("term_batch_size", term_batch_size)
         self.delta: Tensor | None = None
         self.train_steps = 0
         self.updates = 0
@@ -157,7 +164,7 @@ class UPIAdversarial(BallRegularizer):
         return torch.cat([delta, draws.to(x)])
 
     def __call__(self, batch: TrainingBatch) -> Tensor:
-        x, y = batch.x.detach(), batch.y
+        x, y = batch.x.detach()[: self.term_batch_size], batch.y[: self.term_batch_size]
         if self.train_steps % self.every_n_steps == 0:
             self.update(batch.model, x, y, batch.reduce)
         perturbations = self.perturbations(x)
