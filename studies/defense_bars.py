@@ -77,7 +77,14 @@ def bar_2(accuracy: dict[str, float], compared: dict[str, Any], args: argparse.N
 def main(argv: list[str] | None = None) -> None:
     """Print both bars."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--study", type=Path, required=True, help="the study's --output (its table.json)")
+    parser.add_argument(
+        "--study",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="the study's --output (its table.json); several folders are merged, a later one's mode replacing an "
+        "earlier one's (a mode retrained in a folder of its own)",
+    )
     parser.add_argument("--protocol", type=Path, required=True, help="the protocol's folder (its compare.json)")
     parser.add_argument("--upi-mode", default="upi_adv")
     parser.add_argument("--margin-1", type=float, default=0.15)
@@ -86,10 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cost", type=float, default=None, help="measured time per epoch of --upi-mode / standard")
     parser.add_argument("--max-cost", type=float, default=4.0)
     args = parser.parse_args(argv)
-    for path in (args.study / "table.json", args.protocol / "compare.json"):
+    for path in [*(study / "table.json" for study in args.study), args.protocol / "compare.json"]:
         if not path.is_file():
             parser.error(f"{path} does not exist: run the study (and its protocol) first")
-    accuracy = {row["mode"]: row["clean_acc"] for row in json.loads((args.study / "table.json").read_text())}
+    accuracy = {
+        row["mode"]: row["clean_acc"] for study in args.study for row in json.loads((study / "table.json").read_text())
+    }
     compared = json.loads((args.protocol / "compare.json").read_text())
     missing = [mode for mode in ("standard", args.upi_mode) if mode not in accuracy]
     missing += [mode for mode in ("standard", args.upi_mode) if mode not in metrics_by_model(compared, "upi_grad")]
