@@ -7,8 +7,12 @@ images into the batch of its one forward and backward pass, so its attack step s
 ``fit_upi_grad`` (clean maps cached or recomputed, ReLU model; ``upi_step_cost.upi_step_fn``) for each
 saliency method, in turn (round-robin) ``--repeats`` times after ``--warmup`` rounds, and prints the
 median seconds, the multiple of the gradient-map step, the number of points and ``multiple / points``.
+IG and SmoothGrad run on the whole batch at once (chunk ``all``: a stack of ``points x batch`` images)
+and by chunks of ``--chunk-size`` samples (``fit_upi_grad(chunk_size=...)``, the same step); the
+gradient step, the reference, always runs on the whole batch.
 
     python benchmarks/saliency_attack_cost.py                       # small CNN, n_steps = n_samples = 16
+    python benchmarks/saliency_attack_cost.py --models cifar_resnet18 --clean-maps cached --warmup 0 --repeats 1
     python benchmarks/saliency_attack_cost.py --models cifar_resnet18 --device cuda --threads 0
 """
 
@@ -47,6 +51,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
     parser.add_argument("--norm", choices=("l2", "linf"), default="l2")
     parser.add_argument("--eps", type=float, default=1.0)
+    parser.add_argument("--chunk-size", type=int, default=4, help="samples per chunk of the chunked rows (0: none)")
+    parser.add_argument("--clean-maps", choices=("cached", "recomputed", "both"), default="both")
     add_run_arguments(parser)
     return parser.parse_args()
 
@@ -65,29 +71,42 @@ def main() -> None:
         f"UPI-Grad step by saliency method: batch={args.batch_size}, norm={args.norm}, eps={args.eps}, "
         f"ReLU model, L2 dissimilarity, {machine_line(device)}; untrained models, random images\n"
     )
-    print("| model | method | points | clean maps | median s | multiple of gradient | multiple / points | target |")
-    print("|---|---|---:|---|---:|---:|---:|---|")
+    header = "| model | method | points | clean maps | chunk | median s | multiple of gradient | multiple / points |"
+    print(f"{header} target |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---|")
+    caches = {"cached": (True,), "recomputed": (False,), "both": (True, False)}[args.clean_maps]
     rows = []
     for name in args.models:
         model, shape = benchmark_model(name, device)
         x = torch.rand(args.batch_size, *shape, device=device)
         y = torch.randint(0, 10, (args.batch_size,), device=device)
-        fns: dict[tuple[SaliencyMethod, str], Callable[[], float]] = {}
+        fns: dict[tuple[SaliencyMethod, str, int | None], Callable[[], float]] = {}
         for method in points:
             saliency = SaliencySettings(method=method, n_steps=args.n_steps, n_samples=args.n_samples)
-            for cache in (True, False):
-                step = upi_step_fn(model, x, y, UPIObjective(saliency=saliency), args, cache)
-                fns[(method, "cached" if cache else "recomputed")] = step
+            chunks = [None] if method == "gradient" or not args.chunk_size else [None, args.chunk_size]
+            for cache in caches:
+                for chunk in chunks:
+                    step = upi_step_fn(model, x, y, UPIObjective(saliency=saliency), args, cache, chunk)
+                    fns[(method, "cached" if cache else "recomputed", chunk)] = step
         times = interleaved_seconds(fns, args.repeats, args.warmup)
-        for (method, clean), values in times.items():
+        for (method, clean, chunk), values in times.items():
             median = statistics.median(values)
-            multiple = median / statistics.median(times[("gradient", clean)])
+            multiple = median / statistics.median(times[("gradient", clean, None)])
             ratio = multiple / points[method]
             verdict = "" if method == "gradient" else f"<= {TARGET}: {'met' if ratio <= TARGET else 'not met'}"
-            rows.append({"model": name, "method": method, "clean_maps": clean, "seconds": median, "ratio": ratio})
+            rows.append(
+                {
+                    "model": name,
+                    "method": method,
+                    "clean_maps": clean,
+                    "chunk_size": chunk,
+                    "seconds": median,
+                    "ratio": ratio,
+                }
+            )
             print(
-                f"| {name} | {method} | {points[method]} | {clean} | {median:.3f} | {multiple:.2f}x | "
-                f"{ratio:.2f} | {verdict} |",
+                f"| {name} | {method} | {points[method]} | {clean} | {chunk or 'all'} | {median:.3f} | "
+                f"{multiple:.2f}x | {ratio:.2f} | {verdict} |",
                 flush=True,
             )
     write_json(args.json, {"benchmark": "saliency_attack_cost", "machine": machine_line(device), "rows": rows})

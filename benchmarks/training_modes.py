@@ -83,8 +83,7 @@ def pgd_count(steps: int) -> tuple[float, str]:
 
 
 def arithmetic_count(regularizer: Regularizer | None, batch_size: int) -> tuple[float, str]:
-    """Forward+backward units of one training step of ``batch_size`` images with ``regularizer`` (``None``:
-    standard) and the formula."""
+    """Forward+backward units of a training step with ``regularizer`` (``None``: standard), and the formula."""
     match regularizer:
         case None:
             return 1.0, "forward + backward"

@@ -64,9 +64,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def upi_step_fn(
-    model: nn.Module, x: Tensor, y: Tensor, objective: UPIObjective, args: argparse.Namespace, cache: bool
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    objective: UPIObjective,
+    args: argparse.Namespace,
+    cache: bool,
+    chunk_size: int | None = None,
 ) -> Callable[[], float]:
-    """Seconds of the second step of a 2-step ``fit_upi_grad`` on ``(x, y)`` (clean maps cached or not)."""
+    """Seconds of the second step of a 2-step ``fit_upi_grad`` on ``(x, y)`` (clean maps cached or not, by chunks)."""
     device = x.device
 
     def second_step() -> float:
@@ -86,6 +92,7 @@ def upi_step_fn(
             schedule="constant",
             cache_clean_maps=cache,
             on_step=on_step,
+            chunk_size=chunk_size,
         )
         return stamps[1] - stamps[0]
 

@@ -25,7 +25,18 @@ TINY_RUNS = {
     "saliency_throughput.py": ["--models", "small_cnn", "--batch-size", "4", "--loop-samples", "2", "--repeats", "1"],
     "training_modes.py": ["--modes", "input_grad", "upi_adv", "--batch-size", "8", "--steps", "1", "--warmup", "0"],
     "captum_peer.py": ["--models", "small_cnn", "--batch-size", "4", "--n-steps", "2", "--n-samples", "2"],
-    "saliency_attack_cost.py": ["--batch-size", "4", "--n-steps", "2", "--n-samples", "2", "--repeats", "1"],
+    "saliency_attack_cost.py": [
+        "--batch-size",
+        "4",
+        "--n-steps",
+        "2",
+        "--n-samples",
+        "2",
+        "--repeats",
+        "1",
+        "--chunk-size",
+        "2",
+    ],
     "upi_epoch.py": ["--model", "small_cnn", "--samples", "32", "--batch-size", "16"],
 }
 """Script -> arguments small enough for a few seconds of work each."""

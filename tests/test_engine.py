@@ -5,9 +5,15 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from upi_lightning.attacks.engine import step_size_at
+from upi_lightning.attacks.objective import UPIObjective
+from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.errors import UPIError
+from upi_lightning.models import SmallCNN
+from upi_lightning.saliency import SaliencySettings
+from upi_lightning.threat import L2Ball
 
 
 def test_step_size_schedules_closed_form() -> None:
@@ -17,3 +23,25 @@ def test_step_size_schedules_closed_form() -> None:
     assert [round(step_size_at("step", 1.0, t, 8), 6) for t in range(8)] == [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01]
     with pytest.raises(UPIError, match="constant"):
         step_size_at("cosine", 0.4, 0, None)
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "integrated_gradients"])
+def test_chunked_fit_takes_the_steps_of_the_whole_batch(method: str) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN((1, 8, 8), num_classes=3, activation="softplus", beta=5.0)
+    x = torch.rand(5, 1, 8, 8)
+    y = torch.randint(0, 3, (5,))
+    saliency = SaliencySettings(method=method, n_steps=3, n_samples=3)
+    objective = UPIObjective(saliency=saliency, surrogate_beta=None, sigma=0.05, n_noise=2)  # the noise must match
+    fits = [
+        fit_upi_grad(model, [(x, y)], L2Ball(1.0), objective=objective, epochs=3, chunk_size=chunk)
+        for chunk in (None, 2, 1)
+    ]
+    whole = fits[0]
+    assert whole.grad_norms[0] > 0
+    for chunked in fits[1:]:
+        torch.testing.assert_close(chunked.delta, whole.delta)
+        assert chunked.history == pytest.approx(whole.history, rel=1e-4)
+        assert chunked.grad_norms == pytest.approx(whole.grad_norms, rel=1e-4)
+    with pytest.raises(UPIError, match="chunk_size"):
+        fit_upi_grad(model, [(x, y)], L2Ball(1.0), objective=objective, chunk_size=0)

@@ -20,6 +20,13 @@ def test_step_scale_sets_the_step_per_budget() -> None:
         UPIGradSettings(step_scale=0.0)
 
 
+def test_upi_grad_chunk_size_reaches_the_fit_and_is_checked() -> None:
+    parsed = attack_parser().parse_args(["--attack.upi_grad.chunk_size", "4"]).attack
+    assert parsed.upi_grad.chunk_size == 4 and UPIGradSettings().chunk_size is None
+    with pytest.raises(UPIError, match="chunk_size"):
+        UPIGradSettings(chunk_size=0)
+
+
 def test_attack_py_and_the_python_api_share_the_default_objectives() -> None:
     assert UPIGradSettings().objective(SaliencySettings(), 100) == UPIObjective()
     assert UPIPCASettings().objective(SaliencySettings(), 100) == UPIObjective(sigma=UPI_PCA_SIGMA)

@@ -25,7 +25,7 @@ from upi_lightning.attribution import (
     check_choice,
     input_gradient,
 )
-from upi_lightning.errors import UPIError
+from upi_lightning.errors import UPIError, check_count
 from upi_lightning.model_modes import gradients_enabled
 from upi_lightning.noise import sample_normal
 
@@ -117,9 +117,7 @@ class SaliencySettings:
         check_choice("saliency method", self.method, SALIENCY_METHODS)
         check_choice("score", self.score, SCORE_KINDS)
         for name in ("n_steps", "n_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UPIError(f"saliency {name} must be an integer >= 1, got {value!r}.")
+            check_count(f"saliency {name}", getattr(self, name))
         if not self.sigma >= 0:
             raise UPIError(f"SmoothGrad sigma is a noise std in pixel units and must be >= 0, got {self.sigma}.")
 

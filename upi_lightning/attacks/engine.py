@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a DataLoader's shuffling
 
 from upi_lightning.distributed import Reduce, identity
-from upi_lightning.errors import UPIError
+from upi_lightning.errors import UPIError, check_count
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
 from upi_lightning.noise import make_generator
 from upi_lightning.perturbation import UniversalPerturbation
@@ -56,6 +56,7 @@ class AscentOptions(TypedDict, total=False):
     seed: int
     progress: bool
     on_step: StepCallback | None
+    chunk_size: int | None
 
 
 @dataclass
@@ -108,8 +109,7 @@ def check_steps(schedule: str, step_size: float | None, name: str, count: int) -
     """Raise :class:`UPIError` on an unknown schedule, ``step_size <= 0`` or a count (``name``) ``< 1``."""
     if schedule not in SCHEDULES:
         raise UPIError(f"Unknown step schedule {schedule!r}: use one of {', '.join(map(repr, SCHEDULES))}.")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise UPIError(f"{name} must be an integer >= 1, got {count!r}.")
+    check_count(name, count)
     if step_size is not None and not step_size > 0:
         raise UPIError(f"step_size must be > 0 (or None for the default), got {step_size}.")
 
@@ -195,6 +195,35 @@ def initial_delta(
     raise UPIError(f"Unknown init {init!r}: use 'random', 'zero' or a (C, H, W) tensor.")
 
 
+def chunked_gradient(
+    per_sample_fn: PerSampleFn,
+    x: Tensor,
+    y: Tensor,
+    variable: Tensor,
+    generator: torch.Generator,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor]:
+    r"""Return :math:`\nabla_\delta \sum_i J_i(\delta)` and the detached values ``(N,)`` of a batch, by chunks.
+
+    ``per_sample_fn`` runs on chunks of at most ``chunk_size`` samples (``None``: the whole batch), each
+    with its own forward and backward pass, and the chunks' gradients are summed: the same gradient up to
+    float rounding, with the memory of one chunk. Every chunk starts from the same ``generator`` state, so
+    each sample gets the noise it gets in the whole batch (the noise is keyed by sample,
+    :func:`~upi_lightning.noise.sample_generators`), and the generator ends where one call leaves it.
+    """
+    size = chunk_size or len(x)
+    state = generator.get_state()
+    grad = torch.zeros_like(variable)
+    values = []
+    for x_chunk, y_chunk in zip(x.split(size), y.split(size), strict=True):
+        generator.set_state(state)
+        chunk_values = per_sample_fn(x_chunk, y_chunk, variable, generator)
+        (chunk_grad,) = torch.autograd.grad(chunk_values.sum(), variable, allow_unused=True, materialize_grads=True)
+        grad += chunk_grad
+        values.append(chunk_values.detach())
+    return grad, torch.cat(values)
+
+
 def fit_universal(
     model: nn.Module,
     batches: Batches,
@@ -210,6 +239,7 @@ def fit_universal(
     progress: bool = False,
     on_step: StepCallback | None = None,
     name: str = "universal",
+    chunk_size: int | None = None,
 ) -> UPIFitResult:
     """Projected stochastic gradient ascent of a per-sample objective over a universal ``delta``.
 
@@ -230,9 +260,15 @@ def fit_universal(
         progress: show a tqdm progress bar.
         on_step: called as ``on_step(step, delta, mean_objective)`` after every update.
         name: method name stored in ``info`` and shown on the progress bar.
+        chunk_size: samples per forward and backward pass; a batch's gradient is summed over its chunks
+            (:func:`chunked_gradient`: the same step, up to float rounding). Bounds the memory, and keeps an
+            IG or SmoothGrad stack (``points x chunk_size`` images) small enough to run at the cost per
+            image of a gradient map on the CPU (``None``: the whole batch at once).
 
     """
     check_steps(schedule, step_size, "epochs", epochs)
+    if chunk_size is not None:
+        check_count("chunk_size", chunk_size)
     base_step = threat.default_step_size() if step_size is None else float(step_size)
     length = passes_over(batches, epochs)
     total = None if length is None else epochs * length
@@ -251,9 +287,8 @@ def fit_universal(
                 if delta is None:
                     delta = initial_delta(init, tuple(x.shape[1:]), threat, generator, device)
                 variable = delta.clone().requires_grad_(True)
-                values = per_sample_fn(x, y, variable, generator)
-                (grad,) = torch.autograd.grad(values.sum(), variable, allow_unused=True, materialize_grads=True)
-                packed = torch.cat([grad.flatten(), values.detach().sum().view(1), values.new_tensor([len(values)])])
+                grad, values = chunked_gradient(per_sample_fn, x, y, variable, generator, chunk_size)
+                packed = torch.cat([grad.flatten(), values.sum().view(1), values.new_tensor([len(values)])])
                 packed = reduce(packed)
                 if step == 0:
                     warn_if_zero_gradient(packed[:-2], name)

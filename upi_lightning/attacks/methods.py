@@ -51,6 +51,7 @@ def fit_method(
             seed=settings.seed,
             progress=progress,
             reduce=reduce,
+            chunk_size=grad.chunk_size,
         )
     if method == "upi_pca":
         pca = settings.upi_pca

@@ -41,6 +41,7 @@ stores their :meth:`Regularizer.state_dict` under :data:`CHECKPOINT_KEY` and the
 :meth:`Regularizer.config` in its hyperparameters.
 """
 
+from upi_lightning.errors import check_count
 from upi_lightning.regularizers.adversarial import AdversarialExamples, PGDAdversarial
 from upi_lightning.regularizers.attributional_adversarial import AttributionalAdversarial
 from upi_lightning.regularizers.base import (
@@ -49,7 +50,6 @@ from upi_lightning.regularizers.base import (
     Regularizer,
     TrainingBatch,
     build_regularizers,
-    check_count,
     check_weight,
     class_path,
     log_keys,

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from upi_lightning.attribution import SaliencyMethod, attribution, check_choice
+from upi_lightning.errors import check_count
 from upi_lightning.regularizers.adversarial import PGDAdversarial
-from upi_lightning.regularizers.base import TrainingBatch, check_count, check_weight
+from upi_lightning.regularizers.base import TrainingBatch, check_weight
 from upi_lightning.threat import Norm
 
 MAP_METHODS: tuple[str, ...] = ("gradient", "integrated_gradients")

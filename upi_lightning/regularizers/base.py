@@ -58,13 +58,6 @@ class TrainingBatch:
     reduce: Reduce = identity
 
 
-def check_count(name: str, value: int) -> int:
-    """Return ``value`` if it is an integer ``>= 1``, else raise :class:`UPIError`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UPIError(f"{name} must be an integer >= 1, got {value!r}.")
-    return value
-
-
 def check_weight(name: str, value: float) -> float:
     """Return ``value`` as a float if it is finite and ``>= 0``, else raise :class:`UPIError`."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:

@@ -30,8 +30,9 @@ from torch import Tensor, nn
 
 from upi_lightning.attacks.pgd import cross_entropy_objective
 from upi_lightning.attribution import attribution
+from upi_lightning.errors import check_count
 from upi_lightning.regularizers.adversarial import AdversarialExamples
-from upi_lightning.regularizers.base import TrainingBatch, check_count, check_weight
+from upi_lightning.regularizers.base import TrainingBatch, check_weight
 from upi_lightning.threat import Norm
 
 

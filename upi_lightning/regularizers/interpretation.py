@@ -19,12 +19,11 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from upi_lightning.errors import UPIError
+from upi_lightning.errors import UPIError, check_count
 from upi_lightning.models import build_classifier
 from upi_lightning.regularizers.base import (
     Regularizer,
     TrainingBatch,
-    check_count,
     check_weight,
     true_class_input_gradient,
 )

@@ -30,10 +30,10 @@ from upi_lightning.attacks.engine import check_steps
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.distributed import Reduce
-from upi_lightning.errors import UPIError
+from upi_lightning.errors import UPIError, check_count
 from upi_lightning.model_modes import evaluation_mode
 from upi_lightning.noise import make_generator
-from upi_lightning.regularizers.base import BallRegularizer, TrainingBatch, check_count, check_weight
+from upi_lightning.regularizers.base import BallRegularizer, TrainingBatch, check_weight
 from upi_lightning.threat import Norm, apply_perturbation, threat_model
 
 
