@@ -61,8 +61,8 @@ class UPIGradSettings(ObjectiveSettings):
             per fit sample; same result).
         chunk_size: samples per forward and backward pass, the gradient summed over a batch's chunks (same
             steps; ``null``: the whole batch). An IG or SmoothGrad map stacks ``points x chunk_size`` images:
-            on the CPU, ResNet-18 IG/SmoothGrad steps of 16 points cost 1.42 gradient steps per point with
-            32 samples at once and 1.00 with chunks of 4 (``benchmarks/saliency_attack_cost.py``).
+            on the CPU, ResNet-18 IG/SmoothGrad steps of 16 points cost 1.47-1.51 gradient steps per point with
+            32 samples at once and 1.02-1.03 with chunks of 4 (``benchmarks/saliency_attack_cost.py``).
     """
 
     epochs: int = 2
