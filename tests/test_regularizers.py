@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -324,6 +325,21 @@ def test_pgd_adversarial_mixes_clean_and_adversarial_cross_entropy(weight: float
         expected = (1 - weight) * F.cross_entropy(model(x), y) + weight * adversarial
     torch.testing.assert_close(loss, expected)
     assert_every_parameter_gets_a_gradient(grads)
+
+
+@pytest.mark.parametrize(("step_size", "full_move"), [(None, 0.1), (0.02, 0.02)])
+def test_pgd_radius_and_step_ramp_up_over_the_warmup_steps(step_size: float | None, full_move: float) -> None:
+    model, (x, y) = linear_model(), data()
+    regularizer = PGDAdversarial(eps=0.1, steps=1, step_size=step_size, random_start=False, warmup_steps=4)
+    batch = training_batch(model, x, y)
+    for global_step, share in [(0, 0.25), (1, 0.5), (3, 1.0), (10, 1.0)]:
+        regularizer.on_train_batch_start(SimpleNamespace(global_step=global_step))
+        expected = fgsm_point(model, x, y, share * full_move)  # one sign step of share * (step or eps)
+        torch.testing.assert_close(regularizer.adversarial(batch), expected)
+    restored = regularizer_from_config(regularizer.config())
+    assert restored.warmup_steps == 4 and restored.ramp() == 1.0  # outside a fit: the full radius
+    with pytest.raises(UPIError, match="warmup_steps"):
+        PGDAdversarial(warmup_steps=-1)
 
 
 def test_consistency_matches_a_hand_computation_on_the_penultimate_features() -> None:

@@ -7,6 +7,7 @@ r"""PGD adversarial training (Madry et al. 2018), and the base of the modes trai
 from __future__ import annotations
 
 import torch.nn.functional as F
+from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from upi_lightning.attacks.engine import check_steps
@@ -17,9 +18,12 @@ from upi_lightning.threat import Norm, threat_model
 
 
 class AdversarialExamples(BallRegularizer):
-    """Base of the regularizers trained on PGD examples (:func:`upi_lightning.attacks.pgd.pgd_attack`).
+    r"""Base of the regularizers trained on PGD examples (:func:`upi_lightning.attacks.pgd.pgd_attack`).
 
-    PGD maximizes :meth:`attack_objective`, the cross-entropy unless a subclass says otherwise.
+    PGD maximizes :meth:`attack_objective`, the cross-entropy unless a subclass says otherwise. With
+    ``warmup_steps``, the ball's radius at optimizer step ``t`` (Lightning's ``global_step``, restored on
+    resume) is :math:`\epsilon \min(1, (t + 1) / T)`: an untrained network first meets small
+    perturbations (an eps ramp as in Gowal et al. 2018).
 
     Args:
         norm: ``"l2"`` or ``"linf"``.
@@ -27,14 +31,32 @@ class AdversarialExamples(BallRegularizer):
         steps: PGD steps.
         step_size: PGD step (``None``: ``2.5 * eps / steps``).
         random_start: start PGD from a random point of the ball.
+        warmup_steps: the radius grows linearly over the first ``warmup_steps`` optimizer steps, from
+            ``eps / warmup_steps`` to ``eps`` (the step size with it); ``0``: ``eps`` from the start.
     """
 
-    def __init__(self, norm: Norm, eps: float, steps: int, step_size: float | None, random_start: bool) -> None:
+    def __init__(
+        self, norm: Norm, eps: float, steps: int, step_size: float | None, random_start: bool, warmup_steps: int = 0
+    ) -> None:
         self.threat = threat_model(norm, eps)
         check_steps("constant", step_size, "steps", steps)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise UPIError(f"warmup_steps must be an integer >= 0 (0 = no ramp), got {warmup_steps!r}.")
         self.steps = steps
         self.step_size = step_size
         self.random_start = random_start
+        self.warmup_steps = warmup_steps
+        self.global_step: int | None = None  # set by on_train_batch_start; None: the full radius
+
+    def on_train_batch_start(self, module: LightningModule) -> None:
+        """Read the optimizer step the radius ramps with (none from a module outside a Lightning fit)."""
+        self.global_step = getattr(module, "global_step", None)
+
+    def ramp(self) -> float:
+        """The share of ``eps`` used at the current step: ``min(1, (t + 1) / warmup_steps)``."""
+        if not self.warmup_steps or self.global_step is None:
+            return 1.0
+        return min(1.0, (self.global_step + 1) / self.warmup_steps)
 
     def attack_objective(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
         """The :data:`~upi_lightning.attacks.pgd.PGDObjective` PGD ascends: the summed cross-entropy."""
@@ -42,13 +64,14 @@ class AdversarialExamples(BallRegularizer):
 
     def adversarial(self, batch: TrainingBatch) -> Tensor:
         """Return PGD examples of the batch (model in eval mode during the attack, detached result)."""
+        share = self.ramp()
         return pgd_attack(
             batch.model,
             batch.x,
             batch.y,
-            self.threat,
+            self.threat if share == 1.0 else threat_model(self.threat.norm, share * self.threat.eps),
             steps=self.steps,
-            step_size=self.step_size,
+            step_size=None if self.step_size is None else share * self.step_size,
             random_start=self.random_start,
             objective=self.attack_objective,
         )
@@ -69,6 +92,8 @@ class PGDAdversarial(AdversarialExamples):
         steps: PGD steps (Madry MNIST: 40).
         step_size: PGD step (``None``: ``2.5 * eps / steps``; Madry MNIST: 0.01).
         random_start: random start in the ball.
+        warmup_steps: the radius grows linearly over the first ``warmup_steps`` optimizer steps, from
+            ``eps / warmup_steps`` to ``eps`` (the step size with it); ``0``: ``eps`` from the start.
     """
 
     name = "pgd_adversarial"
@@ -81,8 +106,9 @@ class PGDAdversarial(AdversarialExamples):
         steps: int = 40,
         step_size: float | None = None,
         random_start: bool = True,
+        warmup_steps: int = 0,
     ) -> None:
-        super().__init__(norm, eps, steps, step_size, random_start)
+        super().__init__(norm, eps, steps, step_size, random_start, warmup_steps)
         label = f"{type(self).__name__} weight"
         if not 0 <= check_weight(label, weight) <= 1:
             raise UPIError(f"{label} is the share of the adversarial loss, in [0, 1]; got {weight}.")

@@ -48,6 +48,8 @@ class AttributionalAdversarial(PGDAdversarial):
         steps: PGD steps.
         step_size: PGD step (``None``: ``2.5 * eps / steps``).
         random_start: random start in the ball.
+        warmup_steps: the radius grows linearly over the first ``warmup_steps`` optimizer steps, from
+            ``eps / warmup_steps`` to ``eps`` (the step size with it); ``0``: ``eps`` from the start.
     """
 
     name = "attributional_adversarial"
@@ -63,8 +65,9 @@ class AttributionalAdversarial(PGDAdversarial):
         steps: int = 40,
         step_size: float | None = None,
         random_start: bool = True,
+        warmup_steps: int = 0,
     ) -> None:
-        super().__init__(weight, norm, eps, steps, step_size, random_start)
+        super().__init__(weight, norm, eps, steps, step_size, random_start, warmup_steps)
         self.l_cos = check_weight("AttributionalAdversarial l_cos", l_cos)
         check_choice("AttributionalAdversarial method", method, MAP_METHODS)
         self.method = method

@@ -41,6 +41,8 @@ class Consistency(AdversarialExamples):
         steps: PGD steps (1 with a random start: "fast" adversarial training).
         step_size: PGD step (``None``: ``2.5 * eps / steps``).
         random_start: random start in the ball.
+        warmup_steps: the radius grows linearly over the first ``warmup_steps`` optimizer steps, from
+            ``eps / warmup_steps`` to ``eps`` (the step size with it); ``0``: ``eps`` from the start.
     """
 
     name = "consistency"
@@ -54,8 +56,9 @@ class Consistency(AdversarialExamples):
         steps: int = 1,
         step_size: float | None = None,
         random_start: bool = True,
+        warmup_steps: int = 0,
     ) -> None:
-        super().__init__(norm, eps, steps, step_size, random_start)
+        super().__init__(norm, eps, steps, step_size, random_start, warmup_steps)
         self.weight = check_weight("Consistency weight", weight)
         self.layer = layer
         self._features: list[Tensor] = []
@@ -79,6 +82,7 @@ class Consistency(AdversarialExamples):
             UPIError: if ``layer`` is not a submodule name of ``module`` (or, for ``layer=None``, the
                 model has no ``nn.Linear``).
         """
+        super().on_train_batch_start(module)
         self.remove_hook()
         if self.layer is None:
             linears = [m for m in module.modules() if isinstance(m, nn.Linear)]

@@ -73,6 +73,8 @@ class IGNorm(AdversarialExamples):
         random_start: start PGD from a random point of the ball.
         ig_steps: IG points of the training term (``m``).
         attack_ig_steps: IG points inside the attack.
+        warmup_steps: the radius grows linearly over the first ``warmup_steps`` optimizer steps, from
+            ``eps / warmup_steps`` to ``eps`` (the step size with it); ``0``: ``eps`` from the start.
     """
 
     name = "ig_norm"
@@ -88,8 +90,9 @@ class IGNorm(AdversarialExamples):
         random_start: bool = True,
         ig_steps: int = 50,
         attack_ig_steps: int = 10,
+        warmup_steps: int = 0,
     ) -> None:
-        super().__init__(norm, eps, steps, step_size, random_start)
+        super().__init__(norm, eps, steps, step_size, random_start, warmup_steps)
         label = type(self).__name__
         self.weight = check_weight(f"{label} weight", self.default_weight if weight is None else weight)
         self.ig_steps = check_count(f"{label} ig_steps", ig_steps)
