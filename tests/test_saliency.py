@@ -398,3 +398,22 @@ def test_invalid_inputs_raise_value_errors() -> None:
         attribution(Linear(), torch.zeros(2, *SHAPE, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         normalize_map(torch.zeros(2, 3, 4))
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "integrated_gradients"])
+def test_stacked_methods_run_the_clean_forward_pass_only_to_find_the_target(method: str) -> None:
+    model = SmallCNN((1, 8, 8), num_classes=4)
+    batches: list[int] = []
+    model.register_forward_hook(lambda module, args, output: batches.append(len(args[0])))
+    x, target = torch.rand(3, 1, 8, 8), torch.tensor([0, 3, 1])
+    options = {"n_samples": 2, "n_steps": 2, "noise": torch.randn(2, 3, 1, 8, 8) if method == "smoothgrad" else None}
+    attribution(model, x, target, method, **options)
+    assert batches == [6]  # the 2 x 3 stacked images, nothing else
+    batches.clear()
+    predicted = attribution(model, x, None, method, **options)
+    assert batches == [3, 6]
+    with torch.no_grad():
+        classes = model(x).argmax(dim=1)
+    torch.testing.assert_close(predicted, attribution(model, x, classes, method, **options))
+    with pytest.raises(UPIError, match=r"lie in \[0, 4\)"):
+        attribution(model, x, torch.tensor([0, 4, 1]), method, **options)

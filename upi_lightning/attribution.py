@@ -232,8 +232,7 @@ def attribution(
         )
         full_baseline = _full_baseline(x, baseline) if uses_ig else None
         if method == "smoothgrad":
-            with torch.no_grad():
-                target = _resolve_target(model(x), target)
+            target = _fixed_target(model, x, target)
             if noise is None:
                 device = x.device if generator is None else generator.device
                 noise = torch.randn((n_samples, *x.shape), generator=generator, device=device, dtype=x.dtype)
@@ -252,6 +251,18 @@ def attribution(
         else:
             attr = _base_attribution(model, grad_fn, x, target, method, full_baseline, n_steps)
     return attr if create_graph else attr.detach()
+
+
+def _fixed_target(model: nn.Module, x: Tensor, target: Tensor | int | None) -> Tensor:
+    """The ``(N,)`` classes of ``x``, fixed before its path points or noisy copies are stacked.
+
+    One class per sample is used as given (:func:`_gradient` checks it against the logits it computes
+    anyway); ``None`` (the predicted class) or one ``int`` for all needs the clean forward pass.
+    """
+    if isinstance(target, Tensor) and target.dim() > 0:
+        return target
+    with torch.no_grad():
+        return _resolve_target(model(x), target)
 
 
 def _full_baseline(x: Tensor, baseline: Tensor | float | None) -> Tensor:
@@ -285,9 +296,7 @@ def _base_attribution(
     if method != "integrated_gradients":
         grad = grad_fn(x, target)
         return grad * x if method == "grad_x_input" else grad
-    if not isinstance(target, Tensor) or target.dim() == 0:
-        with torch.no_grad():
-            target = _resolve_target(model(x), target)
+    target = _fixed_target(model, x, target)
     assert baseline is not None, "integrated gradients get their full-shape baseline from attribution()"
     alphas = (torch.arange(n_steps, dtype=x.dtype, device=x.device) + 0.5) / n_steps
     span = x - baseline
