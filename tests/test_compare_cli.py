@@ -74,6 +74,13 @@ def test_compare_writes_every_model_method_and_metric_and_resumes(two_models: li
     again = compare_main(["--models", *two_models, *SMALL, f"--output={tmp_path}"])
     assert again["results"] == compared["results"] and again["models"] == compared["models"]
     assert {path: path.stat().st_mtime_ns for path in times} == times  # nothing refitted or reprofiled
+    profile = tmp_path / "base" / "profile.json"  # written before upi_grad.chunk_size existed (null now):
+    saved = json.loads(profile.read_text())
+    del saved["identity"]["run"]["options"]["attack"]["upi_grad"]["chunk_size"]
+    profile.write_text(json.dumps(saved))
+    written = profile.stat().st_mtime_ns
+    assert compare_main(["--models", *two_models, *SMALL, f"--output={tmp_path}"])["models"] == compared["models"]
+    assert profile.stat().st_mtime_ns == written  # resumed, as the attack runs are
 
 
 def test_bad_models_are_one_line(two_models: list[str], tmp_path: Path) -> None:
