@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--robust-samples", type=int, default=500, help="Test images attacked by PGD.")
     parser.add_argument("--protocol-output", default=None, help="The protocol's folder (default: <output>/protocol).")
     parser.add_argument(
-        "--pgd-train-steps", type=int, default=None, help="PGD steps of the PGD-trained modes (None: the configs' 40)."
+        "--pgd-train-steps", type=int, default=None, help="PGD steps of the PGD-trained modes (None: each config's)."
     )
     parser.add_argument("--ir-samples", type=int, default=None, help="IR teacher SmoothGrad copies (None: 50).")
     parser.add_argument("--ig-steps", type=int, default=None, help="IG-NORM's IG points (None: the configs').")

@@ -38,7 +38,7 @@ def fit_upi_grad(
     ``J`` is :meth:`UPIObjective.per_sample` (default objective: ``UPIObjective()``, the defaults of
     ``attack.py``: simple-gradient logit maps, L2 dissimilarity, a softplus(10) surrogate of ``nn.ReLU``
     modules). ``options`` are the ascent options of :func:`fit_universal` (:class:`AscentOptions`:
-    epochs, step_size, schedule, init, reduce, seed, progress, on_step). ``info`` also holds the
+    epochs, step_size, schedule, init, reduce, seed, progress, on_step, chunk_size). ``info`` also holds the
     objective settings and the network differentiated (:meth:`UPIObjective.describe_network`). A
     ``UserWarning`` says so when the first step's gradient is exactly zero (e.g. ReLU maps without a
     surrogate), since the fit then cannot move.

@@ -49,7 +49,7 @@ class AdversarialExamples(BallRegularizer):
         self.global_step: int | None = None  # set by on_train_batch_start; None: the full radius
 
     def on_train_batch_start(self, module: LightningModule) -> None:
-        """Read the optimizer step the radius ramps with (none from a module outside a Lightning fit)."""
+        """Read the optimizer step the radius ramps with (a plain module has none: then the full radius)."""
         self.global_step = getattr(module, "global_step", None)
 
     def ramp(self) -> float:
