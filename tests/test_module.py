@@ -319,7 +319,12 @@ def printed_config(config: str, capsys: pytest.CaptureFixture[str], monkeypatch:
     return capsys.readouterr().out
 
 
-UPI_ADVERSARIAL_VARIANTS = ["mnist_upi_adv_relu.yaml", "mnist_upi_adv_l2.yaml", "mnist_upi_adv_every_step.yaml"]
+UPI_ADVERSARIAL_VARIANTS = [
+    "mnist_upi_adv_relu.yaml",
+    "mnist_upi_adv_l2.yaml",
+    "mnist_upi_adv_every_step.yaml",
+    "cifar10_subset_upi_adv_relu.yaml",
+]
 """The UPI-adversarial configurations measured against the default one (docs/RESULTS.md, issue 15)."""
 
 
