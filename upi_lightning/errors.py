@@ -17,10 +17,10 @@ class UPIError(ValueError):
     """A user-facing configuration or input error with a message that says how to fix it."""
 
 
-def check_count(name: str, value: int) -> int:
-    """Return ``value`` if it is an integer ``>= 1`` (not a bool), else raise :class:`UPIError` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UPIError(f"{name} must be an integer >= 1, got {value!r}.")
+def check_count(name: str, value: int, minimum: int = 1) -> int:
+    """Return ``value`` if it is an integer ``>= minimum`` (not a bool), else raise :class:`UPIError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UPIError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return value
 
 

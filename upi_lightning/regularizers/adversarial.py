@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from upi_lightning.attacks.engine import check_steps
 from upi_lightning.attacks.pgd import cross_entropy_objective, pgd_attack
-from upi_lightning.errors import UPIError
+from upi_lightning.errors import UPIError, check_count
 from upi_lightning.regularizers.base import BallRegularizer, TrainingBatch, check_weight
 from upi_lightning.threat import Norm, threat_model
 
@@ -40,12 +40,10 @@ class AdversarialExamples(BallRegularizer):
     ) -> None:
         self.threat = threat_model(norm, eps)
         check_steps("constant", step_size, "steps", steps)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise UPIError(f"warmup_steps must be an integer >= 0 (0 = no ramp), got {warmup_steps!r}.")
         self.steps = steps
         self.step_size = step_size
         self.random_start = random_start
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = check_count("warmup_steps (0: no ramp)", warmup_steps, minimum=0)
         self.global_step: int | None = None  # set by on_train_batch_start; None: the full radius
 
     def on_train_batch_start(self, module: LightningModule) -> None:

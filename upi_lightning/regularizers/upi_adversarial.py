@@ -114,9 +114,7 @@ class UPIAdversarial(BallRegularizer):
         except TypeError as err:
             raise UPIError(f"Invalid UPIAdversarial objective {self.objective}: {err}") from err
         self.train_objective = replace(self.attack_objective, surrogate_beta=None, keep_prediction=0.0)
-        if isinstance(random_draws, bool) or not isinstance(random_draws, int) or random_draws < 0:
-            raise UPIError(f"random_draws must be an integer >= 0, got {random_draws!r}.")
-        self.random_draws = random_draws
+        self.random_draws = check_count("random_draws", random_draws, minimum=0)
         self.adversarial_ce = check_weight("UPIAdversarial adversarial_ce", adversarial_ce)
         self.seed = seed
         self.term_batch_size = None if term_batch_size is None else check_count("term_batch_size", term_batch_size)
