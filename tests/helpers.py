@@ -7,6 +7,7 @@ another. Everything here is small and deterministic:
   ``snapshot`` / ``assert_untouched`` pair that checks an attack leaves its model alone;
 * ``ThreadAllReduce``, ``run_ranks`` and ``split_batches``, which simulate the ranks of a DDP fit with
   threads, and ``count_clean_maps``, which counts the clean-map computations of an objective;
+* ``HostReads``, which records the reads of tensor values by the host (a GPU's synchronizations);
 * ``SMOOTH_OBJECTIVE``, ``abs_cosine`` and ``gradient_matrix`` of the UPI-PCA tests;
 * ``example_perturbation``, ``write_payload`` and ``Payload`` for perturbation and checkpoint files;
 * ``numbers``, ``scalar_points`` and ``custom_scalar_layout`` for reports and TensorBoard logs;
@@ -30,6 +31,7 @@ from matplotlib.image import AxesImage
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_pca import per_sample_gradient_rows
@@ -271,6 +273,31 @@ def count_clean_maps(objective: UPIObjective, monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(objective.saliency, "maps", counted)
     return sizes
+
+
+class HostReads(TorchFunctionMode):
+    """Record, in order, every read of a tensor's values by Python: on a GPU each one waits for the device.
+
+    ``events`` holds the name of each read (``item``, ``tolist``, ``__bool__``, ...) and ``"forward"``
+    for each call of a module given to :meth:`watch`, so a test can say how many reads a function makes
+    and whether they come before the model runs. Use as a context manager.
+    """
+
+    READS = frozenset({"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "cpu", "nonzero"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def watch(self, module: nn.Module) -> HostReads:
+        """Log ``"forward"`` each time ``module`` runs (a forward pre-hook; it stays registered)."""
+        module.register_forward_pre_hook(lambda *_: self.events.append("forward"))
+        return self
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", None) in self.READS:
+            self.events.append(func.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 # ------------------------------------------------------------------ UPI-PCA

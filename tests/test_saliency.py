@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from tests.helpers import HostReads
 from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode
 from upi_lightning.models import SmallCNN
@@ -385,6 +386,8 @@ def test_smoothgrad_takes_given_noise_and_its_shared_noise_is_keyed_by_sample() 
         ({"target": torch.tensor([0, 1, 2])}, "shape"),
         ({"target": torch.tensor([0, 1, 2, 7])}, r"\[0, 5\)"),
         ({"target": torch.tensor([0.0, 1.0, 2.0, 3.0])}, "integer"),
+        ({"target": torch.tensor([0, -1, 2, 3])}, ">= 0, got -1"),
+        ({"target": 5}, r"\[0, 5\), got 5"),
         ({"internal_batch_size": 0}, "internal_batch_size"),
     ],
 )
@@ -417,3 +420,14 @@ def test_stacked_methods_run_the_clean_forward_pass_only_to_find_the_target(meth
     torch.testing.assert_close(predicted, attribution(model, x, classes, method, **options))
     with pytest.raises(UPIError, match=r"lie in \[0, 4\)"):
         attribution(model, x, torch.tensor([0, 4, 1]), method, **options)
+
+
+@pytest.mark.parametrize("method", ["gradient", "integrated_gradients", "smoothgrad"])
+@pytest.mark.parametrize("target", [torch.tensor([0, 3, 1]), 2, None], ids=["classes", "int", "predicted"])
+def test_maps_read_the_device_once_before_the_model_runs(method: str, target: Tensor | int | None) -> None:
+    # A read after the forward pass would make a GPU idle while the host queues the backward pass.
+    model = SmallCNN((1, 8, 8), num_classes=4)
+    with HostReads().watch(model) as reads:
+        attribution(model, torch.rand(3, 1, 8, 8), target, method, n_steps=2, n_samples=2)
+    forwards = 2 if method != "gradient" and target is None else 1  # the stacked batch, and the clean one
+    assert reads.events == ["tolist"] + ["forward"] * forwards

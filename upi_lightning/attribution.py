@@ -52,27 +52,43 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise UPIError(f"Unknown {name} {value!r}: use one of {', '.join(map(repr, choices))}.")
 
 
-def _resolve_target(logits: Tensor, target: Tensor | int | None) -> Tensor:
-    """Return a ``(N,)`` long tensor of target classes on the logits' device.
+def _checked_target(x: Tensor, target: Tensor | int | None) -> tuple[Tensor | None, int]:
+    """Check that ``x`` is finite and ``target`` holds class indices, reading the device once.
 
-    ``None`` means the predicted class ``argmax(logits)``; an ``int`` is the same class for every sample.
+    Returns the ``(N,)`` long classes on the device of ``x`` (``None`` stays ``None``: the predicted
+    class) and the largest of them (``-1`` for ``None``), which :func:`_gradient` compares with the number
+    of logits. The checks share one read from the device, made before the model runs: a read after the
+    forward pass would make a GPU wait for the host to queue every kernel of the backward pass.
+
+    Raises:
+        UPIError: on NaN/inf in ``x``, a float target, a target of another shape than ``(N,)`` or a
+            negative class.
     """
-    num_samples, num_classes = logits.shape
-    if target is None:
-        return logits.detach().argmax(dim=1)
-    target = torch.as_tensor(target, device=logits.device)
-    if target.is_floating_point() or target.is_complex():
-        raise UPIError(f"target must hold integer class indices, got dtype {target.dtype}.")
-    if target.dim() == 0:
-        target = target.expand(num_samples)
-    if target.shape != (num_samples,):
-        raise UPIError(
-            f"target must be None, an int or a tensor of shape ({num_samples},) (one class per sample), "
-            f"got shape {tuple(target.shape)}."
-        )
-    if bool(((target < 0) | (target >= num_classes)).any()):
-        raise UPIError(f"target classes must lie in [0, {num_classes}), got {target.tolist()}.")
-    return target.long()
+    num_samples = x.shape[0]
+    if isinstance(target, int) and not isinstance(target, bool):
+        target = torch.full((num_samples,), target, device=x.device)  # a fill, not a copy from the host
+    if target is not None:
+        target = torch.as_tensor(target, device=x.device)
+        if target.is_floating_point() or target.is_complex():
+            raise UPIError(f"target must hold integer class indices, got dtype {target.dtype}.")
+        if target.dim() == 0:
+            target = target.expand(num_samples)
+        if target.shape != (num_samples,):
+            raise UPIError(
+                f"target must be None, an int or a tensor of shape ({num_samples},) (one class per sample), "
+                f"got shape {tuple(target.shape)}."
+            )
+        target = target.long()
+    checks = [torch.isfinite(x).all().long()]
+    if target is not None:
+        checks += target.aminmax()
+    finite, *classes = torch.stack(checks).tolist()  # the one read from the device
+    smallest, largest = classes or (0, -1)
+    if not finite:
+        raise UPIError("the images contain NaN or inf values, whose saliency maps are meaningless; check the data.")
+    if smallest < 0:
+        raise UPIError(f"target classes must be class indices >= 0, got {smallest}.")
+    return target, largest
 
 
 def _class_scores(logits: Tensor, target: Tensor, score: ScoreKind) -> Tensor:
@@ -89,30 +105,37 @@ def _class_scores(logits: Tensor, target: Tensor, score: ScoreKind) -> Tensor:
 def _gradient(
     model: nn.Module,
     x: Tensor,
-    target: Tensor | int | None,
+    target: Tensor | None,
     score: ScoreKind,
     create_graph: bool,
     internal_batch_size: int | None,
+    largest_class: int,
 ) -> Tensor:
-    """Gradient of the per-sample scores w.r.t. ``x``, one backward pass per chunk (no checks, no modes).
+    """Gradient of the per-sample scores w.r.t. ``x``, one backward pass per chunk (no modes, no reads).
 
-    Must run inside :func:`evaluation_mode` and :func:`gradients_enabled`. ``x`` is used as is if it
-    requires grad (so the result can stay differentiable w.r.t. what ``x`` was computed from), else a
-    leaf alias of it that requires grad is made. With ``create_graph`` the forward pass runs attention on
-    a kernel that can be differentiated twice (:func:`twice_differentiable`).
+    Must run inside :func:`evaluation_mode` and :func:`gradients_enabled`, on a ``target`` of
+    :func:`_checked_target` (``None``: each image's predicted class) whose ``largest_class`` is compared
+    here with the number of logits, without reading the device. ``x`` is used as is if it requires grad
+    (so the result can stay differentiable w.r.t. what ``x`` was computed from), else a leaf alias of it
+    that requires grad is made. With ``create_graph`` the forward pass runs attention on a kernel that
+    can be differentiated twice (:func:`twice_differentiable`).
+
+    Raises:
+        UPIError: if ``largest_class`` is not a class of the model's logits.
     """
     if not x.requires_grad:
         x = x.detach().requires_grad_(True)
-    x_chunks = x.split(internal_batch_size or x.shape[0])
-    if isinstance(target, Tensor) and target.dim() > 0:
-        target_chunks: list[Tensor | int | None] = list(target.split(internal_batch_size or x.shape[0]))
-    else:
-        target_chunks = [target] * len(x_chunks)
+    chunk = internal_batch_size or x.shape[0]
+    x_chunks = x.split(chunk)
+    target_chunks = [None] * len(x_chunks) if target is None else target.split(chunk)
     grads = []
     for x_chunk, target_chunk in zip(x_chunks, target_chunks, strict=True):
         with twice_differentiable(create_graph):
             logits = model(x_chunk)
-        scores = _class_scores(logits, _resolve_target(logits, target_chunk), score)
+        if largest_class >= logits.shape[1]:
+            raise UPIError(f"target classes must lie in [0, {logits.shape[1]}), got {largest_class}.")
+        classes = logits.detach().argmax(dim=1) if target_chunk is None else target_chunk
+        scores = _class_scores(logits, classes, score)
         (grad,) = torch.autograd.grad(scores.sum(), x_chunk, create_graph=create_graph)
         grads.append(grad)
     return grads[0] if len(grads) == 1 else torch.cat(grads)
@@ -218,21 +241,20 @@ def attribution(
     if internal_batch_size is not None and internal_batch_size < 1:
         raise UPIError(f"internal_batch_size must be None or >= 1, got {internal_batch_size}.")
 
-    if not bool(torch.isfinite(x).all()):
-        raise UPIError("the images contain NaN or inf values, whose saliency maps are meaningless; check the data.")
     with evaluation_mode(model), gradients_enabled():
         x = _prepare_input(x, create_graph)
-        if isinstance(target, Tensor) and target.dim() > 0 and target.shape != (x.shape[0],):
-            raise UPIError(
-                f"target must be None, an int or a tensor of shape ({x.shape[0]},) (one class per sample), "
-                f"got shape {tuple(target.shape)}."
-            )
+        checked_target, largest_class = _checked_target(x, target)
         grad_fn = partial(
-            _gradient, model, score=score, create_graph=create_graph, internal_batch_size=internal_batch_size
+            _gradient,
+            model,
+            score=score,
+            create_graph=create_graph,
+            internal_batch_size=internal_batch_size,
+            largest_class=largest_class,
         )
         full_baseline = _full_baseline(x, baseline) if uses_ig else None
         if method == "smoothgrad":
-            target = _fixed_target(model, x, target)
+            fixed = _fixed_target(model, x, checked_target)
             if noise is None:
                 device = x.device if generator is None else generator.device
                 noise = torch.randn((n_samples, *x.shape), generator=generator, device=device, dtype=x.dtype)
@@ -245,24 +267,23 @@ def attribution(
             if full_baseline is not None:
                 full_baseline = full_baseline.expand(n_samples, *x.shape).flatten(0, 1)
             attr = _base_attribution(
-                model, grad_fn, noisy, target.repeat(n_samples), base_method, full_baseline, n_steps
+                model, grad_fn, noisy, fixed.repeat(n_samples), base_method, full_baseline, n_steps
             )
             attr = attr.view(n_samples, *x.shape).mean(dim=0)
         else:
-            attr = _base_attribution(model, grad_fn, x, target, method, full_baseline, n_steps)
+            attr = _base_attribution(model, grad_fn, x, checked_target, method, full_baseline, n_steps)
     return attr if create_graph else attr.detach()
 
 
-def _fixed_target(model: nn.Module, x: Tensor, target: Tensor | int | None) -> Tensor:
+def _fixed_target(model: nn.Module, x: Tensor, target: Tensor | None) -> Tensor:
     """The ``(N,)`` classes of ``x``, fixed before its path points or noisy copies are stacked.
 
-    One class per sample is used as given (:func:`_gradient` checks it against the logits it computes
-    anyway); ``None`` (the predicted class) or one ``int`` for all needs the clean forward pass.
+    Given classes are used as they are; ``None`` (the predicted class) needs the clean forward pass.
     """
-    if isinstance(target, Tensor) and target.dim() > 0:
+    if target is not None:
         return target
     with torch.no_grad():
-        return _resolve_target(model(x), target)
+        return model(x).argmax(dim=1)
 
 
 def _full_baseline(x: Tensor, baseline: Tensor | float | None) -> Tensor:
@@ -281,9 +302,9 @@ def _full_baseline(x: Tensor, baseline: Tensor | float | None) -> Tensor:
 
 def _base_attribution(
     model: nn.Module,
-    grad_fn: Callable[[Tensor, Tensor | int | None], Tensor],
+    grad_fn: Callable[[Tensor, Tensor | None], Tensor],
     x: Tensor,
-    target: Tensor | int | None,
+    target: Tensor | None,
     method: SaliencyMethod,
     baseline: Tensor | None,
     n_steps: int,
