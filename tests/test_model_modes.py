@@ -4,8 +4,34 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from upi_lightning.model_modes import gradients_enabled, twice_differentiable
+from upi_lightning.model_modes import evaluation_mode, gradients_enabled, twice_differentiable
+
+
+class CountedDropout(nn.Dropout):
+    """Dropout that counts the calls of its ``train`` (``eval()`` calls ``train(False)``)."""
+
+    calls = 0
+
+    def train(self, mode: bool = True) -> CountedDropout:
+        CountedDropout.calls += 1
+        return super().train(mode)
+
+
+def test_evaluation_mode_restores_each_flag_and_leaves_an_eval_model_alone() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(CountedDropout(), nn.BatchNorm1d(2)))
+    model[1][1].eval()  # a frozen batch norm inside a training model
+    flags = [module.training for module in model.modules()]
+    with evaluation_mode(model):
+        assert not any(module.training for module in model.modules())
+    assert [module.training for module in model.modules()] == flags
+    model.eval()
+    CountedDropout.calls = 0
+    with evaluation_mode(model):
+        assert not any(module.training for module in model.modules())
+    assert CountedDropout.calls == 0  # an eval model is not put in eval mode again
+    assert not any(module.training for module in model.modules())
 
 
 def test_gradients_enabled_context() -> None:
