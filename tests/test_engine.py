@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
-from upi_lightning.attacks.engine import step_size_at
+from tests.helpers import HostReads
+from upi_lightning.attacks.engine import fit_universal, step_size_at
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.errors import UPIError
@@ -45,3 +47,28 @@ def test_chunked_fit_takes_the_steps_of_the_whole_batch(method: str) -> None:
         assert chunked.grad_norms == pytest.approx(whole.grad_norms, rel=1e-4)
     with pytest.raises(UPIError, match="chunk_size"):
         fit_upi_grad(model, [(x, y)], L2Ball(1.0), objective=objective, chunk_size=0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_step_whose_objective_is_not_finite_stops_the_fit_with_its_step(bad: float) -> None:
+    calls: list[None] = []
+
+    def objective(x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        calls.append(None)
+        value = (x + delta).flatten(1).sum(dim=1)
+        return value if len(calls) == 1 else value * bad  # finite at the first step only
+
+    batch = (torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(UPIError, match="NaN/inf at step 1"):
+        fit_universal(nn.Identity(), [batch, batch], objective, L2Ball(1.0), epochs=1)
+
+
+def test_a_step_reads_the_device_once_after_its_backward_pass() -> None:
+    def objective(x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return (x + delta).pow(2).flatten(1).sum(dim=1)
+
+    batch = (torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long))
+    with HostReads() as reads:
+        fit_universal(nn.Identity(), [batch] * 3, objective, L2Ball(1.0), epochs=1)
+    # per step: the pixel-range check of the batch, then the step's figures; the first step checks its gradient
+    assert reads.events == ["tolist", "__bool__", "tolist"] + ["tolist", "tolist"] * 2

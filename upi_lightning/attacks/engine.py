@@ -288,19 +288,24 @@ def fit_universal(
                     delta = initial_delta(init, tuple(x.shape[1:]), threat, generator, device)
                 variable = delta.clone().requires_grad_(True)
                 grad, values = chunked_gradient(per_sample_fn, x, y, variable, generator, chunk_size)
-                packed = torch.cat([grad.flatten(), values.sum().view(1), values.new_tensor([len(values)])])
+                packed = torch.cat([grad.flatten(), values.sum().view(1), values.new_full((1,), len(values))])
                 packed = reduce(packed)
                 if step == 0:
                     warn_if_zero_gradient(packed[:-2], name)
-                if not bool(torch.isfinite(packed).all()):
+                count = packed[-1]
+                mean_grad = packed[:-2].view_as(delta) / count
+                finite, mean_value, grad_norm = torch.stack(  # one read from the device a step
+                    [
+                        torch.isfinite(packed).all().to(packed.dtype),
+                        packed[-2] / count,
+                        torch.linalg.vector_norm(mean_grad),
+                    ]
+                ).tolist()
+                if not finite:
                     raise UPIError(
                         f"{name}: the objective or its gradient became NaN/inf at step {step}; lower the "
                         "surrogate beta or the step size, or check the model."
                     )
-                count = packed[-1]
-                mean_grad = packed[:-2].view_as(delta) / count
-                # one device sync a step for both figures
-                mean_value, grad_norm = torch.stack([packed[-2] / count, torch.linalg.vector_norm(mean_grad)]).tolist()
                 eta = step_size_at(schedule, base_step, step, total)
                 delta = threat.step(delta, mean_grad, eta)
                 history.append(mean_value)
