@@ -1,7 +1,8 @@
 """Our batched saliency maps against Captum's, same model and batch (issue 18 target: ours / Captum <= 1.0).
 
-For each model, on one batch of ``--batch-size`` random ``[0, 1]`` images and random target classes
-(logit score, eval mode), times ``upi_lightning.attribution.attribution`` and its Captum peer:
+For each model, on one batch of ``--batch-size`` random ``[0, 1]`` images (of the model's size, or
+``--image-size`` square) and random target classes (logit score, eval mode), times
+``upi_lightning.attribution.attribution`` and its Captum peer:
 
 * ``gradient`` against ``Saliency(abs=False)``;
 * ``integrated_gradients`` (``--n-steps`` midpoint points, black baseline) against
@@ -19,6 +20,7 @@ Captum is a benchmark extra (``pip install -e ".[bench]"``), not a runtime depen
 
     python benchmarks/captum_peer.py                          # MNIST SmallCNN and CifarResNet18, 2 threads
     python benchmarks/captum_peer.py --models small_cnn --device cuda --threads 0
+    python benchmarks/captum_peer.py --models cifar_resnet18 --batch-size 1 --image-size 4 --threads 1 --repeats 200
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n-samples", type=int, default=16, help="SmoothGrad noisy copies")
     parser.add_argument("--sigma", type=float, default=0.15, help="SmoothGrad noise std (pixel units)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median kept)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="side of the square images (default: the model's own); a tiny side such as 4 makes each call's "
+        "per-operation overhead dominate, as kernel launches do on a GPU at these batch sizes",
+    )
     add_run_arguments(parser)
     return parser.parse_args()
 
@@ -101,8 +109,10 @@ def main() -> None:
     set_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(SEED)
+    images = f"{args.image_size}x{args.image_size} images" if args.image_size else "the model's images"
     print(
-        f"our maps vs Captum's: batch={args.batch_size}, IG n_steps={args.n_steps}, SmoothGrad "
+        f"our maps vs Captum's: batch={args.batch_size}, {images}, "
+        f"IG n_steps={args.n_steps}, SmoothGrad "
         f"n_samples={args.n_samples} sigma={args.sigma}, logit score, {machine_line(device)}; untrained models, "
         "random images\n"
     )
@@ -110,7 +120,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---|")
     rows = []
     for name in args.models:
-        model, shape = benchmark_model(name, device)
+        model, shape = benchmark_model(name, device, args.image_size)
         model.eval()
         x = torch.rand(args.batch_size, *shape, device=device)
         target = torch.randint(0, 10, (args.batch_size,), device=device)
@@ -144,7 +154,16 @@ def main() -> None:
                 f"{relative:.2e} | {verdict} |",
                 flush=True,
             )
-    write_json(args.json, {"benchmark": "captum_peer", "machine": machine_line(device), "rows": rows})
+    write_json(
+        args.json,
+        {
+            "benchmark": "captum_peer",
+            "machine": machine_line(device),
+            "batch_size": args.batch_size,
+            "image_size": args.image_size,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

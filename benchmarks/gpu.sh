@@ -31,12 +31,14 @@ if $tiny; then
     step=(--models small_cnn --batch-size 8 --repeats 1 --warmup 0)
     epoch=(--model small_cnn --samples 32 --batch-size 16)
     modes=(--modes input_grad pgd --steps 1 --warmup 0 --repeats 1 --batch-size 8)
+    captum=(--models small_cnn --batch-size 2 --n-steps 2 --n-samples 2 --repeats 1)
 else
     saliency=(--batch-size 128 --loop-samples 128 --repeats 3)
     pca=(--batch-size 128 --loop-samples 128 --repeats 3)
     step=(--models cifar_resnet18 --resnet-repeats 7)
     epoch=()
     modes=(--steps 4 --warmup 1 --repeats 1)
+    captum=(--repeats 30)  # calls of a few milliseconds: enough rounds for a stable median
 fi
 
 run() {  # run SCRIPT NAME ARGS...: one script on the device, its rows into $parts/NAME.json
@@ -51,4 +53,9 @@ run upi_pca_rows.py upi_pca_rows "${pca[@]}"
 run upi_step_cost.py upi_step_cost "${step[@]}"
 run upi_epoch.py upi_epoch "${epoch[@]}"
 run training_modes.py training_modes "${modes[@]}"
+if "$python" -c "import captum" 2>/dev/null; then  # a benchmark extra: pip install -e ".[bench]"
+    run captum_peer.py captum_peer "${captum[@]}"
+else
+    echo "== captum_peer skipped: Captum is not installed (pip install -e \".[bench]\")" >&2
+fi
 "$python" "$here/merge_json.py" --output "$output" "$parts"/*.json

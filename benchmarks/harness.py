@@ -25,9 +25,14 @@ MODELS = {
 Key = TypeVar("Key", bound=Hashable)
 
 
-def benchmark_model(name: str, device: torch.device) -> tuple[nn.Module, tuple[int, int, int]]:
-    """An untrained 10-class classifier ``name`` of :data:`MODELS` on ``device`` and its input shape."""
+def benchmark_model(name: str, device: torch.device, side: int | None = None) -> tuple[nn.Module, tuple[int, int, int]]:
+    """An untrained 10-class classifier ``name`` of :data:`MODELS` on ``device`` and its input shape.
+
+    ``side`` replaces the height and width of the model's images (``None``: its own).
+    """
     shape, mean, std = MODELS[name]
+    if side is not None:
+        shape = (shape[0], side, side)
     return build_classifier(name, 10, shape, mean, std).to(device), shape
 
 
