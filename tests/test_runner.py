@@ -265,6 +265,17 @@ def test_a_rerun_of_a_finished_run_fits_nothing_and_keeps_one_tensorboard_point_
     assert len(list((tmp_path / "tensorboard").iterdir())) == 1
 
 
+def test_a_run_resumes_under_another_chunk_size(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [f"--ckpt={checkpoint}", *DATA, *SMALL, "--attack.methods=[upi_grad]", f"--output={tmp_path}"]
+    first = attack_main(args)
+    assert "chunk_size" not in json.dumps(json.loads((tmp_path / "run.json").read_text()))
+    monkeypatch.setattr(runner, "fit_method", lambda *args, **kwargs: pytest.fail("refitted a saved method"))
+    again = attack_main([*args, "--attack.upi_grad.chunk_size=2"])  # a memory and speed setting, as the device
+    assert numbers(again["results"]) == numbers(first["results"])
+
+
 @pytest.mark.parametrize(
     ("change", "difference"),
     [

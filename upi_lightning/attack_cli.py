@@ -37,8 +37,9 @@ from upi_lightning.models import build_classifier
 Report = dict[str, Any]
 """An attack report (``report.json``)."""
 
-WHERE_IT_RUNS = ("config", "output", "trainer", "progress")
-"""``attack.py`` options that do not change a run's numbers: a run resumes under other values of them."""
+WHERE_IT_RUNS = ("config", "output", "trainer", "progress", "attack.upi_grad.chunk_size")
+"""``attack.py`` options (dotted paths) that do not change a run's numbers: a run resumes under other values of
+them. ``chunk_size`` changes float rounding only, as the device and the process count do."""
 
 
 def run_identity(config: Namespace) -> dict[str, Any]:
@@ -47,7 +48,13 @@ def run_identity(config: Namespace) -> dict[str, Any]:
     Every option but :data:`WHERE_IT_RUNS`, and the content (SHA-256) of every checkpoint (``None`` for
     a missing one, which :func:`load_classifier` then reports).
     """
-    options = {key: value for key, value in config.as_dict().items() if key not in WHERE_IT_RUNS}
+    options = config.as_dict()
+    for path in WHERE_IT_RUNS:
+        *parents, leaf = path.split(".")
+        node = options
+        for key in parents:
+            node = node.get(key) or {}
+        node.pop(leaf, None)
     checkpoints = [Path(path) for path in [config.ckpt, *config.eval_ckpt] if path is not None]
     digests = {str(path): file_digest(path) if path.is_file() else None for path in checkpoints}
     return {"options": options, "sha256": digests}
