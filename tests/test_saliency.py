@@ -317,13 +317,17 @@ def test_works_under_no_grad_and_inference_mode(method: str, context) -> None:
     model = _softplus_cnn()
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
     kwargs = {"n_steps": 3, "n_samples": 2}
+    classes = torch.tensor([0, 1])
     expected = saliency_map(model, x, None, method, generator=torch.Generator().manual_seed(0), **kwargs)
+    expected_given = saliency_map(model, x, classes, method, generator=torch.Generator().manual_seed(0), **kwargs)
     with context():
         x_in_context = x.clone()  # an inference tensor under inference_mode
         generator = torch.Generator().manual_seed(0)
         maps = saliency_map(model, x_in_context, None, method, generator=generator, **kwargs)
+        given = saliency_map(model, x_in_context, classes.clone(), method, generator=generator.manual_seed(0), **kwargs)
         differentiable = saliency_map(model, x_in_context, None, method, create_graph=True, **kwargs)
     torch.testing.assert_close(maps, expected)
+    torch.testing.assert_close(given, expected_given)
     assert differentiable.requires_grad
     (param_grad,) = torch.autograd.grad(differentiable.square().sum(), model.features[0].weight)
     assert param_grad.abs().sum() > 0
@@ -386,6 +390,8 @@ def test_smoothgrad_takes_given_noise_and_its_shared_noise_is_keyed_by_sample() 
         ({"target": torch.tensor([0, 1, 2])}, "shape"),
         ({"target": torch.tensor([0, 1, 2, 7])}, r"\[0, 5\)"),
         ({"target": torch.tensor([0.0, 1.0, 2.0, 3.0])}, "integer"),
+        ({"target": torch.tensor([True, False, True, True])}, "integer"),
+        ({"target": True}, "integer"),
         ({"target": torch.tensor([0, -1, 2, 3])}, ">= 0, got -1"),
         ({"target": 5}, r"\[0, 5\), got 5"),
         ({"internal_batch_size": 0}, "internal_batch_size"),

@@ -60,16 +60,18 @@ def _checked_target(x: Tensor, target: Tensor | int | None) -> tuple[Tensor | No
     of logits. The checks share one read from the device, made before the model runs: a read after the
     forward pass would make a GPU wait for the host to queue every kernel of the backward pass.
 
+    A target made under ``torch.inference_mode`` is cloned into a normal tensor, as ``x`` is.
+
     Raises:
-        UPIError: on NaN/inf in ``x``, a float target, a target of another shape than ``(N,)`` or a
-            negative class.
+        UPIError: on NaN/inf in ``x``, a float or bool target (a mask is not a class), a target of another
+            shape than ``(N,)`` or a negative class.
     """
     num_samples = x.shape[0]
-    if isinstance(target, int) and not isinstance(target, bool):
+    if isinstance(target, int):
         target = torch.full((num_samples,), target, device=x.device)  # a fill, not a copy from the host
     if target is not None:
         target = torch.as_tensor(target, device=x.device)
-        if target.is_floating_point() or target.is_complex():
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise UPIError(f"target must hold integer class indices, got dtype {target.dtype}.")
         if target.dim() == 0:
             target = target.expand(num_samples)
@@ -79,6 +81,8 @@ def _checked_target(x: Tensor, target: Tensor | int | None) -> tuple[Tensor | No
                 f"got shape {tuple(target.shape)}."
             )
         target = target.long()
+        if target.is_inference():  # gather saves its index for the backward pass
+            target = target.clone()
     checks = [torch.isfinite(x).all().long()]
     if target is not None:
         checks += target.aminmax()
