@@ -74,9 +74,10 @@ def test_compare_writes_every_model_method_and_metric_and_resumes(two_models: li
     again = compare_main(["--models", *two_models, *SMALL, f"--output={tmp_path}"])
     assert again["results"] == compared["results"] and again["models"] == compared["models"]
     assert {path: path.stat().st_mtime_ns for path in times} == times  # nothing refitted or reprofiled
-    profile = tmp_path / "base" / "profile.json"  # as if written before an option that is null now existed:
-    saved = json.loads(profile.read_text())
+    profile = tmp_path / "base" / "profile.json"  # as if written before an option that is null now existed,
+    saved = json.loads(profile.read_text())  # by a version that kept chunk_size in the identity:
     del saved["identity"]["run"]["options"]["attack"]["upi_grad"]["step_size"]
+    saved["identity"]["run"]["options"]["attack"]["upi_grad"]["chunk_size"] = 4
     profile.write_text(json.dumps(saved))
     written = profile.stat().st_mtime_ns
     assert compare_main(["--models", *two_models, *SMALL, f"--output={tmp_path}"])["models"] == compared["models"]

@@ -274,6 +274,11 @@ def test_a_run_resumes_under_another_chunk_size(
     monkeypatch.setattr(runner, "fit_method", lambda *args, **kwargs: pytest.fail("refitted a saved method"))
     again = attack_main([*args, "--attack.upi_grad.chunk_size=2"])  # a memory and speed setting, as the device
     assert numbers(again["results"]) == numbers(first["results"])
+    run_file = tmp_path / "run.json"  # as the version that kept chunk_size in the identity wrote it
+    saved = json.loads(run_file.read_text())
+    saved["options"]["attack"]["upi_grad"]["chunk_size"] = 4
+    run_file.write_text(json.dumps(saved))
+    assert numbers(attack_main([*args, "--attack.upi_grad.chunk_size=2"])["results"]) == numbers(first["results"])
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy, Strategy
 from torch import nn
 
-from upi_lightning.attacks.run_folder import RunFolder, file_digest
+from upi_lightning.attacks.run_folder import RunFolder, file_digest, without_where_it_runs
 from upi_lightning.attacks.runner import AttackRun
 from upi_lightning.attacks.settings import AttackSettings
 from upi_lightning.checkpoints import (
@@ -37,24 +37,14 @@ from upi_lightning.models import build_classifier
 Report = dict[str, Any]
 """An attack report (``report.json``)."""
 
-WHERE_IT_RUNS = ("config", "output", "trainer", "progress", "attack.upi_grad.chunk_size")
-"""``attack.py`` options (dotted paths) that do not change a run's numbers: a run resumes under other values of
-them. ``chunk_size`` changes float rounding only, as the device and the process count do."""
-
 
 def run_identity(config: Namespace) -> dict[str, Any]:
     """What the numbers of an ``attack.py`` run depend on, its ``run.json``.
 
-    Every option but :data:`WHERE_IT_RUNS`, and the content (SHA-256) of every checkpoint (``None`` for
-    a missing one, which :func:`load_classifier` then reports).
+    Every option but :data:`~upi_lightning.attacks.run_folder.WHERE_IT_RUNS`, and the content (SHA-256) of
+    every checkpoint (``None`` for a missing one, which :func:`load_classifier` then reports).
     """
-    options = config.as_dict()
-    for path in WHERE_IT_RUNS:
-        *parents, leaf = path.split(".")
-        node = options
-        for key in parents:
-            node = node.get(key) or {}
-        node.pop(leaf, None)
+    options = without_where_it_runs(config.as_dict())
     checkpoints = [Path(path) for path in [config.ckpt, *config.eval_ckpt] if path is not None]
     digests = {str(path): file_digest(path) if path.is_file() else None for path in checkpoints}
     return {"options": options, "sha256": digests}

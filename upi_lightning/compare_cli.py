@@ -27,7 +27,7 @@ from upi_lightning.attack_cli import (
 )
 from upi_lightning.attacks.comparison import HEADLINE_METRICS, comparison, comparison_markdown
 from upi_lightning.attacks.profile import RobustSettings, model_profile
-from upi_lightning.attacks.run_folder import first_difference
+from upi_lightning.attacks.run_folder import first_difference, identity_difference
 from upi_lightning.attacks.runner import attack_loaders
 from upi_lightning.attacks.settings import AttackSettings
 from upi_lightning.checkpoints import check_model_fits_data, load_classifier, stored_datamodule
@@ -109,14 +109,17 @@ def model_config(config: Namespace, name: str, ckpt: Path) -> Namespace:
 def profile_of(config: Namespace, robust: RobustSettings) -> dict[str, Any]:
     """The profile of ``config``'s model, read from ``profile.json`` if it has this identity, else computed.
 
-    Identities compare as a run folder's do (:func:`~upi_lightning.attacks.run_folder.first_difference`): an
-    option added since the file was written counts as the same when it is ``null``.
+    Identities compare as a run folder's do (:func:`~upi_lightning.attacks.run_folder.identity_difference`):
+    an option added since the file was written counts as the same when it is ``null``, and an option that
+    does not change the numbers (``WHERE_IT_RUNS``) is not compared.
     """
     path = Path(config.output) / "profile.json"
     identity = json.loads(json.dumps({"run": run_identity(config), "robust": asdict(robust)}, default=str))
     if path.is_file():
         saved = json.loads(path.read_text())
-        if first_difference(saved.get("identity"), identity) is None:
+        saved_identity = saved.get("identity") or {}
+        same_run = identity_difference(saved_identity.get("run"), identity["run"]) is None
+        if same_run and first_difference(saved_identity.get("robust"), identity["robust"]) is None:
             return dict(saved["profile"])
     init = attack_parser().instantiate_classes(config)
     settings: AttackSettings = init.attack

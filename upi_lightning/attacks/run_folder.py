@@ -13,6 +13,7 @@ saliency method, the norm and the eps: :func:`figure_name`, :func:`sweep_name`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -25,6 +26,10 @@ from upi_lightning.errors import UPIError
 from upi_lightning.io import atomic_write_json
 
 RUN_FILE = "run.json"
+
+WHERE_IT_RUNS = ("config", "output", "trainer", "progress", "attack.upi_grad.chunk_size")
+"""``attack.py`` options (dotted paths) that do not change a run's numbers: a run resumes under other values of
+them. ``chunk_size`` changes float rounding only, as the device and the process count do."""
 
 
 def file_digest(path: str | Path) -> str:
@@ -54,6 +59,30 @@ def first_difference(saved: Any, current: Any, where: str = "") -> str | None:
                 return found
         return None
     return None if saved == current else f"{where or 'run'}: {short(saved)} there, {short(current)} now"
+
+
+def without_where_it_runs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``attack.py`` options without :data:`WHERE_IT_RUNS` (paths it does not hold are skipped)."""
+    kept: dict[str, Any] = copy.deepcopy(dict(options))
+    for path in WHERE_IT_RUNS:
+        *parents, leaf = path.split(".")
+        node: Any = kept
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return kept
+
+
+def identity_difference(saved: Any, current: Mapping[str, Any]) -> str | None:
+    """:func:`first_difference` of a saved run identity and the ``current`` one.
+
+    The saved options are read without :data:`WHERE_IT_RUNS`: the file of an older version may hold
+    some of them (``upi_grad.chunk_size`` joined them later), and they never make another run.
+    """
+    if isinstance(saved, dict) and isinstance(saved.get("options"), dict):
+        saved = {**saved, "options": without_where_it_runs(saved["options"])}
+    return first_difference(saved, current)
 
 
 def figure_name(saliency: str, budget: Budget) -> str:
@@ -91,7 +120,7 @@ class RunFolder:
                 saved = json.loads(run_file.read_text())
             except (OSError, ValueError) as err:
                 raise UPIError(f"{run_file} is unreadable ({err}); delete {self.path} to start over.") from None
-            difference = first_difference(saved, self.identity)
+            difference = identity_difference(saved, self.identity)
             if difference is not None:
                 raise UPIError(
                     f"{self.path} holds another attack run ({difference}); rerun with its settings to resume "
