@@ -66,7 +66,10 @@ def parse_args() -> argparse.Namespace:
         "per-operation overhead dominate, as kernel launches do on a GPU at these batch sizes",
     )
     add_run_arguments(parser)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.image_size is not None and args.image_size < 1:
+        parser.error(f"--image-size is a side in pixels and must be >= 1, got {args.image_size}")
+    return args
 
 
 def captum_noise(x: Tensor, n_samples: int) -> Tensor:
@@ -109,7 +112,7 @@ def main() -> None:
     set_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(SEED)
-    images = f"{args.image_size}x{args.image_size} images" if args.image_size else "the model's images"
+    images = "the model's images" if args.image_size is None else f"{args.image_size}x{args.image_size} images"
     print(
         f"our maps vs Captum's: batch={args.batch_size}, {images}, "
         f"IG n_steps={args.n_steps}, SmoothGrad "

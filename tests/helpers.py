@@ -276,14 +276,18 @@ def count_clean_maps(objective: UPIObjective, monkeypatch: pytest.MonkeyPatch) -
 
 
 class HostReads(TorchFunctionMode):
-    """Record, in order, every read of a tensor's values by Python: on a GPU each one waits for the device.
+    """Record, in order, the reads of tensor values by Python (:data:`READS`): on a GPU each one waits for it.
 
     ``events`` holds the name of each read (``item``, ``tolist``, ``__bool__``, ...) and ``"forward"``
     for each call of a module given to :meth:`watch`, so a test can say how many reads a function makes
-    and whether they come before the model runs. Use as a context manager.
+    and whether they come before the model runs. Use as a context manager. Not seen: copies made with
+    ``.to(device)`` and blocking copies from the host, which look alike on a CPU.
     """
 
-    READS = frozenset({"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "cpu", "nonzero"})
+    READS = frozenset(
+        {"__bool__", "__int__", "__float__", "__index__", "__format__", "item", "tolist", "numpy", "cpu"}
+        | {"nonzero", "is_nonzero", "equal", "allclose"}
+    )
 
     def __init__(self) -> None:
         super().__init__()

@@ -22,7 +22,7 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
 
     A model already in eval mode (Lightning's validation, a benchmark, an attack) is left as it is, and
     only the flags that changed are set back: ``nn.Module`` attribute writes are slow enough that setting
-    a ResNet-18's 78 flags twice cost more than our checks of a saliency map's inputs.
+    the 80 flags of a CIFAR ResNet-18 classifier twice cost more than our checks of a saliency map's inputs.
     """
     modes = [(module, module.training) for module in model.modules()]
     if any(training for _, training in modes):
