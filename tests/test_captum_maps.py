@@ -25,8 +25,16 @@ captum_attr = pytest.importorskip("captum.attr")
             SaliencySettings("integrated_gradients", n_steps=8),
             CaptumSaliency("IntegratedGradients", attribute_kwargs={"n_steps": 8, "method": "riemann_middle"}),
         ),
+        (  # IG is not scale-invariant: the log-probability's map is not the probability's
+            SaliencySettings("integrated_gradients", n_steps=8, score="log_probability"),
+            CaptumSaliency(
+                "IntegratedGradients",
+                score="log_probability",
+                attribute_kwargs={"n_steps": 8, "method": "riemann_middle"},
+            ),
+        ),
     ],
-    ids=["gradient", "probability", "grad_x_input", "integrated_gradients"],
+    ids=["gradient", "probability", "grad_x_input", "integrated_gradients", "ig_log_probability"],
 )
 def test_captum_maps_equal_our_maps(ours: SaliencySettings, theirs: CaptumSaliency) -> None:
     model = TinyCNN()

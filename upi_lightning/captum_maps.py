@@ -33,7 +33,7 @@ class CaptumSaliency:
         method: a class of ``captum.attr`` by name (``Saliency``, ``IntegratedGradients``,
             ``InputXGradient``, ``DeepLift``, ``GuidedBackprop``...), or the import path of any class with
             Captum's interface (built from the forward function, ``attribute(inputs, target=...)``).
-        score: ``logit`` or ``probability``: the class score attributed.
+        score: ``logit``, ``probability`` or ``log_probability``: the class score attributed.
         attribute_kwargs: more arguments of ``attribute``, e.g. ``{n_steps: 16, method: riemann_middle}``.
 
     Raises:
@@ -91,7 +91,11 @@ class CaptumSaliency:
         if create_graph:
             raise UPIError("Captum maps cannot be differentiated (create_graph); attacks use SaliencySettings maps.")
         copies = copies_of(images, clean)
-        forward = model if self.score == "logit" else nn.Sequential(model, nn.Softmax(dim=1))
+        forward = {
+            "logit": model,
+            "probability": nn.Sequential(model, nn.Softmax(dim=1)),
+            "log_probability": nn.Sequential(model, nn.LogSoftmax(dim=1)),
+        }[self.score]
         with evaluation_mode(model), gradients_enabled():
             inputs = images.detach().clone().requires_grad_(True)
             if y is None:
