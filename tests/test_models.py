@@ -51,7 +51,7 @@ def test_timm_models_by_name_are_built_for_the_images() -> None:
     )
     assert vit.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 10) and isinstance(vit[-1], Logits)
     assert vit[1].patch_embed.grid_size == (8, 8)
-    assert UPIObjective().describe_network(vit) == "the model itself (no nn.ReLU module to make smooth)"
+    assert UPIObjective().describe_network(vit) == "the model itself (no ReLU to make smooth)"
     cnn = build_classifier("timm.resnet10t", 3, (1, 20, 20), [0.5], [0.25], activation="softplus")  # no img_size
     assert cnn.eval()(torch.rand(1, 1, 20, 20)).shape == (1, 3)
     assert not any(isinstance(m, nn.ReLU) for m in cnn.modules())

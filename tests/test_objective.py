@@ -213,7 +213,7 @@ def test_a_model_without_relu_is_differentiated_as_it_is() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.GELU(), nn.Linear(8, 3)).eval()
     objective = UPIObjective()  # surrogate_beta=10 by default: nothing to replace here
     assert objective.network(model) is model
-    assert objective.describe_network(model) == "the model itself (no nn.ReLU module to make smooth)"
+    assert objective.describe_network(model) == "the model itself (no ReLU to make smooth)"
     x, y = make_batches(1, 4, shape=(1, 6, 6), low=0.1, high=0.9)[0]
     delta = L2Ball(0.5).random_on_sphere((1, 6, 6), make_generator(1)).requires_grad_(True)
     (grad,) = torch.autograd.grad(objective.per_sample(model, x, y, delta, create_graph=True).sum(), delta)

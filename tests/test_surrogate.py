@@ -1,16 +1,27 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from upi_lightning.errors import UPIError
 from upi_lightning.models import CifarResNet18, SmallCNN, build_classifier, replace_relu
 from upi_lightning.saliency import saliency_map
-from upi_lightning.surrogate import fold_batchnorm, pool_before_activation, refold_batchnorm, softplus_surrogate
+from upi_lightning.surrogate import (
+    SmoothReLU6,
+    fold_batchnorm,
+    functional_relus,
+    pool_before_activation,
+    refold_batchnorm,
+    softplus_surrogate,
+    surrogate_applies,
+)
 
 
 def test_softplus_surrogate_copies_and_approximates() -> None:
@@ -267,3 +278,84 @@ def test_softplus_surrogate_error_shrinks_with_beta() -> None:
         reference = model(x)
         errors = [(softplus_surrogate(model, beta)(x) - reference).abs().max().item() for beta in (1, 10, 100, 1e3)]
     assert errors == sorted(errors, reverse=True)
+
+
+class FunctionalReLUNet(nn.Module):
+    """Conv - BN - ReLU as ``F.relu``, ``torch.relu_`` and ``Tensor.relu`` calls, then ``F.relu6``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.relu(self.norm(self.conv(x)), inplace=True)
+        z = torch.relu_(self.conv2(z)).relu()
+        return self.head(F.relu6(8 * z).flatten(1))
+
+
+class SoftplusReference(FunctionalReLUNet):
+    """The oracle: the same network written with softplus and the smooth ReLU6 by hand."""
+
+    beta = 10.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def softplus(z: torch.Tensor) -> torch.Tensor:
+            return F.softplus(z, self.beta)
+
+        z = softplus(self.norm(self.conv(x)))
+        z = softplus(softplus(self.conv2(z)))
+        return self.head((softplus(8 * z) - softplus(8 * z - 6)).flatten(1))
+
+
+def test_relus_called_as_functions_and_relu6_are_made_smooth() -> None:
+    torch.manual_seed(0)
+    model = FunctionalReLUNet()
+    randomize_batchnorm(model)
+    model.eval()
+    assert surrogate_applies(model) and functional_relus(model) == 4
+    surrogate = softplus_surrogate(model, beta=10.0)
+    assert functional_relus(surrogate) == 0
+    assert surrogate.state_dict().keys() - {"norm.weight", "norm.bias"} <= model.state_dict().keys()
+    reference = SoftplusReference().eval()
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.rand(5, 1, 6, 6), torch.tensor([0, 1, 2, 0, 1])
+    torch.testing.assert_close(surrogate(x), reference(x))
+    oracle = map_change_gradient(reference, reference, x, y)
+    assert oracle.abs().max() > 0
+    torch.testing.assert_close(map_change_gradient(surrogate, reference, x, y), oracle)
+    assert isinstance(model.conv, nn.Conv2d) and functional_relus(model) == 4  # the original is untouched
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    model.eval()
+    refold_batchnorm(surrogate, model, surrogate.folded_batchnorms)  # the graph module follows new weights
+    torch.testing.assert_close(surrogate(x), softplus_surrogate(model, beta=10.0)(x))
+
+
+def test_relu6_modules_become_smooth_and_approach_relu6() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU6(), nn.Linear(16, 3)).eval()
+    assert surrogate_applies(model)
+    x = 4 * torch.randn(8, 1, 6, 6)
+    errors = []
+    for beta in (1.0, 10.0, 100.0):
+        surrogate = softplus_surrogate(model, beta)
+        assert isinstance(surrogate[2], SmoothReLU6) and not any(isinstance(m, nn.ReLU6) for m in surrogate.modules())
+        errors.append((surrogate(x) - model(x)).abs().max().item())
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.05
+    z = torch.linspace(-10, 16, 200)
+    assert ((SmoothReLU6(10.0)(z) - F.relu6(z)).abs() <= math.log(2) / 10 + 1e-6).all()
+
+
+def test_a_model_whose_relus_cannot_be_found_has_no_surrogate() -> None:
+    class Dynamic(nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(x) if bool(x.sum() > 0) else x
+
+    assert not surrogate_applies(Dynamic())
+    with pytest.raises(UPIError, match="no ReLU to replace"):
+        softplus_surrogate(Dynamic())

@@ -7,7 +7,9 @@ w.r.t. the input. :func:`softplus_surrogate` copies the network with every ReLU 
 
     \mathrm{softplus}_\beta(z) = \frac1\beta \log(1 + e^{\beta z}) \xrightarrow[\beta \to \infty]{} \max(z, 0),
 
-whose second derivative is not zero (Dombrowski et al. 2019). Two rewrites keep the copy's function and
+whose second derivative is not zero (Dombrowski et al. 2019): ``nn.ReLU`` modules and ReLUs called as
+functions (``F.relu``, ``torch.relu``, ``x.relu()``, as torchvision's GoogLeNet, Inception and DenseNet do),
+and ``ReLU6`` (MobileNet) by :class:`SmoothReLU6`. Two rewrites keep the copy's function and
 cut the cost of differentiating its maps twice: :func:`pool_before_activation` (max-pool before a
 non-decreasing activation) and :func:`fold_batchnorm` (eval-mode batch norms folded into the
 convolutions before them, refreshed by :func:`refold_batchnorm`). Both find their pairs in the
@@ -22,6 +24,7 @@ from typing import cast
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
@@ -177,16 +180,112 @@ def refold_batchnorm(folded_module: nn.Module, source: nn.Module, folded: list[t
             cast(Tensor, target.bias).copy_(bias)
 
 
-def surrogate_applies(model: nn.Module) -> bool:
-    """Whether ``model`` has an ``nn.ReLU`` for :func:`softplus_surrogate` to replace (or an ``nn.Softplus``).
+class SmoothReLU6(nn.Module):
+    r"""The smooth ReLU6 of the surrogate: :math:`\mathrm{softplus}_\beta(z) - \mathrm{softplus}_\beta(z - 6)`.
 
-    A model without either (GELU or tanh activations, or ReLUs called as ``F.relu``) has no surrogate.
+    Non-decreasing, with a non-zero second derivative; tends to :math:`\min(\max(z, 0), 6)` as
+    :math:`\beta \to \infty`, within :math:`\log 2 / \beta` everywhere.
     """
-    return any(isinstance(module, nn.ReLU | nn.Softplus) for module in model.modules())
+
+    def __init__(self, beta: float) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Apply the smooth ReLU6 elementwise."""
+        return F.softplus(z, self.beta) - F.softplus(z - 6.0, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"
+
+
+RELU_FUNCTIONS: dict[object, str] = {
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    F.relu: "relu",
+    F.relu_: "relu",
+    F.relu6: "relu6",
+}
+"""The ReLU functions :func:`smooth_functional_relus` replaces, with their kind."""
+RELU_METHODS = {"relu": "relu", "relu_": "relu"}
+"""The ``Tensor`` ReLU methods it replaces."""
+
+
+def _relu_kind(node: torch.fx.Node) -> str | None:
+    """``relu`` or ``relu6`` for a graph node that calls a ReLU as a function or method, else ``None``."""
+    if node.op == "call_function":
+        return RELU_FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return RELU_METHODS.get(str(node.target))
+    return None
+
+
+def _traced(module: nn.Module) -> torch.fx.GraphModule | None:
+    """``torch.fx.symbolic_trace(module)``, or ``None`` for a module that cannot be traced."""
+    try:
+        return torch.fx.symbolic_trace(module)
+    except Exception:  # tracing fails in many ways on dynamic models; callers fall back to the modules alone
+        return None
+
+
+def functional_relus(module: nn.Module) -> int:
+    """How many ReLUs ``module``'s forward calls as functions or methods (0 for an untraceable module)."""
+    traced = _traced(module)
+    return 0 if traced is None else sum(_relu_kind(node) is not None for node in traced.graph.nodes)
+
+
+def smooth_functional_relus(module: nn.Module, beta: float) -> nn.Module:
+    """``module`` with every ReLU it calls as a function or method replaced by a smooth module.
+
+    ``relu`` becomes an ``nn.Softplus(beta)`` and ``relu6`` a :class:`SmoothReLU6`, each registered as a
+    submodule (``smooth_relu_0``, ``smooth_relu_1``, ...) of the ``torch.fx`` graph module returned; the
+    other submodules keep their names, so the ``state_dict`` keys do not change. Returns ``module`` itself
+    when it calls no ReLU function or cannot be traced.
+    """
+    traced = _traced(module)
+    nodes = [] if traced is None else [node for node in traced.graph.nodes if _relu_kind(node) is not None]
+    if traced is None or not nodes:
+        return module
+    taken = {name for name, _ in traced.named_modules()}
+    names = (name for name in (f"smooth_relu_{index}" for index in range(len(taken) + len(nodes))) if name not in taken)
+    for node, name in zip(nodes, names, strict=False):
+        traced.add_submodule(name, nn.Softplus(beta=beta) if _relu_kind(node) == "relu" else SmoothReLU6(beta))
+        with traced.graph.inserting_after(node):
+            replacement = traced.graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(replacement)
+        traced.graph.erase_node(node)
+    traced.recompile()
+    return traced
+
+
+def replace_relu6(module: nn.Module, beta: float) -> int:
+    """Replace, in place, every ``nn.ReLU6`` submodule of ``module`` by :class:`SmoothReLU6` ``(beta)``.
+
+    Returns:
+        The number of modules replaced.
+    """
+    names = [name for name, child in module.named_modules() if isinstance(child, nn.ReLU6)]
+    for name in names:
+        module.set_submodule(name, SmoothReLU6(beta))
+    return len(names)
+
+
+def surrogate_applies(model: nn.Module) -> bool:
+    """Whether ``model`` has a ReLU for :func:`softplus_surrogate` to make smooth (or an ``nn.Softplus``).
+
+    A ReLU is an ``nn.ReLU`` or ``nn.ReLU6`` module or a ReLU called as a function (:func:`functional_relus`);
+    a model without any (GELU or tanh activations) has no surrogate.
+    """
+    modules = any(isinstance(module, nn.ReLU | nn.ReLU6 | nn.Softplus) for module in model.modules())
+    return modules or functional_relus(model) > 0
 
 
 def softplus_surrogate(model: nn.Module, beta: float = 10.0) -> nn.Module:
-    r"""Deep copy of ``model`` with every ``nn.ReLU`` replaced by ``nn.Softplus(beta)``.
+    r"""Deep copy of ``model`` with every ReLU replaced by ``nn.Softplus(beta)`` (ReLU6 by :class:`SmoothReLU6`).
+
+    ReLUs are ``nn.ReLU`` and ``nn.ReLU6`` modules, and ReLUs called as functions or methods in a
+    ``forward`` (:func:`smooth_functional_relus`; the copy is then a ``torch.fx`` graph module with the
+    same ``state_dict`` keys).
 
     ``softplus_beta(z) = log(1 + exp(beta z)) / beta`` tends to ReLU as ``beta -> inf`` but has a
     non-zero second derivative, so saliency maps of the copy are differentiable w.r.t. the input
@@ -200,18 +299,22 @@ def softplus_surrogate(model: nn.Module, beta: float = 10.0) -> nn.Module:
     weights change.
 
     Raises:
-        UPIError: if ``beta <= 0`` or the model has no ``nn.ReLU`` module to replace (for example a
-            model that only calls ``F.relu``), since the copy would silently equal the original.
+        UPIError: if ``beta <= 0`` or the model has no ReLU to replace (no ``nn.ReLU`` or ``nn.ReLU6``
+            module, and a ``forward`` that calls none or cannot be traced), since the copy would silently
+            equal the original.
     """
     if beta <= 0:
         raise UPIError(f"softplus surrogate beta must be > 0, got {beta}.")
     if not surrogate_applies(model):
         raise UPIError(
-            f"{type(model).__name__} has no nn.ReLU module to replace with Softplus; the surrogate would "
-            "equal the original. Use a model built with nn.ReLU modules, or attack without a surrogate."
+            f"{type(model).__name__} has no ReLU to replace with Softplus (no nn.ReLU or nn.ReLU6 module, and no "
+            "F.relu call that torch.fx can trace); the surrogate would equal the original. Attack it without a "
+            "surrogate (surrogate_beta: null)."
         )
     surrogate = copy.deepcopy(model)
     replace_relu(surrogate, beta)
+    replace_relu6(surrogate, beta)
+    surrogate = smooth_functional_relus(surrogate.eval(), beta)
     surrogate.eval()
     pool_before_activation(surrogate)
     surrogate.folded_batchnorms = fold_batchnorm(surrogate)  # type: ignore[assignment]  # a plain attribute

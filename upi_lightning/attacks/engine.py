@@ -142,7 +142,7 @@ def warn_if_zero_gradient(grad: Tensor, name: str) -> None:
         warnings.warn(
             f"{name}: the objective's gradient w.r.t. delta is exactly zero at the first step, so the fit "
             "cannot move delta. Saliency maps of a ReLU network differentiated as it is have no such gradient: "
-            "differentiate a softplus surrogate of its nn.ReLU modules (surrogate_beta=10, the default) or smooth "
+            "differentiate a softplus surrogate of its ReLUs (surrogate_beta=10, the default) or smooth "
             "the objective (sigma > 0); a start at delta = 0 needs init='random' or sigma > 0.",
             UserWarning,
             stacklevel=3,

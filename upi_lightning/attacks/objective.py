@@ -209,7 +209,7 @@ class UPIObjective(ObjectiveSettings):
     def network(self, model: nn.Module) -> nn.Module:
         """Return the network the objective differentiates: ``model`` or its cached softplus surrogate.
 
-        ``model`` itself without ``surrogate_beta``, or when it has no ``nn.ReLU`` to replace
+        ``model`` itself without ``surrogate_beta``, or when it has no ReLU to replace
         (:func:`~upi_lightning.surrogate.surrogate_applies`: e.g. a GELU ViT, smooth already).
         """
         if self.surrogate_beta is None:
@@ -230,7 +230,7 @@ class UPIObjective(ObjectiveSettings):
             return f"softplus surrogate (beta={self.surrogate_beta:g})"
         if self.surrogate_beta is None:
             return "the model itself (surrogate_beta=None)"
-        return "the model itself (no nn.ReLU module to make smooth)"
+        return "the model itself (no ReLU to make smooth)"
 
     def clean_maps(self, model: nn.Module, x: Tensor, y: Tensor, cache: SampleCache | None = None) -> Tensor:
         """Compute the detached reference maps :math:`I(x)` ``(N, H, W)`` (on the surrogate if configured).
