@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.errors import UPIError
 from upi_lightning.models import CifarResNet18, SmallCNN, build_classifier, replace_relu
 from upi_lightning.saliency import saliency_map
@@ -359,3 +360,90 @@ def test_a_model_whose_relus_cannot_be_found_has_no_surrogate() -> None:
     assert not surrogate_applies(Dynamic())
     with pytest.raises(UPIError, match="no ReLU to replace"):
         softplus_surrogate(Dynamic())
+
+
+class InPlaceReLUNet(nn.Module):
+    """In-place ReLUs whose *input* is read again afterwards, and a ReLU given by keyword."""
+
+    def __init__(self, smooth: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 6 * 6, 3)
+        self.smooth = smooth  # the oracle: the same function written with softplus
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.smooth:
+            y = 2 * F.softplus(y, 10.0)  # relu(y) + the rewritten y
+            y = F.softplus(y - 1, 10.0)
+            y = 2 * (F.softplus(y, 10.0) - F.softplus(y - 6, 10.0))
+            return self.head(F.softplus(y, 10.0).flatten(1))
+        out = F.relu(y, inplace=True)
+        y = out + y  # y was rewritten by the in-place ReLU: 2 relu(y)
+        y = y - 1
+        y.relu_()  # result unused: later readers of y read it
+        F.relu6(y, inplace=True)
+        return self.head(torch.relu(input=2 * y).flatten(1))
+
+
+def test_in_place_relus_rewrite_their_input_for_later_readers() -> None:
+    torch.manual_seed(0)
+    model = InPlaceReLUNet().eval()
+    reference = InPlaceReLUNet(smooth=True).eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.rand(4, 1, 6, 6)
+    surrogate = softplus_surrogate(model, beta=10.0)
+    assert functional_relus(model) == 4 and functional_relus(surrogate) == 0
+    torch.testing.assert_close(surrogate(x), reference(x))
+
+
+def test_untraceable_models_warn_and_train_mode_relus_do_not_count() -> None:
+    class Dynamic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x) if bool(x.sum() > 0) else x
+
+    with pytest.warns(UserWarning, match="torch.fx cannot trace Dynamic"):
+        surrogate = softplus_surrogate(Dynamic())
+    assert isinstance(surrogate.layer[1], nn.Softplus)
+
+    class TrainOnly(nn.Module):  # the surrogate is the eval-mode network: no ReLU there
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(x) if self.training else x
+
+    model = TrainOnly().train()
+    assert not surrogate_applies(model) and model.training
+    with pytest.raises(UPIError, match="no ReLU to replace"):
+        softplus_surrogate(model)
+
+
+def test_a_deep_copied_objective_refreshes_its_graph_module_surrogate() -> None:
+    torch.manual_seed(0)
+    model = FunctionalReLUNet()
+    randomize_batchnorm(model)
+    model.eval()
+    objective = UPIObjective(surrogate_beta=10.0)
+    assert isinstance(objective.network(model), torch.fx.GraphModule)
+    copied = copy.deepcopy(objective)
+    with torch.no_grad():
+        model.conv.weight.mul_(2)  # in place: the copy must refold, not rebuild
+    x = torch.rand(3, 1, 6, 6)
+    torch.testing.assert_close(copied.network(model)(x), softplus_surrogate(model, beta=10.0)(x))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("googlenet", {"aux_logits": False, "init_weights": True}), ("densenet121", {}), ("mobilenet_v2", {})],
+)
+def test_torchvision_models_that_call_relu_functions_get_a_smooth_surrogate(name: str, kwargs: dict) -> None:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None, num_classes=10, **kwargs).eval()
+    relus = functional_relus(model) + sum(isinstance(m, nn.ReLU | nn.ReLU6) for m in model.modules())
+    surrogate = softplus_surrogate(model, beta=10.0)
+    assert relus > 0 and functional_relus(surrogate) == 0
+    assert not any(isinstance(m, nn.ReLU | nn.ReLU6) for m in surrogate.modules())
+    x, y = torch.rand(2, 3, 64, 64), torch.tensor([1, 7])
+    assert map_change_gradient(surrogate, model, x, y).abs().max() > 0  # the maps move with delta

@@ -19,6 +19,7 @@ convolutions before them, refreshed by :func:`refold_batchnorm`). Both find thei
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import Counter
 from typing import cast
 
@@ -32,6 +33,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 from torch.nn.utils.parametrize import is_parametrized
 
 from upi_lightning.errors import UPIError
+from upi_lightning.model_modes import evaluation_mode
 from upi_lightning.models import replace_relu
 
 
@@ -211,25 +213,40 @@ RELU_METHODS = {"relu": "relu", "relu_": "relu"}
 """The ``Tensor`` ReLU methods it replaces."""
 
 
+def _relu_input(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The tensor a ReLU call applies to (its first argument or ``input=``), if it is a graph node."""
+    source = node.args[0] if node.args else node.kwargs.get("input")
+    return source if isinstance(source, torch.fx.Node) else None
+
+
 def _relu_kind(node: torch.fx.Node) -> str | None:
-    """``relu`` or ``relu6`` for a graph node that calls a ReLU as a function or method, else ``None``."""
+    """``relu`` or ``relu6`` for a graph node that calls a ReLU on a tensor as a function or method, else ``None``."""
     if node.op == "call_function":
-        return RELU_FUNCTIONS.get(node.target)
-    if node.op == "call_method":
-        return RELU_METHODS.get(str(node.target))
-    return None
+        kind = RELU_FUNCTIONS.get(node.target)
+    elif node.op == "call_method":
+        kind = RELU_METHODS.get(str(node.target))
+    else:
+        return None
+    return kind if _relu_input(node) is not None else None
+
+
+def _in_place(node: torch.fx.Node) -> bool:
+    """Whether a ReLU call also writes its result into its input (``relu_``, ``inplace=True``)."""
+    name = getattr(node.target, "__name__", node.target)
+    return str(name).endswith("_") or node.kwargs.get("inplace") is True or node.args[1:2] == (True,)
 
 
 def _traced(module: nn.Module) -> torch.fx.GraphModule | None:
-    """``torch.fx.symbolic_trace(module)``, or ``None`` for a module that cannot be traced."""
+    """``torch.fx.symbolic_trace`` of ``module`` in eval mode (the surrogate's), ``None`` if it cannot be traced."""
     try:
-        return torch.fx.symbolic_trace(module)
+        with evaluation_mode(module):
+            return torch.fx.symbolic_trace(module)
     except Exception:  # tracing fails in many ways on dynamic models; callers fall back to the modules alone
         return None
 
 
 def functional_relus(module: nn.Module) -> int:
-    """How many ReLUs ``module``'s forward calls as functions or methods (0 for an untraceable module)."""
+    """How many ReLUs ``module``'s eval-mode forward calls as functions or methods (0 if it cannot be traced)."""
     traced = _traced(module)
     return 0 if traced is None else sum(_relu_kind(node) is not None for node in traced.graph.nodes)
 
@@ -238,21 +255,41 @@ def smooth_functional_relus(module: nn.Module, beta: float) -> nn.Module:
     """``module`` with every ReLU it calls as a function or method replaced by a smooth module.
 
     ``relu`` becomes an ``nn.Softplus(beta)`` and ``relu6`` a :class:`SmoothReLU6`, each registered as a
-    submodule (``smooth_relu_0``, ``smooth_relu_1``, ...) of the ``torch.fx`` graph module returned; the
-    other submodules keep their names, so the ``state_dict`` keys do not change. Returns ``module`` itself
-    when it calls no ReLU function or cannot be traced.
+    submodule (``smooth_relu_0``, ``smooth_relu_1``, ...) of the ``torch.fx`` graph module of the
+    eval-mode ``forward`` returned. An in-place ReLU's later readers of its input read the smooth result,
+    as they read the ReLU's. The graph module holds the submodules the forward calls under their names
+    (``state_dict`` keys a subset of ``module``'s: unused heads such as GoogLeNet's auxiliary classifiers
+    are dropped), runs the eval-mode branches whatever its mode, and is no ``nn.Sequential`` to index.
+    Returns ``module`` itself when it calls no ReLU function, or, with a ``UserWarning``, when ``torch.fx``
+    cannot trace it.
     """
     traced = _traced(module)
-    nodes = [] if traced is None else [node for node in traced.graph.nodes if _relu_kind(node) is not None]
-    if traced is None or not nodes:
+    if traced is None:
+        warnings.warn(
+            f"torch.fx cannot trace {type(module).__name__}, so ReLUs its forward calls as functions (F.relu), if "
+            "any, stay piecewise linear in the softplus surrogate; nn.ReLU and nn.ReLU6 modules are replaced.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return module
+    order = {node: index for index, node in enumerate(traced.graph.nodes)}
+    nodes = [node for node in traced.graph.nodes if _relu_kind(node) is not None]
+    if not nodes:
         return module
     taken = {name for name, _ in traced.named_modules()}
     names = (name for name in (f"smooth_relu_{index}" for index in range(len(taken) + len(nodes))) if name not in taken)
     for node, name in zip(nodes, names, strict=False):
+        source = _relu_input(node)
         traced.add_submodule(name, nn.Softplus(beta=beta) if _relu_kind(node) == "relu" else SmoothReLU6(beta))
         with traced.graph.inserting_after(node):
-            replacement = traced.graph.call_module(name, (node.args[0],))
+            replacement = traced.graph.call_module(name, (source,))
         node.replace_all_uses_with(replacement)
+        if _in_place(node) and source is not None:  # readers of the input after the call read the result
+
+            def later(user: torch.fx.Node, new: torch.fx.Node = replacement, at: int = order[node]) -> bool:
+                return user is not new and order.get(user, -1) > at
+
+            source.replace_all_uses_with(replacement, delete_user_cb=later)
         traced.graph.erase_node(node)
     traced.recompile()
     return traced
@@ -284,8 +321,9 @@ def softplus_surrogate(model: nn.Module, beta: float = 10.0) -> nn.Module:
     r"""Deep copy of ``model`` with every ReLU replaced by ``nn.Softplus(beta)`` (ReLU6 by :class:`SmoothReLU6`).
 
     ReLUs are ``nn.ReLU`` and ``nn.ReLU6`` modules, and ReLUs called as functions or methods in a
-    ``forward`` (:func:`smooth_functional_relus`; the copy is then a ``torch.fx`` graph module with the
-    same ``state_dict`` keys).
+    ``forward`` (:func:`smooth_functional_relus`; the copy is then a ``torch.fx`` graph module of the
+    eval-mode forward, whose ``state_dict`` keys are those of the submodules it calls). Not detected:
+    clamps written as ``F.hardtanh(x, 0, 6)``, ``x.clamp(min=0)`` or ``nn.Hardtanh``.
 
     ``softplus_beta(z) = log(1 + exp(beta z)) / beta`` tends to ReLU as ``beta -> inf`` but has a
     non-zero second derivative, so saliency maps of the copy are differentiable w.r.t. the input
@@ -296,7 +334,7 @@ def softplus_surrogate(model: nn.Module, beta: float = 10.0) -> nn.Module:
     norms are folded into the convolutions before them (:func:`fold_batchnorm`), so the copy computes
     the *eval-mode* network and must stay in eval mode. The folded pairs are kept in the copy's
     ``folded_batchnorms`` attribute, for :func:`refold_batchnorm` to refresh the copy when the model's
-    weights change.
+    weights change (a deep copy of a graph-module copy drops the attribute: keep the pairs beside it).
 
     Raises:
         UPIError: if ``beta <= 0`` or the model has no ReLU to replace (no ``nn.ReLU`` or ``nn.ReLU6``

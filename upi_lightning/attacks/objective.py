@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -218,9 +218,11 @@ class UPIObjective(ObjectiveSettings):
         cache = self._cache
         if cache.get("structure") != structure:
             surrogate = softplus_surrogate(model, self.surrogate_beta) if surrogate_applies(model) else None
-            cache.update(surrogate=surrogate, structure=structure)
+            # the folded pairs are kept beside the surrogate, which a deep copy may strip (softplus_surrogate)
+            folded = [] if surrogate is None else cast(list[tuple[str, str]], surrogate.folded_batchnorms)
+            cache.update(surrogate=surrogate, structure=structure, folded=folded)
         elif cache["surrogate"] is not None and cache.get("values") != values:
-            refold_batchnorm(cache["surrogate"], model, cache["surrogate"].folded_batchnorms)
+            refold_batchnorm(cache["surrogate"], model, cache["folded"])
         cache["values"] = values
         return model if cache["surrogate"] is None else cache["surrogate"]
 
