@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from upi_lightning.activations import SmoothReLU6
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.errors import UPIError
 from upi_lightning.models import MLP, CifarResNet18, Logits, Normalize, SmallCNN, build_classifier
@@ -42,6 +43,17 @@ def test_torchvision_model_by_name() -> None:
     model = build_classifier("torchvision.resnet18", 5, (3, 64, 64), [0.5] * 3, [0.25] * 3, activation="softplus")
     assert model.eval()(torch.rand(1, 3, 64, 64)).shape == (1, 5)
     assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+
+
+def test_softplus_torchvision_models_lose_every_relu_or_are_refused() -> None:
+    mobilenet = build_classifier(
+        "torchvision.mobilenet_v2", 5, (3, 32, 32), [0.5] * 3, [0.25] * 3, activation="softplus"
+    )
+    assert not any(isinstance(m, nn.ReLU | nn.ReLU6) for m in mobilenet.modules())
+    assert sum(isinstance(m, SmoothReLU6) for m in mobilenet.modules()) == 35
+    assert mobilenet.train()(torch.rand(2, 3, 32, 32)).shape == (2, 5)  # it trains
+    with pytest.raises(UPIError, match=r"torchvision\.googlenet calls ReLU as a function 57 times"):
+        build_classifier("torchvision.googlenet", 5, (3, 64, 64), [0.5] * 3, [0.25] * 3, activation="softplus")
 
 
 def test_timm_models_by_name_are_built_for_the_images() -> None:

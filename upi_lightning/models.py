@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.fx
 import torchvision
 from torch import Tensor, nn
 
+from upi_lightning.activations import Activation, functional_relus, make_activation, replace_relu, replace_relu6
 from upi_lightning.errors import UPIError
-
-Activation = Literal["relu", "softplus"]
 
 OUR_ARCHS = ("small_cnn", "cifar_resnet18", "mlp")
 TORCHVISION_PREFIX = "torchvision."
@@ -87,17 +86,6 @@ class Logits(nn.Module):
     def forward(self, output: Any) -> Tensor:
         """:func:`logits_of` the output."""
         return logits_of(output)
-
-
-def make_activation(activation: Activation, beta: float = 10.0) -> nn.Module:
-    """Return a fresh activation module: ``nn.ReLU`` or ``nn.Softplus(beta)``."""
-    if activation == "relu":
-        return nn.ReLU()
-    if activation == "softplus":
-        if beta <= 0:
-            raise UPIError(f"softplus beta must be > 0, got {beta}.")
-        return nn.Softplus(beta=beta)
-    raise UPIError(f"Unknown activation {activation!r}: use 'relu' or 'softplus'.")
 
 
 class MLP(nn.Sequential):
@@ -241,22 +229,6 @@ class CifarResNet18(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
 
 
-def replace_relu(module: nn.Module, beta: float) -> int:
-    """Replace, in place, every ``nn.ReLU`` submodule of ``module`` by ``nn.Softplus(beta)``.
-
-    Returns:
-        The number of modules replaced.
-    """
-    replaced = 0
-    for name, child in module.named_children():
-        if isinstance(child, nn.ReLU):
-            setattr(module, name, nn.Softplus(beta=beta))
-            replaced += 1
-        else:
-            replaced += replace_relu(child, beta)
-    return replaced
-
-
 def build_net(
     arch: str,
     num_classes: int,
@@ -275,7 +247,8 @@ def build_net(
             for the images' size and channels).
         num_classes: number of output logits.
         input_shape: ``(C, H, W)`` of one image.
-        activation: ``relu`` or ``softplus`` (torchvision and timm models get their ReLUs replaced).
+        activation: ``relu`` or ``softplus`` (torchvision and timm models get their ``nn.ReLU`` and
+            ``nn.ReLU6`` modules replaced; one that calls ``F.relu`` in its forward is refused).
         beta: softplus sharpness.
         pretrained: load the library's pretrained weights (needs network or a filled cache).
         arch_kwargs: more keyword arguments of a torchvision or timm model (e.g. ``{"patch_size": 4}``).
@@ -301,6 +274,14 @@ def build_net(
         )
     if activation == "softplus":
         replace_relu(net, beta)
+        replace_relu6(net, beta)
+        calls = functional_relus(net)
+        if calls:
+            raise UPIError(
+                f"{arch} calls ReLU as a function {calls} times in its forward (F.relu), which activation: softplus "
+                "cannot replace in a network that trains; choose a model built with nn.ReLU modules (e.g. "
+                "torchvision.resnet18), or train it with ReLUs and attack it through the softplus surrogate."
+            )
     return net
 
 
