@@ -41,6 +41,9 @@ def test_module_replacements_and_the_smooth_relu6_bound() -> None:
     model = nn.Sequential(nn.ReLU(), nn.Sequential(nn.ReLU6(), nn.ReLU()))
     assert replace_relu(model, 5.0) == 2 and replace_relu6(model, 5.0) == 1
     assert [type(m).__name__ for m in model.modules()][1:] == ["Softplus", "Sequential", "SmoothReLU6", "Softplus"]
+    shared = nn.ReLU()
+    aliased = nn.Sequential(shared, nn.Sequential(shared))  # one module under two names: both are replaced
+    assert replace_relu(aliased, 5.0) == 2 and not any(isinstance(m, nn.ReLU) for m in aliased.modules())
     z = torch.linspace(-10, 16, 200)
     for beta in (1.0, 10.0):
         gap = (SmoothReLU6(beta)(z) - F.relu6(z)).abs().max().item()

@@ -10,7 +10,9 @@ networks (:func:`upi_lightning.models.build_net`) and the attacks' surrogate
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -35,20 +37,21 @@ def make_activation(activation: Activation, beta: float = 10.0) -> nn.Module:
     raise UPIError(f"Unknown activation {activation!r}: use 'relu' or 'softplus'.")
 
 
+def _replace_modules(module: nn.Module, kind: type[nn.Module], make: Callable[[], nn.Module]) -> int:
+    """Replace, in place, every submodule of class ``kind`` by a fresh ``make()``; return how many."""
+    names = [name for name, child in module.named_modules(remove_duplicate=False) if isinstance(child, kind)]
+    for name in names:
+        module.set_submodule(name, make())
+    return len(names)
+
+
 def replace_relu(module: nn.Module, beta: float) -> int:
     """Replace, in place, every ``nn.ReLU`` submodule of ``module`` by ``nn.Softplus(beta)``.
 
     Returns:
         The number of modules replaced.
     """
-    replaced = 0
-    for name, child in module.named_children():
-        if isinstance(child, nn.ReLU):
-            setattr(module, name, nn.Softplus(beta=beta))
-            replaced += 1
-        else:
-            replaced += replace_relu(child, beta)
-    return replaced
+    return _replace_modules(module, nn.ReLU, lambda: nn.Softplus(beta=beta))
 
 
 class SmoothReLU6(nn.Module):
@@ -146,7 +149,7 @@ def smooth_functional_relus(module: nn.Module, beta: float) -> nn.Module:
     if not nodes:
         return module
     taken = {name for name, _ in traced.named_modules()}
-    names = (name for name in (f"smooth_relu_{index}" for index in range(len(taken) + len(nodes))) if name not in taken)
+    names = (name for name in map("smooth_relu_{}".format, itertools.count()) if name not in taken)
     for node, name in zip(nodes, names, strict=False):
         source = _relu_input(node)
         traced.add_submodule(name, nn.Softplus(beta=beta) if _relu_kind(node) == "relu" else SmoothReLU6(beta))
@@ -170,7 +173,4 @@ def replace_relu6(module: nn.Module, beta: float) -> int:
     Returns:
         The number of modules replaced.
     """
-    names = [name for name, child in module.named_modules() if isinstance(child, nn.ReLU6)]
-    for name in names:
-        module.set_submodule(name, SmoothReLU6(beta))
-    return len(names)
+    return _replace_modules(module, nn.ReLU6, lambda: SmoothReLU6(beta))

@@ -231,8 +231,7 @@ def softplus_surrogate(model: nn.Module, beta: float = 10.0) -> nn.Module:
     surrogate = copy.deepcopy(model)
     replace_relu(surrogate, beta)
     replace_relu6(surrogate, beta)
-    surrogate = smooth_functional_relus(surrogate.eval(), beta)
-    surrogate.eval()
+    surrogate = smooth_functional_relus(surrogate, beta).eval()  # it traces the eval-mode forward
     pool_before_activation(surrogate)
     surrogate.folded_batchnorms = fold_batchnorm(surrogate)  # type: ignore[assignment]  # a plain attribute
     return surrogate.requires_grad_(False)
