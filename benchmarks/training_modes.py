@@ -11,9 +11,10 @@ the minimum over repeats of the mean seconds per timed step, its multiple of sta
 
 Counts, in units of one forward+backward pass of the batch (a forward ~1/3, a backward ~2/3): standard
 1; a double-backprop term (input gradient with ``create_graph`` and the backward through it) 3, plus
-the clean step it shares its forward with: 3 in all; a k-step PGD k (input-gradient steps) plus the
-clean and adversarial training passes (k + 2); an IG of m points on a graph m times the cost of its
-gradient. Each mode's formula is printed beside its count (column ``how``), computed from its settings.
+the clean step it shares its forward with: 3 in all (SSR takes one such input gradient per class:
+``1 + 2K``); a k-step PGD k (input-gradient steps) plus the clean and adversarial training passes
+(k + 2); an IG of m points on a graph m times the cost of its gradient. Each mode's formula is printed
+beside its count (column ``how``), computed from its settings.
 The batch repeats, so the IR teacher targets come from the cache after the first step (as from the
 second epoch on; the first epoch adds a teacher SmoothGrad of ``n_samples`` points per batch), and
 UPIAdversarial's ``every_n_steps`` updates are amortized when ``--steps`` is a multiple of it.
@@ -52,6 +53,7 @@ from upi_lightning.regularizers import (
     InputGradientNorm,
     InterpretationRegularization,
     PGDAdversarial,
+    SmoothSurfaceRegularization,
     UPIAdversarial,
 )
 from upi_lightning.regularizers.base import Regularizer, regularizer_from_config
@@ -68,9 +70,12 @@ MODES = (
     "ig_sum_norm",
     "gradient_consistency",
     "attributional_adv",
+    "ssr",
 )
 """Mode names: ``standard`` is ``configs/mnist.yaml``, the others ``configs/mnist_<mode>.yaml``."""
 TARGET = 1.3
+CLASSES = 10
+"""MNIST's classes: the random labels' range, and the class gradients of an SSR step."""
 DOUBLE_BACKPROP = 3.0
 """Forward+backward units of a term built from an input gradient with its graph, then differentiated."""
 BACKWARD = 2 / 3
@@ -120,6 +125,8 @@ def arithmetic_count(regularizer: Regularizer | None, batch_size: int) -> tuple[
         case GradientConsistency():
             clean = DOUBLE_BACKPROP if not regularizer.detach_clean else BACKWARD
             return 1 + clean + DOUBLE_BACKPROP, f"clean 1 + clean map {clean:.2f} + noisy double backprop 3"
+        case SmoothSurfaceRegularization():
+            return 1 + CLASSES * (DOUBLE_BACKPROP - 1), f"clean 1 + {CLASSES} class gradients x double backprop 2"
     raise ValueError(f"no arithmetic count for {type(regularizer).__name__}")
 
 
@@ -204,7 +211,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", module="lightning")
     torch.manual_seed(0)
     x = torch.rand(args.batch_size, 1, 28, 28)
-    y = torch.randint(0, 10, (args.batch_size,))
+    y = torch.randint(0, CLASSES, (args.batch_size,))
     n = args.warmup + args.steps
     loader = DataLoader(TensorDataset(x.repeat(n, 1, 1, 1), y.repeat(n)), batch_size=args.batch_size)
     print(

@@ -54,6 +54,7 @@ MODES = (
     "ig_sum_norm",
     "gradient_consistency",
     "attributional_adv",
+    "ssr",
 )
 """Every training mode; ``mode`` trains ``configs/<dataset>_<mode>.yaml`` (``standard``: ``<dataset>.yaml``)."""
 DATASETS = {"mnist": "root", "cifar10_subset": "path"}

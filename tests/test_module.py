@@ -26,6 +26,7 @@ from upi_lightning.regularizers import (
     InterpretationRegularization,
     PGDAdversarial,
     Regularizer,
+    SmoothSurfaceRegularization,
     UPIAdversarial,
 )
 
@@ -43,6 +44,7 @@ MODE_CONFIGS = [
         "ig_sum_norm",
         "gradient_consistency",
         "attributional_adv",
+        "ssr",
     )
 ]
 
@@ -177,12 +179,13 @@ def test_every_training_mode_fits_under_two_process_ddp(tmp_path: Path, teacher_
 
 
 def literature_defenses() -> list[Regularizer]:
-    """IG-NORM, IG-SUM-NORM, gradient consistency and attributional adversarial training, at tiny settings."""
+    """IG-NORM, IG-SUM-NORM, gradient consistency, attributional adversarial training and SSR, at tiny settings."""
     return [
         IGNorm(0.5, eps=0.1, steps=1, ig_steps=2, attack_ig_steps=2),
         IGSumNorm(eps=0.1, steps=1, ig_steps=2, attack_ig_steps=2),
         GradientConsistency(eps=0.05),
         AttributionalAdversarial(eps=0.1, steps=1, method="integrated_gradients", n_steps=2),
+        SmoothSurfaceRegularization(),
     ]
 
 
@@ -202,7 +205,7 @@ def test_the_literature_defenses_fit_together_under_ddp_and_resume(tmp_path: Pat
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", **common)
     trainer.fit(classifier(dm, literature_defenses()), dm)
     metrics = trainer.callback_metrics
-    names = ["ig_norm", "ig_sum_norm", "gradient_consistency", "attributional_adversarial"]
+    names = ["ig_norm", "ig_sum_norm", "gradient_consistency", "attributional_adversarial", "ssr"]
     assert trainer.state.finished and all(torch.isfinite(metrics[f"train/{name}"]) for name in names)
     (path,) = tmp_path.rglob("*.ckpt")
     restored = Classifier.load_from_checkpoint(path, weights_only=True)

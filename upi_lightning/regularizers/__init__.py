@@ -20,10 +20,12 @@ across steps (the UPI ``delta``), write that state into checkpoints and log to T
   (Chen et al. 2019).
 * :class:`GradientConsistency`: input gradients that agree under small noise (Joo et al. 2023).
 * :class:`AttributionalAdversarial`: PGD training with aligned attributions (Wang & Kong 2022).
+* :class:`SmoothSurfaceRegularization`: the largest input curvature of the loss (SSR, Wang et al. 2020).
 
 Which forward pass is differentiated: the input-gradient terms (:class:`InputGradientNorm`,
-:class:`InterpretationRegularization`, :class:`GradientConsistency`) differentiate the clean
-training-mode forward pass itself (``torch.autograd.grad(..., create_graph=True)``, no extra forward).
+:class:`InterpretationRegularization`, :class:`GradientConsistency`, :class:`SmoothSurfaceRegularization`)
+differentiate the clean training-mode forward pass itself (``torch.autograd.grad(..., create_graph=True)``,
+no extra forward).
 With BatchNorm in training mode a sample's logits depend on the whole batch, so those gradients are
 those of the batch-level loss, which is still a well-defined differentiable objective; for networks
 without BatchNorm they are exactly the per-sample gradients. The UPI, IG and attribution terms and the
@@ -67,10 +69,16 @@ from upi_lightning.regularizers.interpretation import (
     load_teacher,
     threshold_beyond_one_std,
 )
+from upi_lightning.regularizers.smooth_surface import (
+    SSR_WEIGHT,
+    SmoothSurfaceRegularization,
+    input_fisher_top_eigenvalue,
+)
 from upi_lightning.regularizers.upi_adversarial import UPIAdversarial
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "SSR_WEIGHT",
     "TEACHER_CHUNK",
     "AdversarialExamples",
     "AttributionalAdversarial",
@@ -83,6 +91,7 @@ __all__ = [
     "InterpretationRegularization",
     "PGDAdversarial",
     "Regularizer",
+    "SmoothSurfaceRegularization",
     "TrainingBatch",
     "UPIAdversarial",
     "build_regularizers",
@@ -90,6 +99,7 @@ __all__ = [
     "check_weight",
     "class_path",
     "ig_loss_l1",
+    "input_fisher_top_eigenvalue",
     "load_teacher",
     "log_keys",
     "per_sample_squared_norm",
