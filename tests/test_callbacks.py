@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +12,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 from matplotlib.figure import Figure
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from tests.helpers import REPO, colorbar_images, custom_scalar_layout, grid_axes
+from upi_lightning.attacks.pgd import pgd_attack
 from upi_lightning.attacks.settings import UPIGradSettings, UPIPCASettings
 from upi_lightning.callbacks import RobustAccuracy, SaliencyMonitor, UPIAttack
 from upi_lightning.cli import train_cli
@@ -32,6 +35,7 @@ from upi_lightning.plots import figure_image
 from upi_lightning.plots.output import SCREEN_DPI
 from upi_lightning.saliency import SaliencySettings
 from upi_lightning.tensorboard_layout import DASHBOARD_METRICS
+from upi_lightning.threat import threat_model
 
 # ----------------------------------------------------------- SaliencyMonitor
 
@@ -168,6 +172,20 @@ def test_saliency_monitor_restores_modes_and_checkpoints_its_images(tmp_path: Pa
     assert torch.equal(restored.images, dataset.tensors[0][:5])
     assert torch.equal(restored.labels, dataset.tensors[1][:5])
     assert SaliencyMonitor(tag="a").state_key != SaliencyMonitor(tag="b").state_key
+
+
+def test_saliency_monitor_keeps_the_images_of_a_validation_shorter_than_num_images(tmp_path: Path) -> None:
+    model = LinearClassifier()
+    train, val, dataset = _data()  # 10 validation images
+    monitor = SaliencyMonitor(num_images=12)
+    _trainer(tmp_path, monitor, epochs=2).fit(model, train, val)
+    assert torch.equal(monitor.images, dataset.tensors[0])  # the first validation's 10, no repeats added later
+    first, second = (image for _, image in _logged_images(tmp_path))
+    assert first.shape == second.shape
+    restored = SaliencyMonitor(num_images=12)
+    restored.load_state_dict({"images": dataset.tensors[0][:2], "labels": dataset.tensors[1][:2]})
+    _trainer(tmp_path / "resumed", restored, epochs=1).fit(model, train, val)
+    assert torch.equal(restored.images, dataset.tensors[0][:2])  # restored images are final too
 
 
 @pytest.mark.parametrize(
@@ -542,3 +560,214 @@ def test_robust_accuracy_callback_logs_during_fit_and_test(tmp_path: Path) -> No
 def test_bad_callback_stages_are_refused() -> None:
     with pytest.raises(UPIError, match="stages"):
         RobustAccuracy(stages=("train",))
+
+
+# ----------------------------------------------------------- RobustAccuracy and SaliencyMonitor under DDP
+
+
+def ddp_spawn() -> DDPStrategy:
+    """``strategy="ddp_spawn"`` (gloo on CPU) whose collectives time out after 60 s: a hang fails the test."""
+    return DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60))
+
+
+class RankShards(LightningDataModule):
+    """Every loader serves ``(images, labels)`` in batches of 8: all of them on one process; on two, rank 0
+    gets the first ``split`` samples and rank 1 the rest (run with ``use_distributed_sampler=False``).
+
+    Unequal shards make the mean of the per-rank accuracies differ from the global accuracy.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, split: int) -> None:
+        super().__init__()
+        self.dataset, self.split = TensorDataset(images, labels), split
+
+    def loader(self) -> DataLoader:
+        indices = list(range(len(self.dataset)))
+        if self.trainer is not None and self.trainer.world_size > 1:
+            indices = indices[: self.split] if self.trainer.global_rank == 0 else indices[self.split :]
+        return DataLoader(Subset(self.dataset, indices), batch_size=8)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader()
+
+
+class DumpRobust(Callback):
+    """Each rank saves the samples it evaluated and its logged robust accuracies to ``<name>_rank<r>.pt``."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder, self.name = folder, name
+        self.seen = 0
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *_: Any
+    ) -> None:
+        self.seen += len(batch[0])
+
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *_: Any
+    ) -> None:
+        self.seen += len(batch[0])
+
+    def dump(self, trainer: Trainer) -> None:
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if "robust_acc" in key}
+        state = {"seen": self.seen, "metrics": metrics}
+        torch.save(state, self.folder / f"{self.name}_rank{trainer.global_rank}.pt")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.dump(trainer)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.dump(trainer)
+
+
+ROBUST: dict[str, Any] = {"norm": "linf", "eps": 0.01, "steps": 3, "random_start": False}  # deterministic PGD
+
+
+def robust_data(model: TinyNet) -> tuple[Tensor, Tensor, Tensor]:
+    """32 noise images, labels the model's clean predictions on chosen samples (else wrong), and the
+    per-sample PGD outcome computed by calling :func:`pgd_attack` directly, batch by batch as the loaders do.
+
+    The clean accuracy is 18/24 on rank 0's shard (samples 0-23) and 2/8 on rank 1's.
+    """
+    images = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        predicted = model.eval()(images).argmax(dim=1)
+    correct = torch.tensor([i % 4 != 0 for i in range(24)] + [i < 2 for i in range(8)])
+    labels = torch.where(correct, predicted, (predicted + 1) % 10)
+    threat = threat_model(ROBUST["norm"], ROBUST["eps"])
+    robust = []
+    for x, y in zip(images.split(8), labels.split(8), strict=True):
+        adversarial = pgd_attack(model, x, y, threat, steps=ROBUST["steps"], random_start=False)
+        with torch.no_grad():
+            robust.append(model(adversarial).argmax(dim=1) == y)
+    model.train()
+    return images, labels, torch.cat(robust)
+
+
+@pytest.mark.parametrize("stage", ["val", "test"])
+def test_robust_accuracy_under_two_process_ddp_is_the_global_figure(tmp_path: Path, stage: str) -> None:
+    torch.manual_seed(0)
+    model = TinyNet(batch_norm=False, frozen=True)  # no buffers; the weights never change
+    weights = {key: value.clone() for key, value in model.state_dict().items()}
+    images, labels, robust = robust_data(model)
+    expected = robust.float().mean().item()  # sum of correct / sum of count over all 32 samples
+    mean_of_means = (robust[:24].float().mean().item() + robust[24:].float().mean().item()) / 2
+    assert robust.sum() < 20  # of the 20 clean-correct samples, PGD fools some: the attack matters
+    assert abs(mean_of_means - expected) > 0.1, "the shards must tell a global figure from a mean of means"
+    key = f"{stage}/robust_acc_linf_0.01"
+
+    def trainer(name: str, devices: int = 1) -> Trainer:
+        callbacks = [RobustAccuracy(stages=(stage,), **ROBUST), DumpRobust(tmp_path, name)]
+        return upi_trainer(
+            tmp_path,
+            callbacks,
+            devices=devices,
+            limit_train_batches=1,  # one optimizer step on each rank (their shards have 3 and 1 batches)
+            limit_val_batches=1.0,
+            use_distributed_sampler=False,
+            **({"strategy": ddp_spawn()} if devices > 1 else {}),
+        )
+
+    data = RankShards(images, labels, split=24)
+    if stage == "val":
+        trainer("ddp", devices=2).fit(model, data)
+    else:
+        trainer("ddp", devices=2).test(model, data, verbose=False)
+    model.load_state_dict(weights)
+    rank0, rank1 = (torch.load(tmp_path / f"ddp_rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert (rank0["seen"], rank1["seen"]) == (24, 8)
+    assert rank0["metrics"][key] == rank1["metrics"][key] == pytest.approx(expected, abs=1e-7)
+
+    # one process on the same frozen model and the same 32 samples, under fit (no_grad), validate and test
+    # (torch.inference_mode), logs the same figure
+    one = trainer("one")
+    if stage == "val":
+        one.fit(model, data)
+        assert one.callback_metrics[key].item() == pytest.approx(expected, abs=1e-7)
+        (result,) = one.validate(model, data, verbose=False)
+    else:
+        (result,) = one.test(model, data, verbose=False)
+    assert result[key] == pytest.approx(expected, abs=1e-7)
+    assert torch.load(tmp_path / "one_rank0.pt", weights_only=True)["seen"] == 32
+
+
+class FrozenLinear(LinearClassifier):
+    """A ``LinearClassifier`` trained on ``0 * CE``: the weights never change (DDP still gets gradients)."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return 0.0 * super().training_step(batch, batch_idx)
+
+
+class CountingMonitor(SaliencyMonitor):
+    """A ``SaliencyMonitor`` that counts the figures it draws; after every validation, each rank saves its
+    images, labels and count to ``<name>_rank<r>.pt``."""
+
+    def __init__(self, folder: Path, name: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.folder, self.name = folder, name
+        self.figures = 0
+
+    def make_figure(self, pl_module: LightningModule, moment: str = "") -> Figure:
+        self.figures += 1
+        return super().make_figure(pl_module, moment)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        state = {"images": self.images, "labels": self.labels, "figures": self.figures}
+        torch.save(state, self.folder / f"{self.name}_rank{trainer.global_rank}.pt")
+
+
+def test_saliency_monitor_under_two_process_ddp_draws_on_rank_zero_what_one_process_draws(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = FrozenLinear()
+    train, val, dataset = _data()  # 10 samples; the DistributedSampler gives rank 0 samples 0, 2, 4, 6, 8
+    shard = [0, 2, 4, 6, 8]
+
+    def trainer(name: str, devices: int = 1) -> Trainer:
+        # 6 images asked, 5 in rank 0's shard: the first validation captures 5 and every figure shows them
+        monitor = CountingMonitor(tmp_path, name, num_images=6)
+        logger = TensorBoardLogger(tmp_path / name, name="", version="")
+        return upi_trainer(
+            tmp_path,
+            [monitor],
+            devices=devices,
+            max_epochs=2,
+            limit_val_batches=1.0,
+            log_every_n_steps=1,
+            logger=logger,
+            **({"strategy": ddp_spawn()} if devices > 1 else {}),
+        )
+
+    trainer("ddp", devices=2).fit(model, train, val)
+    rank0, rank1 = (torch.load(tmp_path / f"ddp_rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert (rank0["figures"], rank1["figures"]) == (2, 0)  # only rank 0 computes maps and draws
+    assert torch.equal(rank0["images"], dataset.tensors[0][shard])  # each rank keeps the start of its shard
+    assert torch.equal(rank0["labels"], dataset.tensors[1][shard])
+    assert torch.equal(rank1["images"], dataset.tensors[0][1::2])
+    assert len(list((tmp_path / "ddp").rglob("events.out.tfevents.*"))) == 1  # rank 1 writes no event file
+    logged = _logged_images(tmp_path / "ddp")
+    assert [step for step, _ in logged] == [1, 3]
+    assert logged[0][1].shape == logged[1][1].shape  # 5 images at every epoch (only the titles differ)
+
+    # one process validating rank 0's shard logs the same figures; its maps are |W_y| / sum |W_y|
+    one, loader = trainer("one"), DataLoader(Subset(dataset, shard), batch_size=3)
+    one.fit(model, train, loader)
+    logged_one = _logged_images(tmp_path / "one")
+    assert [step for step, _ in logged_one] == [1, 3]
+    for (_, image), (_, image_one) in zip(logged, logged_one, strict=True):
+        np.testing.assert_array_equal(image, image_one)
+    (monitor,) = [callback for callback in one.callbacks if isinstance(callback, CountingMonitor)]
+    one.validate(model, DataLoader(dataset, batch_size=3), verbose=False)  # torch.inference_mode, other data
+    assert torch.equal(monitor.images, dataset.tensors[0][shard]) and monitor.figures == 3  # kept its images
+    assert [step for step, _ in _logged_images(tmp_path / "one")] == [1, 3, 4]
+    figure = monitor.make_figure(model, "epoch 1")
+    np.testing.assert_allclose(logged[-1][1], figure_image(figure).permute(1, 2, 0).numpy(), atol=1e-6)
+    weight = model.net[2].weight.detach().view(CLASSES, SIDE, SIDE).abs()
+    for axes, index in zip(grid_axes(figure, 2, 5)[1], shard, strict=True):
+        label = dataset.tensors[1][index]
+        np.testing.assert_allclose(axes.images[0].get_array(), (weight[label] / weight[label].sum()).numpy(), rtol=1e-5)

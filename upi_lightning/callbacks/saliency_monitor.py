@@ -23,8 +23,9 @@ class SaliencyMonitor(Callback):
     """Log a figure of fixed validation images (top row) and their saliency maps (bottom row) to TensorBoard.
 
     The first ``num_images`` images of the validation loader (of the first dataloader, on each
-    process) are captured the first time validation runs outside the sanity check, and kept (on the
-    module's device, and in checkpoints) so every figure shows the same images. Every
+    process: under DDP, the start of rank 0's shard) are captured the first time validation runs outside
+    the sanity check (fewer when that validation has fewer), and kept (on the module's device, and in
+    checkpoints) so every figure shows the same images. Every
     ``every_n_epochs``-th validation epoch, global rank 0 computes their maps with
     :meth:`upi_lightning.saliency.SaliencySettings.maps` (model in eval mode, its mode restored) and adds the
     figure (:func:`~upi_lightning.plots.saliency_figure`: the maps on one colour scale, from 0 to their
@@ -60,6 +61,7 @@ class SaliencyMonitor(Callback):
         self.tag = tag
         self.images: Tensor | None = None
         self.labels: Tensor | None = None
+        self.capture_done = False  # set when a validation epoch captured images: later epochs add none
 
     @override
     def on_validation_batch_end(
@@ -84,11 +86,14 @@ class SaliencyMonitor(Callback):
         self.images, self.labels = x[: self.num_images], None if y is None else y[: self.num_images]
 
     def _captured(self) -> bool:
-        return self.images is not None and len(self.images) >= self.num_images
+        """Whether the images are final: ``num_images`` held, or a validation epoch already captured some."""
+        return self.capture_done or (self.images is not None and len(self.images) >= self.num_images)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Log the image / saliency figure every ``every_n_epochs`` epochs (skipped in the sanity check)."""
+        if not trainer.sanity_checking and self.images is not None:
+            self.capture_done = True  # a shard smaller than num_images must not be captured again
         if (
             trainer.sanity_checking
             or self.images is None
@@ -130,6 +135,7 @@ class SaliencyMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the fixed images and labels."""
         self.images, self.labels = state_dict["images"], state_dict["labels"]
+        self.capture_done = self.images is not None
 
 
 def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
