@@ -325,7 +325,7 @@ def abs_cosine(a: Tensor, b: Tensor) -> float:
 
 
 def gradient_matrix(model: torch.nn.Module, batches: list[Batch], objective: UPIObjective) -> Tensor:
-    """``G`` stacked by the test, with the noise stream a fit pass uses (generator seeded once per pass).
+    """``G`` stacked by the test, with the noise a fit pass uses (the generator seeded afresh for every batch).
 
     Args:
         model: The attacked model.
@@ -335,8 +335,7 @@ def gradient_matrix(model: torch.nn.Module, batches: list[Batch], objective: UPI
     Returns:
         The ``(N, C * H * W)`` matrix of per-sample gradient rows of all batches.
     """
-    generator = make_generator(0)
-    return torch.cat([per_sample_gradient_rows(model, x, y, objective, generator) for x, y in batches])
+    return torch.cat([per_sample_gradient_rows(model, x, y, objective, make_generator(0)) for x, y in batches])
 
 
 # ------------------------------------------------------------------ perturbation and checkpoint files

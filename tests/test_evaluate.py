@@ -112,3 +112,31 @@ def test_evaluate_draws_gives_mean_and_std_and_works_under_inference_mode() -> N
     assert summary["relative_l2"] == pytest.approx(statistics.fmean(values), rel=1e-6)
     assert summary["relative_l2_std"] == pytest.approx(statistics.stdev(values), rel=1e-5)
     assert summary["n_draws"] == 3 and summary["n_samples_std"] == 0.0
+
+
+def test_predicted_class_maps_are_the_maps_of_hand_relabelled_batches() -> None:
+    model = QuadraticScore()
+    batches = half_correct_batches(model)
+    model.eval()
+    with torch.no_grad():
+        relabelled = [(x, model(x).argmax(dim=1)) for x, _ in batches]
+    delta = random_universal((1, 8, 8), L2Ball(2.0), n_draws=1, seed=1)[0]
+    seen: list[Tensor] = []
+
+    def per_sample(x: Tensor, classes: Tensor) -> Tensor:
+        seen.append(classes)
+        return delta.expand_as(x).clone()
+
+    predicted = evaluate_perturbation(model, batches, per_sample, k=10, only_correct=False, target="predicted")
+    oracle = evaluate_perturbation(model, relabelled, delta, k=10, only_correct=False)
+    labels = evaluate_perturbation(model, batches, delta, k=10, only_correct=False)
+    assert predicted["clean_accuracy"] == labels["clean_accuracy"] == 0.5  # accuracy stays against the labels
+    assert {key: value for key, value in predicted.items() if key != "clean_accuracy"} == pytest.approx(
+        {key: value for key, value in oracle.items() if key != "clean_accuracy"}
+    )
+    assert predicted["relative_l2"] != pytest.approx(labels["relative_l2"])
+    assert all(torch.equal(a, b) for a, b in zip(seen, [y for _, y in relabelled], strict=True))
+    # on the correctly classified samples (the default) the two targets are the same classes
+    assert evaluate_perturbation(model, batches, delta, k=10, target="predicted") == evaluate_perturbation(
+        model, batches, delta, k=10
+    )

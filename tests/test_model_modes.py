@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upi_lightning.model_modes import evaluation_mode, gradients_enabled, twice_differentiable
+from upi_lightning.attacks.objective import UPIObjective
+from upi_lightning.attacks.pgd import pgd_attack
+from upi_lightning.attacks.upi_grad import fit_upi_grad
+from upi_lightning.errors import UPIError
+from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled, twice_differentiable
+from upi_lightning.threat import L2Ball
 
 
 class CountedDropout(nn.Dropout):
@@ -53,3 +59,24 @@ def test_attention_is_twice_differentiable_inside_the_context() -> None:
         return torch.autograd.grad(grad.pow(2).sum(), x)[0]
 
     assert second_order(True).abs().max() > 0  # the fused CPU kernel's backward has no derivative (torch 2.14)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_the_attacks_refuse_a_model_of_another_precision_naming_the_fix(dtype: torch.dtype) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).to(dtype)
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(UPIError, match=f"float32 models, this one has {name} parameters .*'bf16-mixed'"):
+        pgd_attack(model, x, y, L2Ball(0.5), steps=2)
+    with pytest.raises(UPIError, match=f"this one has {name} parameters"):
+        fit_upi_grad(model, [(x, y)], L2Ball(0.5), objective=UPIObjective(k=4, surrogate_beta=None), epochs=1)
+
+
+def test_a_float32_model_under_autocast_is_attacked() -> None:
+    # mixed precision keeps float32 weights: the attacks run (Trainer(precision="bf16-mixed"))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    assert attack_device(model) == torch.device("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = pgd_attack(model, x, y, L2Ball(0.5), steps=2)
+    assert x_adv.dtype == torch.float32 and bool(((x_adv - x).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all())

@@ -4,6 +4,7 @@ import json
 import pickle
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.helpers import Payload, custom_scalar_layout, numbers, scalar_points
 from upi_lightning.attack_cli import attack_main
 from upi_lightning.attacks import runner
+from upi_lightning.attacks.run_folder import identity_difference
 from upi_lightning.attacks.settings import ALL_METHODS, AttackSettings, Budget, UPIGradSettings
 from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import CheckpointMismatchError, UPIError
@@ -281,6 +283,30 @@ def test_a_run_resumes_under_another_chunk_size(
     assert numbers(attack_main([*args, "--attack.upi_grad.chunk_size=2"])["results"]) == numbers(first["results"])
 
 
+def test_a_run_saved_before_the_target_option_resumes(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [f"--ckpt={checkpoint}", *DATA, *SMALL, "--attack.methods=[upi_grad]", f"--output={tmp_path}"]
+    first = attack_main(args)
+    run_file = tmp_path / "run.json"  # as the version before attack.target wrote it
+    saved = json.loads(run_file.read_text())
+    assert saved["options"]["attack"].pop("target") == "label"
+    run_file.write_text(json.dumps(saved))
+    monkeypatch.setattr(runner, "fit_method", lambda *args, **kwargs: pytest.fail("refitted a saved method"))
+    assert numbers(attack_main(args)["results"]) == numbers(first["results"])
+    with pytest.raises(UPIError, match=re.escape('options.attack.target: "label" there, "predicted" now')):
+        attack_main([*args, "--attack.target=predicted"])
+
+
+def test_python_api_identities_without_the_target_read_as_label() -> None:
+    current = {"description": {}, "settings": asdict(AttackSettings()), "eval": []}
+    older = json.loads(json.dumps(current))
+    del older["settings"]["target"]
+    assert identity_difference(older, current) is None
+    predicted = {**current, "settings": asdict(AttackSettings(target="predicted"))}
+    assert identity_difference(older, predicted) == 'settings.target: "label" there, "predicted" now'
+
+
 @pytest.mark.parametrize(
     ("change", "difference"),
     [
@@ -288,8 +314,9 @@ def test_a_run_resumes_under_another_chunk_size(
         (["--attack.methods=[upi_grad, uap]"], 'options.attack.methods: ["upi_grad"] there, ["upi_grad", "uap"] now'),
         (["--data.num_test=96"], "options.data.init_args.num_test: 128 there, 96 now"),
         (["--model=torchvision.resnet18", "--ckpt=null"], "options.ckpt: "),
+        (["--attack.target=predicted"], 'options.attack.target: "label" there, "predicted" now'),
     ],
-    ids=["setting", "methods", "data", "model"],
+    ids=["setting", "methods", "data", "model", "target"],
 )
 def test_a_folder_holding_another_run_is_refused_naming_the_difference(
     checkpoint: Path, tmp_path: Path, change: list[str], difference: str

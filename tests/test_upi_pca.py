@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from tests.helpers import (
     SMOOTH_OBJECTIVE,
@@ -83,6 +84,19 @@ def test_power_method_agrees_with_exact_svd_of_g() -> None:
     sigma_1 = torch.linalg.svdvals(matrix.double())[0].item()
     assert exact.info["eigenvalue"] == pytest.approx(sigma_1**2 / len(matrix), rel=1e-4)
     assert power.history[-1] == pytest.approx(sigma_1**2 / len(matrix), rel=1e-3)
+
+
+def test_a_shuffled_loader_gives_the_fixed_order_fit() -> None:
+    # a sample's noise must not depend on the batch it lands in, or every pass iterates on another matrix
+    model = TinyCNN()
+    batches = make_batches(4, 12, shape=(1, 6, 6), low=0.1, high=0.9)
+    dataset = TensorDataset(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    shuffled = DataLoader(dataset, batch_size=12, shuffle=True, generator=torch.Generator().manual_seed(0))
+    fixed = fit_upi_pca(model, batches, L2Ball(1.0), objective=SMOOTH_OBJECTIVE, n_iter=30)
+    result = fit_upi_pca(model, shuffled, L2Ball(1.0), objective=SMOOTH_OBJECTIVE, n_iter=30)
+    assert fixed.info["converged"] and result.info["converged"] and result.info["passes"] < 30
+    assert abs_cosine(result.delta, fixed.delta) > 0.9999
+    assert result.history[-1] == pytest.approx(fixed.history[-1], rel=1e-4)
 
 
 def test_keep_prediction_takes_the_top_algebraic_eigenvector() -> None:

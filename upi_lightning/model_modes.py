@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from upi_lightning.errors import UPIError
+
 
 @contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
@@ -67,3 +69,22 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in [*model.parameters(), *model.buffers()]:
         return tensor.device
     return torch.device("cpu")
+
+
+def attack_device(model: nn.Module) -> torch.device:
+    """:func:`model_device` of a model the attacks can run: its floating-point parameters are float32.
+
+    The attacks' images, perturbations and noise are float32; mixed precision (``torch.autocast``,
+    ``Trainer(precision="bf16-mixed")``) keeps float32 weights and works.
+
+    Raises:
+        UPIError: naming the dtype and the fix, for a model cast to another precision (``bf16-true``...).
+    """
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()} - {torch.float32}
+    if dtypes:
+        names = ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in dtypes))
+        raise UPIError(
+            f"the attacks run float32 models, this one has {names} parameters (e.g. Trainer(precision="
+            "'bf16-true')): use precision='bf16-mixed' or '32-true', or attack model.float()."
+        )
+    return model_device(model)

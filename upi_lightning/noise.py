@@ -47,9 +47,11 @@ def sample_generators(x: Tensor, y: Tensor, generator: torch.Generator | None = 
 
     Each call draws one integer from ``generator`` (the call's seed); the generator of sample ``i`` is
     seeded from that integer and the content of ``(x_i, y_i)`` (:func:`upi_lightning.sample_cache.
-    sample_keys`), so what it draws does not depend on the batch the sample came in, its position
-    there, or how many processes share the data: processes that draw the same call seeds (same seed,
-    same number of calls) draw the same numbers for a sample as one process does.
+    sample_keys`), so what it draws does not depend on its position in the batch, nor on how many
+    processes share the data: processes that draw the same call seeds (same seed, same number of calls)
+    draw the same numbers for a sample as one process does. The call seed is the generator's next draw,
+    so a sample drawn in another call (another batch order) gets other noise, unless the generator is
+    seeded afresh for every call (UPI-PCA's rows: a sample's noise is then the same in any order).
     """
     source = generator.device if generator is not None else x.device
     call_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=source).item()).to_bytes(8, "little")

@@ -28,7 +28,7 @@ from upi_lightning.attacks.engine import (
 )
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.errors import UPIError
-from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
+from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled
 from upi_lightning.noise import make_generator, sample_generators
 from upi_lightning.threat import ThreatModel, apply_perturbation
 
@@ -102,7 +102,7 @@ def fit_per_sample_attack(
         raise UPIError(f"restarts must be an integer >= 1 (1 = a single random start), got {restarts!r}.")
     objective = UPIObjective() if objective is None else objective
     base_step = threat.default_step_size() if step_size is None else float(step_size)
-    device = model_device(model)
+    device = attack_device(model)
     with evaluation_mode(model), gradients_enabled():
         x, y = prepare_batch((x, y), device)
         clean = objective.clean_maps(model, x, y)

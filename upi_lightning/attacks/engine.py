@@ -30,7 +30,7 @@ from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a Da
 
 from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError, check_count
-from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
+from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled
 from upi_lightning.noise import make_generator
 from upi_lightning.perturbation import UniversalPerturbation
 from upi_lightning.threat import ThreatModel
@@ -272,7 +272,7 @@ def fit_universal(
     base_step = threat.default_step_size() if step_size is None else float(step_size)
     length = passes_over(batches, epochs)
     total = None if length is None else epochs * length
-    device = model_device(model)
+    device = attack_device(model)
     history: list[float] = []
     grad_norms: list[float] = []
     start = time.perf_counter()

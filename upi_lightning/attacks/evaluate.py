@@ -1,9 +1,10 @@
 """Evaluate a perturbation: how much it changes the saliency maps of held-out samples.
 
 Maps are always computed on the **original** model (never a surrogate), for the true class of each
-sample, on the clean image and on ``clip(x + delta, 0, 1)``. By default only the samples the model
-classifies correctly are evaluated. Every number is a torchmetrics state (sums and counts), so under
-DDP each rank evaluates its own shard and ``compute()`` reduces them correctly.
+sample (or the class it predicts on the clean image), on the clean image and on ``clip(x + delta, 0, 1)``.
+By default only the samples the model classifies correctly are evaluated. Every number is a torchmetrics
+state (sums and counts), so under DDP each rank evaluates its own shard and ``compute()`` reduces them
+correctly.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from torchmetrics import MeanMetric, SumMetric
 from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a DataLoader's shuffling
 
 from upi_lightning.attacks.engine import Batches, prepare_batch
+from upi_lightning.attacks.settings import Target
 from upi_lightning.errors import UPIError
 from upi_lightning.metrics import AttributionStability, PredictionFlipRate
-from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
+from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled
 from upi_lightning.saliency import SaliencyMaps, SaliencySettings
 from upi_lightning.threat import apply_perturbation, perturbation_norm
 
 PerSampleDeltas = Callable[[Tensor, Tensor], Tensor]
-"""``fn(x, y) -> (N, C, H, W)``: per-sample perturbations of a batch (e.g. the per-sample attack)."""
+"""``fn(x, classes) -> (N, C, H, W)``: per-sample perturbations of a batch (e.g. the per-sample attack)."""
 
 
 def evaluate_perturbation(
@@ -37,19 +39,22 @@ def evaluate_perturbation(
     k: int = 100,
     only_correct: bool = True,
     progress: bool = False,
+    target: Target = "label",
 ) -> dict[str, float]:
     """Attribution-stability metrics of a perturbation on ``batches`` (on the model's device).
 
     Args:
         model: the original classifier (eval mode, modes restored).
         batches: iterable of ``(x, y)`` batches of ``[0, 1]`` images.
-        delta: a universal ``(C, H, W)`` perturbation, or ``fn(x, y) -> (N, C, H, W)`` giving per-sample
-            perturbations of the evaluated samples of each batch.
+        delta: a universal ``(C, H, W)`` perturbation, or ``fn(x, classes) -> (N, C, H, W)`` giving per-sample
+            perturbations of the evaluated samples of each batch (``classes``: the maps' classes).
         saliency: the maps compared (default: :class:`~upi_lightning.saliency.SaliencySettings`; or Captum's,
             :class:`~upi_lightning.captum_maps.CaptumSaliency`).
         k: top-k size of the top-k intersection and Kendall metrics.
         only_correct: evaluate only the samples the model classifies correctly.
         progress: show a tqdm progress bar.
+        target: the maps explain the true ``label`` or the ``predicted`` class of the clean image (the
+            same samples are evaluated, and accuracy is always against the labels).
 
     Returns:
         The means of :class:`upi_lightning.metrics.AttributionStability` (``topk_intersection``,
@@ -61,7 +66,7 @@ def evaluate_perturbation(
         UPIError: if no sample was evaluated, or on bad images/labels/shapes or a NaN/inf perturbation.
 
     """
-    device = model_device(model)
+    device = attack_device(model)
     maker: SaliencyMaps = SaliencySettings() if saliency is None else saliency
     with evaluation_mode(model), gradients_enabled():  # metric states must not be inference tensors
         stability = AttributionStability(k=k).to(device)
@@ -80,7 +85,8 @@ def evaluate_perturbation(
             counts["n_samples"].update(torch.tensor(float(len(x)), device=device))
             if len(x) == 0:
                 continue
-            batch_delta = delta(x, y) if callable(delta) else delta
+            classes = y if target == "label" else logits.argmax(dim=1)
+            batch_delta = delta(x, classes) if callable(delta) else delta
             batch_delta = batch_delta.detach().to(device=device, dtype=x.dtype)
             if batch_delta.shape not in (x.shape, x.shape[1:]):
                 raise UPIError(
@@ -92,8 +98,8 @@ def evaluate_perturbation(
             perturbed = apply_perturbation(x, batch_delta)
             with torch.no_grad():
                 logits_perturbed = model(perturbed)
-            maps_clean = maker.maps(model, x, y)
-            maps_perturbed = maker.maps(model, perturbed, y, clean=x)
+            maps_clean = maker.maps(model, x, classes)
+            maps_perturbed = maker.maps(model, perturbed, classes, clean=x)
             stability.update(maps_clean, maps_perturbed)
             flips.update(logits, logits_perturbed)
             per_sample = batch_delta.expand_as(x)

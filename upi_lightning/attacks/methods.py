@@ -6,18 +6,55 @@ through :func:`fit_method`, from the same :class:`~upi_lightning.attacks.setting
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import replace
 
+import torch
 from torch import Tensor, nn
 
 from upi_lightning.attacks.baselines import fit_classification_uap, fit_per_sample_attack
-from upi_lightning.attacks.engine import Batches, Init, UPIFitResult
-from upi_lightning.attacks.settings import FITTED_METHODS, Budget, MethodName, MethodSettings
+from upi_lightning.attacks.engine import Batches, Init, UPIFitResult, prepare_batch
+from upi_lightning.attacks.settings import FITTED_METHODS, Budget, MethodName, MethodSettings, Target
 from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.attacks.upi_pca import fit_upi_pca
 from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
+from upi_lightning.model_modes import evaluation_mode, model_device
+
+
+class PredictedClassBatches:
+    """``batches`` with each label replaced by the class ``model`` predicts for the clean image.
+
+    Re-iterable as ``batches`` is (the predictions are made again at every pass, in eval mode, without a
+    graph), with its length; used by :func:`fit_method` for ``target: predicted``.
+
+    Raises:
+        UPIError: if ``batches`` is a one-shot iterator or has no length (a fit makes several passes).
+    """
+
+    def __init__(self, model: nn.Module, batches: Batches) -> None:
+        if isinstance(batches, Iterator) or not isinstance(batches, Sized):
+            raise UPIError(
+                "target 'predicted' relabels the fit batches at every pass: pass a re-iterable with a length "
+                f"(a DataLoader or a list of (x, y) batches), not a {type(batches).__name__}."
+            )
+        self.model, self.batches = model, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        device = model_device(self.model)
+        for batch in self.batches:
+            x, _ = prepare_batch(batch, device)
+            with torch.no_grad(), evaluation_mode(self.model):
+                classes = self.model(x).argmax(dim=1)
+            yield x, classes  # outside the contexts: the consumer runs between two yields
+
+
+def attacked_batches(model: nn.Module, batches: Batches, target: Target) -> Batches:
+    """The ``(x, classes)`` batches whose maps are attacked: ``batches`` for ``label``, else relabelled."""
+    return batches if target == "label" else PredictedClassBatches(model, batches)
 
 
 def fit_method(
@@ -34,8 +71,10 @@ def fit_method(
     """Fit one universal method (``upi_grad``, ``upi_pca`` or ``uap``) in ``budget``.
 
     ``reduce`` sums the per-process contributions under DDP (identity on one process); ``init`` warm-starts
-    UPI-Grad and the UAP from a previous perturbation.
+    UPI-Grad and the UAP from a previous perturbation. With ``settings.target == "predicted"`` every method
+    fits the model's predicted classes (:class:`PredictedClassBatches`).
     """
+    batches = attacked_batches(model, batches, settings.target)
     if method == "upi_grad":
         grad = settings.upi_grad
         return fit_upi_grad(
@@ -84,7 +123,7 @@ def fit_method(
 
 
 def per_sample_deltas(model: nn.Module, budget: Budget, settings: MethodSettings) -> Callable[[Tensor, Tensor], Tensor]:
-    """``fn(x, y)`` running the per-sample attack on a batch.
+    """``fn(x, classes)`` running the per-sample attack on a batch (the evaluation passes the target classes).
 
     Its objective is UPI-Grad's, with ``baselines.per_sample_dissimilarity`` as ``D`` when set; restarts
     and label holding as ``baselines`` says.

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from upi_lightning.attacks.engine import Batches, check_steps, prepare_batch
 from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
-from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
+from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled
 from upi_lightning.noise import make_generator
 from upi_lightning.threat import ThreatModel, apply_perturbation, straight_through_clip
 
@@ -94,7 +94,7 @@ def pgd_attack(
     """
     check_steps("constant", step_size, "steps", steps)
     eta = default_pgd_step_size(threat.eps, steps) if step_size is None else float(step_size)
-    device = model_device(model)
+    device = attack_device(model)
     with evaluation_mode(model), gradients_enabled():
         x, y = prepare_batch((x.detach(), y.detach()), device)
         if random_start:
@@ -149,7 +149,7 @@ def robust_accuracy(
         UPIError: if ``batches`` yields no sample.
 
     """
-    device = model_device(model)
+    device = attack_device(model)
     generator = make_generator(seed, device)
     totals = torch.zeros(2, device=device)
     for x, y in batches:

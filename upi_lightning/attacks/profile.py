@@ -29,7 +29,7 @@ from upi_lightning.attacks.pgd import pgd_attack
 from upi_lightning.attacks.runner import first_samples
 from upi_lightning.attacks.settings import AttackSettings, Budget
 from upi_lightning.errors import UPIError
-from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
+from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled
 from upi_lightning.noise import make_generator
 from upi_lightning.stability import map_image_cosine, topk_mass_share
 from upi_lightning.threat import ThreatModel
@@ -73,7 +73,7 @@ def pgd_robust_accuracy(
     Raises:
         UPIError: if ``batches`` yields no sample.
     """
-    device = model_device(model)
+    device = attack_device(model)
     generators = [make_generator(seed + restart * RESTART_SEED_STRIDE, device) for restart in range(restarts)]
     robust = seen = 0
     for batch in batches:
@@ -98,7 +98,7 @@ def clean_map_profile(model: nn.Module, batches: Batches, settings: AttackSettin
     Raises:
         UPIError: if no sample is classified correctly.
     """
-    device, maker = model_device(model), settings.evaluation_maps()
+    device, maker = attack_device(model), settings.evaluation_maps()
     seen, shares, cosines = 0, [], []
     with evaluation_mode(model), gradients_enabled():
         for batch in batches:

@@ -31,6 +31,11 @@ WHERE_IT_RUNS = ("config", "output", "trainer", "progress", "attack.upi_grad.chu
 """``attack.py`` options (dotted paths) that do not change a run's numbers: a run resumes under other values of
 them. ``chunk_size`` changes float rounding only, as the device and the process count do."""
 
+ADDED_LATER: dict[str, Any] = {"options.attack.target": "label", "settings.target": "label"}
+"""Entries of a run identity (dotted paths: ``attack.py``'s options, the Python API's settings) that joined
+after runs were saved, with the value those runs had: a ``run.json`` without one reads as holding that
+value, so an older run still resumes."""
+
 
 def file_digest(path: str | Path) -> str:
     """SHA-256 of a file's content (hex)."""
@@ -61,27 +66,46 @@ def first_difference(saved: Any, current: Any, where: str = "") -> str | None:
     return None if saved == current else f"{where or 'run'}: {short(saved)} there, {short(current)} now"
 
 
+def _holder(tree: dict[str, Any], path: str) -> tuple[dict[str, Any] | None, str]:
+    """The mapping of ``tree`` that holds the dotted ``path`` (``None`` if a parent is missing), and its last key."""
+    *parents, leaf = path.split(".")
+    node: Any = tree
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), leaf
+
+
 def without_where_it_runs(options: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``attack.py`` options without :data:`WHERE_IT_RUNS` (paths it does not hold are skipped)."""
     kept: dict[str, Any] = copy.deepcopy(dict(options))
     for path in WHERE_IT_RUNS:
-        *parents, leaf = path.split(".")
-        node: Any = kept
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
+        holder, leaf = _holder(kept, path)
+        if holder is not None:
+            holder.pop(leaf, None)
     return kept
+
+
+def with_entries_added_later(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a saved run identity holding every :data:`ADDED_LATER` entry (its old value where absent)."""
+    filled: dict[str, Any] = copy.deepcopy(dict(identity))
+    for path, value in ADDED_LATER.items():
+        holder, leaf = _holder(filled, path)
+        if holder is not None:
+            holder.setdefault(leaf, value)
+    return filled
 
 
 def identity_difference(saved: Any, current: Mapping[str, Any]) -> str | None:
     """:func:`first_difference` of a saved run identity and the ``current`` one.
 
     The saved options are read without :data:`WHERE_IT_RUNS`: the file of an older version may hold
-    some of them (``upi_grad.chunk_size`` joined them later), and they never make another run.
+    some of them (``upi_grad.chunk_size`` joined them later), and they never make another run. Entries
+    that an older version did not have read as the value it ran with (:data:`ADDED_LATER`).
     """
     if isinstance(saved, dict) and isinstance(saved.get("options"), dict):
         saved = {**saved, "options": without_where_it_runs(saved["options"])}
+    if isinstance(saved, dict):
+        saved = with_entries_added_later(saved)
     return first_difference(saved, current)
 
 

@@ -275,10 +275,15 @@ class AttackRun:
 
     def evaluate(self, model: nn.Module, perturbation: Perturbation, eval_loader: Batches) -> dict[str, float]:
         """Metrics of a perturbation (a delta, per-sample deltas, or random draws summarized) on ``model``."""
-        settings, k, progress = self.settings.evaluation_maps(), self.settings.k, self.progress
+        options: dict[str, Any] = {
+            "saliency": self.settings.evaluation_maps(),
+            "k": self.settings.k,
+            "progress": self.progress,
+            "target": self.settings.target,
+        }
         if isinstance(perturbation, list):
-            return evaluate_draws(model, eval_loader, perturbation, saliency=settings, k=k, progress=progress)
-        return evaluate_perturbation(model, eval_loader, perturbation, saliency=settings, k=k, progress=progress)
+            return evaluate_draws(model, eval_loader, perturbation, **options)
+        return evaluate_perturbation(model, eval_loader, perturbation, **options)
 
     def random_draws(self, budget: Budget) -> list[Tensor]:
         """The random baseline's draws in ``budget`` (seeded: the same at every call)."""

@@ -23,6 +23,9 @@ MethodName = Literal["upi_grad", "upi_pca", "random", "per_sample", "uap"]
 ALL_METHODS: tuple[MethodName, ...] = ("upi_grad", "upi_pca", "random", "per_sample", "uap")
 FITTED_METHODS: tuple[MethodName, ...] = ("upi_grad", "upi_pca", "uap")
 """The methods :func:`fit_method` fits (``random`` is drawn, ``per_sample`` is fitted per evaluated batch)."""
+Target = Literal["label", "predicted"]
+"""Whose class the maps explain: each sample's true ``label``, or the class the model ``predicted`` for it."""
+TARGETS: tuple[Target, ...] = ("label", "predicted")
 
 
 @dataclass
@@ -159,6 +162,9 @@ class MethodSettings:
         baselines: baseline settings.
         k: top-k size of the top-k metrics (and of a ``topk_mass`` objective).
         seed: seeds every random choice (the same seed gives the same perturbations).
+        target: the class whose maps are attacked and compared: each sample's true ``label``, or the class
+            the model ``predicted`` on the clean image (every fit, the UAP's cross-entropy included, and the
+            evaluation; the same classes for the correctly classified samples evaluated by default).
     """
 
     saliency: SaliencySettings = field(default_factory=SaliencySettings)
@@ -167,6 +173,11 @@ class MethodSettings:
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
     k: int = 100
     seed: int = 0
+    target: Target = "label"
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise UPIError(f"Unknown target {self.target!r}: the maps explain the 'label' or the 'predicted' class.")
 
 
 @dataclass
@@ -197,6 +208,7 @@ class AttackSettings(MethodSettings):
     captum: CaptumSaliency | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown or not self.methods:
             raise UPIError(f"Unknown or no attack methods {unknown or self.methods}: choose from {list(ALL_METHODS)}.")

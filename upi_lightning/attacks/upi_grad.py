@@ -18,7 +18,7 @@ from upi_lightning.attacks.engine import AscentOptions, Batches, UPIFitResult, f
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
-from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
+from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled
 from upi_lightning.noise import make_generator
 from upi_lightning.sample_cache import SampleCache
 from upi_lightning.threat import ThreatModel
@@ -78,7 +78,7 @@ def mean_objective(
     ``cat([objective_sums, [count]])`` across ranks. ``cache`` holds clean maps already computed by
     the fit (:meth:`UPIObjective.clean_maps`).
     """
-    device = model_device(model)
+    device = attack_device(model)
     sums = torch.zeros(len(deltas), device=device, dtype=torch.float64)
     count = 0
     with evaluation_mode(model), gradients_enabled():

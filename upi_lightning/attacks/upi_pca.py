@@ -18,8 +18,9 @@ one pass, memory :math:`8d^2` bytes. ``power`` never holds ``G`` nor ``M``: each
 once and applies :math:`M` to a small orthonormal block (:math:`\sum_b G_b^\top (G_b Q)`, the power
 iteration's product), then Rayleigh-Ritz picks the next vectors (LOBPCG-style, see
 :func:`_solve_power`); memory :math:`O(d \cdot r)` plus one batch. Each pass recomputes the rows with the
-same noise (the generator is re-seeded), so with a fixed batch order the iteration runs on one fixed
-``M``. Under DDP, ``reduce`` sums one flat tensor per pass across ranks.
+same noise: a sample's noise is keyed by its content and the seed alone (the generator is seeded afresh
+for every batch), so in any batch order, a shuffled ``DataLoader``'s included, the iteration runs on one
+fixed ``M``. Under DDP, ``reduce`` sums one flat tensor per pass across ranks.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from upi_lightning.attacks.objective import UPI_PCA_SIGMA, UPIObjective
 from upi_lightning.attacks.upi_grad import mean_objective
 from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
-from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
+from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled
 from upi_lightning.noise import draw_normal, make_generator
 from upi_lightning.sample_cache import SampleCache
 from upi_lightning.threat import ThreatModel, straight_through_clip
@@ -113,15 +114,16 @@ def _row_batches(
 ) -> Iterator[tuple[Tensor, Tensor | None]]:
     """Yield ``(G_b, C_b)`` per batch, rows shaped like ``x`` (``C_b = None`` without keep-prediction).
 
-    The noise generator is seeded afresh, so every pass over the same batches yields the same rows;
-    ``cache`` keeps the clean maps from one pass to the next. ``check_first``: warn if the first batch's
-    rows are all zero (:func:`~upi_lightning.attacks.engine.warn_if_zero_gradient`).
+    The noise generator is seeded afresh for every batch, so a sample's rows depend on its content and
+    ``seed`` only: every pass yields the same rows whatever the batch order (a shuffled loader
+    reorders the samples at every pass); ``cache`` keeps the clean maps from one pass to the next.
+    ``check_first``: warn if the first batch's rows are all zero
+    (:func:`~upi_lightning.attacks.engine.warn_if_zero_gradient`).
     """
-    generator = make_generator(seed, device)
     for index, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
         x, y = prepare_batch(batch, device)
         clean = objective.clean_maps(model, x, y, cache)
-        rows = per_sample_gradient_rows(model, x, y, objective, generator, clean).view_as(x)
+        rows = per_sample_gradient_rows(model, x, y, objective, make_generator(seed, device), clean).view_as(x)
         if check_first and index == 0:
             warn_if_zero_gradient(rows, "upi_pca")
         penalty = prediction_gradient_rows(model, x, y, objective) if objective.keep_prediction > 0 else None
@@ -284,8 +286,8 @@ def fit_upi_pca(
 
     Args:
         model: the classifier (run in eval mode, its modes restored, parameters untouched).
-        batches: re-iterable of ``(x, y)`` batches of ``[0, 1]`` images; keep a fixed order (no
-            shuffling) for the power solver to iterate on one fixed matrix.
+        batches: re-iterable of ``(x, y)`` batches of ``[0, 1]`` images, in any order at every pass (a
+            sample's noise does not depend on its batch: the power solver iterates on one fixed matrix).
         threat: the ball; ``delta`` is its :meth:`~upi_lightning.threat.ThreatModel.extreme_point` along
             :math:`v_1` (L2: :math:`\varepsilon v_1`, Linf: :math:`\varepsilon\,\mathrm{sign}(v_1)`).
         objective: the UPI objective; needs ``sigma > 0`` (default: ``UPIObjective(sigma=UPI_PCA_SIGMA)``,
@@ -299,7 +301,7 @@ def fit_upi_pca(
             drops below ``tol``.
         max_bytes: memory limit of the ``svd`` solver (:func:`svd_bytes`: its matrix and ``eigh``'s arrays).
         reduce: sums a flat tensor across ranks (once per pass, and once for the sign).
-        seed: seeds the noise (same noise every pass) and the power iteration's start.
+        seed: seeds the noise (a sample's noise is the same at every pass) and the power iteration's start.
         progress: show tqdm progress bars.
         cache_clean_maps: compute the clean maps of each fit sample once for all passes and the sign
             choice (:class:`~upi_lightning.sample_cache.SampleCache`): each pass is about a quarter
@@ -317,7 +319,7 @@ def fit_upi_pca(
     if n_iter < 1 or block_size < 1 or not tol >= 0:
         raise UPIError(f"UPI-PCA needs n_iter >= 1, block_size >= 1, tol >= 0; got {n_iter}, {block_size}, {tol}.")
     passes_over(batches, 2 + (n_iter if solver == "power" else 0))
-    device = model_device(model)
+    device = attack_device(model)
     lam = objective.keep_prediction
     cache = SampleCache() if cache_clean_maps else None
     start = time.perf_counter()

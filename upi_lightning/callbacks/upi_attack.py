@@ -23,7 +23,14 @@ from upi_lightning.attacks.engine import Init
 from upi_lightning.attacks.evaluate import evaluate_perturbation, maps_under_perturbations
 from upi_lightning.attacks.methods import fit_method
 from upi_lightning.attacks.runner import figure_batch
-from upi_lightning.attacks.settings import Budget, MethodSettings, UPIGradSettings, UPIPCASettings, as_settings
+from upi_lightning.attacks.settings import (
+    Budget,
+    MethodSettings,
+    Target,
+    UPIGradSettings,
+    UPIPCASettings,
+    as_settings,
+)
 from upi_lightning.callbacks.steps import epoch_metrics_step
 from upi_lightning.distributed import Reduce, destroy_process_group_at_exit, shard_batches
 from upi_lightning.errors import UPIError
@@ -112,6 +119,8 @@ class UPIAttack(Callback):
         save: save the perturbations to the log folder.
         prefix: first part of every metric, image tag, folder name and of the checkpoint key.
         seed: seeds the random starts, the smoothing noise and the random baseline (the same every time).
+        target: the maps explain each sample's true ``label`` or the class the model ``predicted`` on the
+            clean image (:class:`~upi_lightning.attacks.settings.MethodSettings`).
     """
 
     def __init__(
@@ -135,6 +144,7 @@ class UPIAttack(Callback):
         save: bool = True,
         prefix: str = "upi",
         seed: int = 0,
+        target: Target = "label",
     ) -> None:
         super().__init__()
         unknown = [m for m in [*methods, *stages] if m not in CALLBACK_METHODS + ATTACK_STAGES]
@@ -162,6 +172,7 @@ class UPIAttack(Callback):
             upi_pca=as_settings(UPIPCASettings, upi_pca),
             k=k,
             seed=seed,
+            target=target,
         )
         self.only_correct, self.warm_start = only_correct, warm_start
         self.num_images, self.save, self.prefix = num_images, save, prefix
@@ -303,6 +314,7 @@ class UPIAttack(Callback):
                     saliency=self.settings.saliency,
                     k=self.settings.k,
                     only_correct=self.only_correct,
+                    target=self.settings.target,
                 )
                 results[method]["fit_seconds"] = seconds
                 self.deltas[method] = delta.detach().cpu()
