@@ -26,6 +26,7 @@ from tests.helpers import REPO, colorbar_images, custom_scalar_layout, grid_axes
 from upi_lightning.attacks.pgd import pgd_attack
 from upi_lightning.attacks.settings import UPIGradSettings, UPIPCASettings
 from upi_lightning.callbacks import RobustAccuracy, SaliencyMonitor, UPIAttack
+from upi_lightning.callbacks import upi_attack as upi_attack_module
 from upi_lightning.cli import train_cli
 from upi_lightning.data import SyntheticDataModule
 from upi_lightning.errors import UPIError
@@ -517,6 +518,7 @@ def test_upi_attack_refuses_data_without_attack_splits(tmp_path: Path) -> None:
         {"every_n_epochs": 0, "at_fit_end": False},
         {"eps": 0.0},
         {"norm": "l1"},
+        {"target": "argmax"},
     ],
 )
 def test_upi_attack_invalid_arguments(kwargs: dict[str, Any]) -> None:
@@ -771,3 +773,17 @@ def test_saliency_monitor_under_two_process_ddp_draws_on_rank_zero_what_one_proc
     for axes, index in zip(grid_axes(figure, 2, 5)[1], shard, strict=True):
         label = dataset.tensors[1][index]
         np.testing.assert_allclose(axes.images[0].get_array(), (weight[label] / weight[label].sum()).numpy(), rtol=1e-5)
+
+
+def test_upi_attack_evaluates_the_predicted_class_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    targets: list[str] = []
+    evaluate = upi_attack_module.evaluate_perturbation
+
+    def recording(*args: Any, **kwargs: Any) -> dict[str, float]:
+        targets.append(kwargs["target"])
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(upi_attack_module, "evaluate_perturbation", recording)
+    attack = small_attack(target="predicted")
+    upi_trainer(tmp_path, [attack]).fit(TinyNet(frozen=True), upi_data())
+    assert attack.settings.target == "predicted" and targets == ["predicted"]  # the fits: tests/test_methods.py
