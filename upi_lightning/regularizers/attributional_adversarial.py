@@ -41,7 +41,8 @@ class AttributionalAdversarial(PGDAdversarial):
     Args:
         weight: share ``w`` in ``[0, 1]`` of the adversarial cross-entropy (1: Madry's training).
         l_cos: ``lambda >= 0``.
-        method: ``"gradient"`` or ``"integrated_gradients"``.
+        method: ``"gradient"`` (the default: ``n_steps`` times cheaper) or ``"integrated_gradients"``
+            (Wang & Kong's).
         n_steps: integrated-gradients points.
         norm: ``"l2"`` or ``"linf"``.
         eps: radius (pixel units).
