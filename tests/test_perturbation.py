@@ -59,11 +59,11 @@ def test_constructor_refuses_bad_values() -> None:
     with pytest.raises(UPIError, match="norm 3"):
         UniversalPerturbation(torch.full((1, 3, 3), 1.0), "l2", 1.0)
     with pytest.raises(UPIError, match="NaN"):
-        UniversalPerturbation(torch.full((1, 3, 3), float("nan")), "linf", 1.0)
+        UniversalPerturbation(torch.full((1, 3, 3), float("nan")), "linf", 0.5)
     with pytest.raises(UPIError, match=r"\(C, H, W\)"):
-        UniversalPerturbation(torch.zeros(2, 1, 3, 3), "linf", 1.0)
+        UniversalPerturbation(torch.zeros(2, 1, 3, 3), "linf", 0.5)
     with pytest.raises(UPIError, match="Path"):
-        UniversalPerturbation(torch.zeros(1, 3, 3), "linf", 1.0, {"where": Path("x")})
+        UniversalPerturbation(torch.zeros(1, 3, 3), "linf", 0.5, {"where": Path("x")})
 
 
 def test_load_refuses_mismatches(tmp_path: Path) -> None:

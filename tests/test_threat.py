@@ -57,7 +57,7 @@ def test_ascent_direction_l2_unit_linf_sign_zero_stays_zero() -> None:
     grad = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
     assert torch.allclose(L2Ball(1.0).direction(grad, per_sample=True), torch.tensor([[0.6, 0.8], [0, 0]]))
     assert torch.allclose(L2Ball(1.0).direction(grad), grad / 5.0)
-    assert torch.equal(LinfBall(1.0).direction(torch.tensor([-2.0, 0.0, 0.3])), torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.equal(LinfBall(0.5).direction(torch.tensor([-2.0, 0.0, 0.3])), torch.tensor([-1.0, 0.0, 1.0]))
     assert torch.equal(L2Ball(1.0).direction(torch.zeros(4)), torch.zeros(4))
 
 
@@ -109,3 +109,10 @@ def test_straight_through_clip_has_the_clamp_value_and_the_identity_gradient() -
     assert torch.equal(clipped, x.detach().clamp(0, 1))
     (grad,) = torch.autograd.grad((weights * clipped).sum(), x)
     assert torch.equal(grad, weights)
+
+
+@pytest.mark.parametrize("eps", [1.0, 8.0])
+def test_a_linf_eps_that_covers_the_whole_box_is_refused_with_the_likely_intent(eps: float) -> None:
+    with pytest.raises(UPIError, match=rf"Linf eps of {eps:g} lets every pixel .* give eps {eps / 255:.6g}\."):
+        threat_model("linf", eps)
+    assert threat_model("l2", eps).eps == eps  # an L2 radius above 1 is a real budget

@@ -88,7 +88,7 @@ class ThreatModel(ABC):
     r"""The ball :math:`\|\delta\|_p \le \varepsilon` of one norm, and the moves of the attacks in it.
 
     Attributes:
-        eps: the radius, in ``[0, 1]`` pixel units; checked (finite, ``> 0``) once, here.
+        eps: the radius, in ``[0, 1]`` pixel units; checked (finite, ``> 0``; Linf: ``< 1``) once, when built.
     """
 
     eps: float
@@ -204,6 +204,14 @@ class LinfBall(ThreatModel):
     r"""The Linf ball: projection :math:`\mathrm{clamp}(\delta, -\varepsilon, \varepsilon)`, ascent along the sign."""
 
     norm: ClassVar[Norm] = "linf"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eps >= 1:
+            raise UPIError(
+                f"a Linf eps of {self.eps:g} lets every pixel take any value in [0, 1] (eps is in [0, 1] pixel "
+                f"units): for {self.eps:g}/255 give eps {self.eps / 255:.6g}."
+            )
 
     def project(self, delta: Tensor, per_sample: bool = False) -> Tensor:
         return delta.clamp(-self.eps, self.eps)
