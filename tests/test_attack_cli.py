@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from jsonargparse import ArgumentParser
 
 from upi_lightning.attack_cli import DeviceSettings, attack_parser, parse_attack_args
+from upi_lightning.attacks.run_folder import identity_difference
 from upi_lightning.checkpoints import stored_datamodule
+from upi_lightning.compare_cli import compare_parser
 from upi_lightning.errors import UPIError
 
 
@@ -41,3 +45,26 @@ def test_one_flag_style_with_the_dashed_alias_and_one_way_to_choose_the_device(c
     assert DeviceSettings(accelerator="cpu").fabric().device == torch.device("cpu")
     assert not DeviceSettings(devices=[0]).several() and not DeviceSettings().several()
     assert DeviceSettings(devices=2).several() and DeviceSettings(strategy="ddp").several()
+
+
+@pytest.mark.parametrize("parser", [attack_parser, compare_parser], ids=["attack", "compare"])
+def test_print_config_writes_a_config_that_reads_back(
+    parser: Callable[[], ArgumentParser], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--data=upi_lightning.data.SyntheticDataModule", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "Unable to serialize" not in printed and "- norm: l2\n    eps: 1.0" in printed
+    (tmp_path / "config.yaml").write_text(printed)
+    config = parser().parse_args([f"--config={tmp_path / 'config.yaml'}"])
+    assert config.attack.budgets[0].norm == "l2" and config.attack.budgets[0].eps == 1.0
+
+
+def test_run_files_of_earlier_versions_hold_default_budgets_as_their_repr() -> None:
+    current = {"options": {"attack": {"budgets": [{"norm": "l2", "eps": 1.0}], "target": "label"}}}
+    older = {"options": {"attack": {"budgets": ["Budget(norm='l2', eps=1.0)"]}}}
+    assert identity_difference(older, current) is None
+    other = {"options": {"attack": {"budgets": ["Budget(norm='linf', eps=0.1)"]}}}
+    assert identity_difference(other, current) == (
+        'options.attack.budgets: [{"norm": "linf", "eps": 0.1}] there, [{"norm": "l2", "eps": 1.0}] now'
+    )

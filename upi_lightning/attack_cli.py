@@ -7,7 +7,7 @@ and sums through ``fabric.all_reduce``; rank 0 writes the files. User errors are
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -85,6 +85,8 @@ def attack_parser() -> ArgumentParser:
         help="The data module (its attack splits); by default, with --ckpt, the one the checkpoint was trained on.",
     )
     parser.add_class_arguments(AttackSettings, "attack", help="What to fit and evaluate.")
+    # the default budgets as YAML gives them, so that --print_config writes a config that reads back
+    parser.set_defaults({"attack.budgets": [asdict(budget) for budget in AttackSettings().budgets]})
     parser.add_argument("--output", type=str, default="runs/attack", help="Output folder.")
     parser.add_class_arguments(
         DeviceSettings, "trainer", help="Where it runs: the device(s), as the Trainer's flags of these names."

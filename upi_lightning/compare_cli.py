@@ -53,6 +53,7 @@ def compare_parser() -> ArgumentParser:
         "--models", type=str, nargs="+", default=[], help="Two or more NAME=CKPT (checkpoints of train.py)."
     )
     parser.add_class_arguments(RobustSettings, "robust", help="PGD robust accuracy of each model's profile.")
+    parser.set_defaults({"robust.budgets": [asdict(budget) for budget in RobustSettings().budgets]})
     parser.set_defaults(output="runs/compare")
     return parser
 

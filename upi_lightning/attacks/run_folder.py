@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -85,9 +86,27 @@ def without_where_it_runs(options: Mapping[str, Any]) -> dict[str, Any]:
     return kept
 
 
+LEGACY_BUDGET = re.compile(r"Budget\(norm='(l2|linf)', eps=([0-9.e+-]+)\)")
+"""How ``run.json`` files of earlier versions hold default budgets (their repr, which JSON could not hold)."""
+
+
+def _without_legacy_budgets(value: Any) -> Any:
+    """``value`` with every :data:`LEGACY_BUDGET` string replaced by the ``{norm, eps}`` it stands for."""
+    if isinstance(value, dict):
+        return {key: _without_legacy_budgets(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_legacy_budgets(item) for item in value]
+    match = LEGACY_BUDGET.fullmatch(value) if isinstance(value, str) else None
+    return value if match is None else {"norm": match[1], "eps": float(match[2])}
+
+
 def with_entries_added_later(identity: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a saved run identity holding every :data:`ADDED_LATER` entry (its old value where absent)."""
-    filled: dict[str, Any] = copy.deepcopy(dict(identity))
+    """A copy of a saved run identity as this version writes it.
+
+    Every :data:`ADDED_LATER` entry is there (its old value where absent), and default budgets written as
+    :data:`LEGACY_BUDGET` strings read as their ``{norm, eps}``.
+    """
+    filled: dict[str, Any] = _without_legacy_budgets(copy.deepcopy(dict(identity)))
     for path, value in ADDED_LATER.items():
         holder, leaf = _holder(filled, path)
         if holder is not None:

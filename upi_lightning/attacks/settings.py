@@ -39,8 +39,12 @@ class Budget:
     eps: float = 1.0
 
     def __post_init__(self) -> None:
-        self.threat: ThreatModel = threat_model(self.norm, self.eps)
-        self.eps = self.threat.eps
+        self.eps = self.threat.eps  # checked (and a float) once, here
+
+    @property
+    def threat(self) -> ThreatModel:
+        """The threat model the attacks take (rebuilt from ``norm`` and ``eps``; no state of its own)."""
+        return threat_model(self.norm, self.eps)
 
     @property
     def tag(self) -> str:
