@@ -1,15 +1,29 @@
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torchvision
+from lightning.pytorch import LightningModule
 from torch import nn
 
 from upi_lightning.activations import SmoothReLU6
 from upi_lightning.attacks.objective import UPIObjective
+from upi_lightning.checkpoints import load_classifier
 from upi_lightning.errors import UPIError
-from upi_lightning.models import MLP, CifarResNet18, Logits, Normalize, SmallCNN, build_classifier
+from upi_lightning.models import (
+    MLP,
+    CifarResNet18,
+    Logits,
+    Normalize,
+    SmallCNN,
+    build_classifier,
+    build_net,
+    replace_heads,
+)
+from upi_lightning.module import Classifier
 
 
 @pytest.mark.parametrize(
@@ -133,3 +147,49 @@ def test_small_cnn_pooling_first_is_the_conv_act_pool_network_to_second_order(ac
         for part, i in (("features", 0), ("features", 3), ("classifier", 1), ("classifier", 3))
         for p in ("weight", "bias")
     ]
+
+
+def offline_get_model(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Make torchvision build "pretrained" models without their weights (no network); return the weights asked for."""
+    get_model = torchvision.models.get_model
+    requested: list[object] = []
+
+    def offline(name: str, weights: object = None, **kwargs: object) -> nn.Module:
+        requested.append(weights)
+        return get_model(name, weights=None, **kwargs)
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    return requested
+
+
+def test_a_pretrained_torchvision_model_gets_heads_of_the_data_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    requested = offline_get_model(monkeypatch)
+    net = build_net("torchvision.googlenet", 10, (3, 64, 64), pretrained=True, arch_kwargs={"init_weights": False})
+    assert requested == [torchvision.models.GoogLeNet_Weights.DEFAULT]
+    heads = {path: module.out_features for path, module in net.named_modules() if isinstance(module, nn.Linear)}
+    assert heads["fc"] == heads["aux1.fc2"] == heads["aux2.fc2"] == 10 and 1000 not in heads.values()
+    net.eval()
+    assert net(torch.rand(2, 3, 64, 64)).shape == (2, 10)
+    same = build_net("torchvision.resnet18", 1000, (3, 64, 64), pretrained=True)
+    assert same.fc.out_features == 1000  # ImageNet data keeps the pretrained head
+
+
+def test_a_pretrained_model_without_a_linear_head_is_refused() -> None:
+    squeezenet = torchvision.models.get_model("squeezenet1_0", weights=None)
+    with pytest.raises(UPIError, match="squeezenet1_0 predicts 1000 classes and has no linear head"):
+        replace_heads(squeezenet, 1000, 10, "squeezenet1_0")
+
+
+def test_a_fine_tuned_pretrained_checkpoint_loads_without_downloading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requested = offline_get_model(monkeypatch)
+    shape = {"input_shape": (3, 32, 32), "mean": [0.5] * 3, "std": [0.25] * 3}
+    model = Classifier(arch="torchvision.resnet18", num_classes=10, pretrained=True, **shape)
+    path = tmp_path / "fine_tuned.ckpt"
+    hparams = {LightningModule.CHECKPOINT_HYPER_PARAMS_KEY: dict(model.hparams), "pytorch-lightning_version": "2.6"}
+    torch.save({**hparams, "state_dict": model.state_dict()}, path)
+    loaded = load_classifier(path)
+    assert requested[0] is not None and requested[1:] == [None]  # built once pretrained, loaded without weights
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)

@@ -30,8 +30,8 @@ def load_classifier(ckpt: str | Path, device: torch.device | str = "cpu") -> Cla
             architecture than its hyperparameters say, or holding pickled objects, which are refused).
     """
     path = checkpoint_file(ckpt, "--ckpt")
-    try:
-        return Classifier.load_from_checkpoint(path, map_location=device, weights_only=True)
+    try:  # the checkpoint holds every weight: a fine-tuned pretrained model needs no download (no network)
+        return Classifier.load_from_checkpoint(path, map_location=device, weights_only=True, pretrained=False)
     except CHECKPOINT_ERRORS as err:
         raise unreadable_checkpoint(path, err) from None
 

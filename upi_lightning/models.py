@@ -286,16 +286,50 @@ def build_net(
 
 
 def torchvision_net(name: str, num_classes: int, pretrained: bool, kwargs: Mapping[str, Any]) -> nn.Module:
-    """The torchvision classifier ``name`` (its default weights with ``pretrained``, then with their classes)."""
+    """The torchvision classifier ``name`` with ``num_classes`` outputs.
+
+    With ``pretrained``, its default weights; when their classes are not ``num_classes`` (ImageNet's 1000
+    against CIFAR-10's 10), every ``nn.Linear`` head of that many outputs (auxiliary heads included) is
+    replaced by a new one of ``num_classes`` (:func:`replace_heads`), the pretrained features kept for
+    fine-tuning, as timm does.
+    """
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise UPIError(
             f"Unknown torchvision model {name!r}. Choose one of torchvision.models.list_models(), "
             f"e.g. {', '.join(available[:5])}."
         )
-    weights = "DEFAULT" if pretrained else None
-    classes = {} if pretrained else {"num_classes": num_classes}
-    return torchvision.models.get_model(name, weights=weights, **classes, **kwargs)
+    if not pretrained:
+        return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    net = torchvision.models.get_model(name, weights=weights, **kwargs)
+    return replace_heads(net, len(weights.meta["categories"]), num_classes, name)
+
+
+def replace_heads(net: nn.Module, pretrained_classes: int, num_classes: int, name: str) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``pretrained_classes`` outputs of ``net`` by a new one of ``num_classes``.
+
+    Raises:
+        UPIError: if the classes differ and ``net`` has no such ``nn.Linear`` head (e.g. SqueezeNet's
+            convolution head).
+    """
+    if pretrained_classes == num_classes:
+        return net
+    heads = [
+        (path, module)
+        for path, module in net.named_modules()
+        if isinstance(module, nn.Linear) and module.out_features == pretrained_classes
+    ]
+    if not heads:
+        raise UPIError(
+            f"Pretrained torchvision.{name} predicts {pretrained_classes} classes and has no linear head to "
+            f"replace for the data's {num_classes}; choose another model or pretrained=false."
+        )
+    for path, head in heads:
+        parent_path, _, attribute = path.rpartition(".")
+        new_head = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+        setattr(net.get_submodule(parent_path), attribute, new_head)
+    return net
 
 
 def timm_net(
