@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,10 +9,12 @@ import torch
 from PIL import Image
 
 from upi_lightning.data import (
+    CIFAR10DataModule,
     ImageFolderDataModule,
     MNISTDataModule,
     NpzDataModule,
     SyntheticDataModule,
+    TorchvisionDataModule,
     UInt8ImageDataset,
     channel_stats,
     split_sizes,
@@ -88,9 +91,19 @@ def test_mnist_from_shared_raw_files(mnist_root: Path) -> None:
     assert abs(mean.item() - dm.mean[0]) < 0.005
 
 
-def test_missing_mnist_without_download_names_the_folder(tmp_path: Path) -> None:
-    dm = MNISTDataModule(root=tmp_path / "nowhere", download=False)
-    with pytest.raises(DatasetNotFoundError, match=r"MNIST not found under .*nowhere.*data.root"):
+@pytest.mark.parametrize(
+    ("module", "files"),
+    [
+        (MNISTDataModule, "MNIST/raw/ (the four"),
+        (CIFAR10DataModule, "cifar-10-batches-py/ (or cifar-10-python.tar.gz)"),
+    ],
+)
+def test_a_missing_dataset_names_the_folder_and_the_files_torchvision_reads(
+    tmp_path: Path, module: type[TorchvisionDataModule], files: str
+) -> None:
+    dm = module(root=tmp_path / "nowhere", download=False)
+    message = rf"{dm.dataset_name} not found under .*nowhere.*Put {re.escape(files)}.* in .*nowhere, or point data.root"
+    with pytest.raises(DatasetNotFoundError, match=message):
         dm.prepare_data()
 
 

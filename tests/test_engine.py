@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 from torch import nn
 
 from tests.helpers import HostReads
-from upi_lightning.attacks.engine import fit_universal, step_size_at
+from upi_lightning.attacks.engine import fit_universal, prepare_batch, step_size_at
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.errors import UPIError
@@ -72,3 +73,17 @@ def test_a_step_reads_the_device_once_after_its_backward_pass() -> None:
         fit_universal(nn.Identity(), [batch] * 3, objective, L2Ball(1.0), epochs=1)
     # per step: the pixel-range check of the batch, then the step's figures; the first step checks its gradient
     assert reads.events == ["tolist", "__bool__", "tolist"] + ["tolist", "tolist"] * 2
+
+
+@pytest.mark.parametrize(
+    ("labels", "got"),
+    [
+        (torch.zeros(4), "torch.float32 of shape (4,)"),
+        (torch.zeros(4, dtype=torch.bool), "torch.bool of shape (4,)"),
+        (torch.zeros(3, dtype=torch.long), "torch.int64 of shape (3,)"),
+        ([0, 1, 2, 3], "[0, 1, 2, 3]"),
+    ],
+)
+def test_bad_labels_are_refused_naming_their_dtype_and_shape(labels: object, got: str) -> None:
+    with pytest.raises(UPIError, match=re.escape(f"labels must be an integer tensor of shape (4,), got {got}.")):
+        prepare_batch((torch.rand(4, 1, 2, 2), labels), torch.device("cpu"))

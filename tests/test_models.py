@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -193,3 +194,14 @@ def test_a_fine_tuned_pretrained_checkpoint_loads_without_downloading(
     assert requested[0] is not None and requested[1:] == [None]  # built once pretrained, loaded without weights
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
+
+
+def test_pretrained_weights_out_of_reach_are_one_line_naming_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(name: str, weights: object = None, **kwargs: object) -> nn.Module:
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.models, "get_model", no_network)
+    with pytest.raises(
+        UPIError, match=r"pretrained weights of torchvision.resnet18 .* torch's cache .*pretrained=false"
+    ):
+        build_net("torchvision.resnet18", 10, (3, 32, 32), pretrained=True)

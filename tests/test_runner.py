@@ -345,3 +345,17 @@ def test_a_folder_of_other_files_is_refused(checkpoint: Path, tmp_path: Path) ->
     (tmp_path / "report.json").write_text("{}")  # e.g. a run of an older version, without run.json
     with pytest.raises(UPIError, match="is not an empty folder and holds no attack run"):
         attack_main([f"--ckpt={checkpoint}", *DATA, *SMALL, f"--output={tmp_path}"])
+
+
+def test_a_model_that_classifies_no_held_out_sample_correctly_is_refused_before_any_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = SyntheticDataModule(num_train=64, num_test=64)
+    always_other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, data.num_classes + 1))
+    with torch.no_grad():  # every image gets the extra class, which no label holds
+        always_other[1].weight.zero_()
+        always_other[1].bias.copy_(torch.nn.functional.one_hot(torch.tensor(data.num_classes)).float())
+    monkeypatch.setattr(runner, "fit_method", lambda *args, **kwargs: pytest.fail("fitted before the check"))
+    run = runner.AttackRun(always_other, data, AttackSettings(eval_samples=32, batch_size=16), tmp_path / "run")
+    with pytest.raises(UPIError, match="classifies none of the 32 held-out samples correctly"):
+        run.run()

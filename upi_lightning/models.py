@@ -20,7 +20,7 @@ import torchvision
 from torch import Tensor, nn
 
 from upi_lightning.activations import Activation, functional_relus, make_activation, replace_relu, replace_relu6
-from upi_lightning.errors import UPIError
+from upi_lightning.errors import UPIError, one_line
 
 OUR_ARCHS = ("small_cnn", "cifar_resnet18", "mlp")
 TORCHVISION_PREFIX = "torchvision."
@@ -302,7 +302,14 @@ def torchvision_net(name: str, num_classes: int, pretrained: bool, kwargs: Mappi
     if not pretrained:
         return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
     weights = torchvision.models.get_model_weights(name).DEFAULT
-    net = torchvision.models.get_model(name, weights=weights, **kwargs)
+    try:
+        net = torchvision.models.get_model(name, weights=weights, **kwargs)
+    except OSError as err:  # urllib's URLError too: no network and no cached file
+        raise UPIError(
+            f"Cannot load the pretrained weights of torchvision.{name} ({one_line(err)}): they download on first "
+            f"use (network), then come from torch's cache ({torch.hub.get_dir()}/checkpoints, or $TORCH_HOME); "
+            "copy the file there, or use pretrained=false."
+        ) from None
     return replace_heads(net, len(weights.meta["categories"]), num_classes, name)
 
 

@@ -165,8 +165,9 @@ def prepare_batch(batch: Any, device: torch.device, shape: tuple[int, ...] | Non
         raise UPIError(f"images must be a non-empty float tensor (N, C, H, W), got {getattr(x, 'shape', x)!r}.")
     if shape is not None and tuple(x.shape[1:]) != tuple(shape):
         raise UPIError(f"images of shape {tuple(x.shape[1:])} do not match the perturbation shape {tuple(shape)}.")
-    if not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point():
-        raise UPIError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {getattr(y, 'shape', y)!r}.")
+    if not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point() or y.dtype == torch.bool:
+        got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, Tensor) else repr(y)
+        raise UPIError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {got}.")
     x = x.to(device=device, dtype=torch.float32).clone()
     low, high = torch.stack(torch.aminmax(x)).tolist()
     if not (low >= 0.0 and high <= 1.0):

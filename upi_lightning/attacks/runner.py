@@ -161,6 +161,12 @@ class AttackRun:
         """
         settings = self.settings
         fit_loader, eval_loader = attack_loaders(self.datamodule, settings)
+        if len(figure_batch(self.model, eval_loader, 1)[0]) == 0:  # before any fit: nothing could be evaluated
+            raise UPIError(
+                f"the model classifies none of the {len(eval_loader.dataset)} held-out samples correctly, so "  # type: ignore[arg-type]
+                "no map can be evaluated: check that the model fits the data (a head of other classes, e.g. "
+                "pretrained and not fine-tuned; labels of another dataset), or give more --attack.eval_samples."
+            )
         self.image_shape = tuple(fit_loader.dataset[0][0].shape)
         self.fit_shuffling = fit_loader.generator
         main = self.processes.is_main

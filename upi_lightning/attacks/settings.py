@@ -218,6 +218,8 @@ class AttackSettings(MethodSettings):
             raise UPIError(f"Unknown or no attack methods {unknown or self.methods}: choose from {list(ALL_METHODS)}.")
         if not self.budgets:
             raise UPIError("No budget to attack in: give at least one {norm, eps}.")
+        check_count("attack batch_size", self.batch_size)
+        check_count("attack figure_images", self.figure_images, minimum=0)
 
     def evaluation_maps(self) -> SaliencyMaps:
         """The maps the metrics and figures compare: :attr:`captum`'s, else :attr:`saliency`'s."""

@@ -25,6 +25,8 @@ class TorchvisionDataModule(ImageDataModule):
 
     dataset_name: str
     dataset_cls: type[torchvision.datasets.VisionDataset]
+    files: str
+    """Where torchvision reads the dataset under ``root`` (for the error when it is missing)."""
 
     def __init__(self, root: str | os.PathLike[str] = "data", download: bool = True, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -44,8 +46,7 @@ class TorchvisionDataModule(ImageDataModule):
             how = "download=True needs network access" if self.download else "download is off"
             raise DatasetNotFoundError(  # torchvision's message lists every mirror tried: its first line only
                 f"{self.dataset_name} not found under {self.root.resolve()} ({how}; {one_line(err).rstrip(':')}). "
-                f"Put the original files in {self.root.resolve() / self.dataset_name / 'raw'} "
-                "(or the torchvision layout) or point data.root at a folder that has them."
+                f"Put {self.files} in {self.root.resolve()}, or point data.root at a folder that has them."
             ) from None
 
     def load_arrays(self, train: bool) -> tuple[Tensor, Tensor]:
@@ -61,6 +62,7 @@ class MNISTDataModule(TorchvisionDataModule):
 
     dataset_name = "MNIST"
     dataset_cls = torchvision.datasets.MNIST
+    files = "MNIST/raw/ (the four original .gz files)"
     num_classes = 10
     input_shape = (1, 28, 28)
     mean = (0.1307,)
@@ -72,6 +74,7 @@ class FashionMNISTDataModule(TorchvisionDataModule):
 
     dataset_name = "FashionMNIST"
     dataset_cls = torchvision.datasets.FashionMNIST
+    files = "FashionMNIST/raw/ (the four original .gz files)"
     num_classes = 10
     input_shape = (1, 28, 28)
     mean = (0.2860,)
@@ -83,6 +86,7 @@ class CIFAR10DataModule(TorchvisionDataModule):
 
     dataset_name = "CIFAR-10"
     dataset_cls = torchvision.datasets.CIFAR10
+    files = "cifar-10-batches-py/ (or cifar-10-python.tar.gz)"
     num_classes = 10
     input_shape = (3, 32, 32)
     mean = (0.4914, 0.4822, 0.4465)
