@@ -23,6 +23,13 @@ def test_ckpt_alone_rebuilds_the_data_module_it_was_trained_on(checkpoint: Path)
     assert config.data.init_args.batch_size == 32
     given = parse_attack_args([f"--ckpt={checkpoint}", "--data=upi_lightning.data.SyntheticDataModule"])
     assert given.data.init_args.num_train == 2048  # a --data of one's own wins
+    for changed in (
+        [f"--ckpt={checkpoint}", "--data.num_test=96"],
+        ["--data.num_test", "96", "--ckpt", str(checkpoint)],
+    ):
+        one = parse_attack_args(changed)  # one argument of the recorded module changed, the others kept
+        assert one.data.class_path.endswith(".SyntheticDataModule") and one.data.init_args.num_test == 96
+        assert (one.data.init_args.num_train, one.data.init_args.batch_size) == (512, 32)
 
 
 def test_a_checkpoint_that_records_no_data_module_asks_for_data(checkpoint: Path, tmp_path: Path) -> None:

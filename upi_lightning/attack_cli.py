@@ -160,12 +160,22 @@ class DeviceSettings:
 def parse_attack_args(args: list[str] | None = None) -> Namespace:
     """Parse ``attack.py``'s arguments; without ``--data``, the data module ``--ckpt`` was trained on.
 
+    ``--data.<name> value`` alone (no ``--data``, no ``--config``) changes one argument of that recorded data
+    module, e.g. the path of its files after the run moved.
+
     Raises:
         UPIError: unless exactly one of ``--ckpt`` and ``--model`` is given, or when the data module is
             neither given nor recorded in the checkpoint.
     """
     parser = attack_parser()
-    config = parser.parse_args(args)
+    given = sys.argv[1:] if args is None else args
+    ckpt = command_line_ckpt(given)
+    only_arguments = any(arg.startswith("--data.") for arg in given) and not any(
+        arg == "--data" or arg.startswith(("--data=", "--config")) for arg in given
+    )
+    if only_arguments and ckpt is not None and Path(ckpt).is_file():  # --data.<name> changes the recorded module's
+        parser.set_defaults(data=data_parser().parse_object({"data": stored_datamodule(ckpt)}).data.as_dict())
+    config = parser.parse_args(given)
     if (config.ckpt is None) == (config.model is None):
         raise UPIError("Give exactly one of --ckpt (a checkpoint from train.py) or --model (e.g. timm.resnet18).")
     if config.data is None:
@@ -173,6 +183,17 @@ def parse_attack_args(args: list[str] | None = None) -> Namespace:
             raise UPIError("--model needs --data: the data module whose images it classifies.")
         config.data = data_parser().parse_object({"data": stored_datamodule(config.ckpt)}).data
     return config
+
+
+def command_line_ckpt(args: list[str]) -> str | None:
+    """The last ``--ckpt`` of a command line (``None`` if it has none, or it is ``null``)."""
+    found = None
+    for index, arg in enumerate(args):
+        if arg.startswith("--ckpt="):
+            found = arg.removeprefix("--ckpt=")
+        elif arg == "--ckpt" and index + 1 < len(args):
+            found = args[index + 1]
+    return None if found in (None, "null", "None") else found
 
 
 def data_parser() -> ArgumentParser:
