@@ -57,7 +57,7 @@ def test_training_configs_log_no_placeholder_hp_metric(config: str) -> None:
         assert logger["init_args"]["default_hp_metric"] is False
 
 
-def test_last_checkpoint_follows_its_step_trigger_before_any_validation(
+def test_last_checkpoint_follows_its_step_trigger_before_any_validation_and_holds_the_final_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
@@ -65,7 +65,8 @@ def test_last_checkpoint_follows_its_step_trigger_before_any_validation(
     folder = Path(cli.trainer.logger.log_dir) / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]  # no validation ran: no best yet
     saved = torch.load(folder / "last.ckpt", weights_only=True)
-    assert (saved["global_step"], saved["epoch"]) == (6, 0)  # the last multiple of 3, mid-epoch 0 (of 8 batches)
+    assert saved["global_step"] == 7  # saved at 3 and 6 (mid-epoch 0 of 8 batches), then at the end: the final state
+    assert cli.instantiated("last_checkpoint")._last_global_step_saved == 7
 
 
 def run_train(*args: str) -> subprocess.CompletedProcess[str]:

@@ -5,8 +5,8 @@ model, defaults to a TensorBoard logger under ``runs/`` (without Lightning's pla
 and always adds two ``ModelCheckpoint`` callbacks: ``checkpoint`` keeps the best by validation
 accuracy, ``last_checkpoint`` keeps the latest state as ``last.ckpt`` (every epoch, or every
 ``--last_checkpoint.every_n_train_steps`` steps, from the first step on: it monitors nothing, so it
-never waits for a validation). User errors (:class:`UPIError`) are printed as one line instead of a
-traceback.
+never waits for a validation; and when training ends, :class:`LatestCheckpoint`). User errors
+(:class:`UPIError`) are printed as one line instead of a traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
@@ -34,6 +35,21 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+class LatestCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` of the latest state (no ``monitor``) that also saves when training ends.
+
+    With ``every_n_train_steps=N`` Lightning saves at steps ``N, 2N, ...`` only, so the file of a finished
+    run could miss up to ``N - 1`` final steps; this one saves the final state too (once: not when the last
+    step was just saved).
+    """
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.monitor is None and not self._should_skip_saving_checkpoint(trainer):  # e.g. just saved at this step
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class UPILightningCLI(LightningCLI):
     """LightningCLI with data-to-model links, TensorBoard and checkpointing by default."""
 
@@ -44,7 +60,7 @@ class UPILightningCLI(LightningCLI):
         # Lightning defers a monitoring checkpoint's step-triggered saves until its metric exists (the first
         # validation), so the latest state, which a killed run resumes from, has a callback of its own
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
