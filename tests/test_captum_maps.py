@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from tests.helpers import TinyCNN, make_batches
+from upi_lightning.attack_cli import attack_main
 from upi_lightning.attacks.evaluate import evaluate_perturbation
 from upi_lightning.captum_maps import CaptumSaliency
 from upi_lightning.errors import UPIError
@@ -65,3 +68,25 @@ def test_captum_maps_refuse_graphs_and_unknown_classes() -> None:
         CaptumSaliency("nowhere.Saliency").attribution_class()
     with pytest.raises(UPIError, match="Unknown score"):
         CaptumSaliency(score="logits")  # type: ignore[arg-type]
+
+
+def test_an_attack_run_on_captum_maps_names_them_in_its_report_and_figures(checkpoint: Path, tmp_path: Path) -> None:
+    attack_main(
+        [
+            f"--ckpt={checkpoint}",
+            "--data=upi_lightning.data.SyntheticDataModule",
+            "--attack.budgets=[{norm: l2, eps: 1.0}]",
+            "--attack.methods=[random]",
+            "--attack.eval_samples=32",
+            "--attack.batch_size=16",
+            "--attack.k=20",
+            "--attack.captum.method=Saliency",
+            "--progress=false",
+            f"--output={tmp_path}",
+        ]
+    )
+    report = (tmp_path / "report.md").read_text()
+    assert "saliency: Captum's `Saliency` (evaluated; the attacks differentiate `gradient` (logit))" in report
+    assert "![maps](figure_captum_Saliency_l2_eps1.png)" in report
+    assert (tmp_path / "figure_captum_Saliency_l2_eps1.png").is_file()
+    assert not list(tmp_path.glob("figure_gradient_*"))

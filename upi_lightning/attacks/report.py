@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from upi_lightning.attacks.run_folder import figure_name, sweep_name
-from upi_lightning.attacks.settings import Budget
+from upi_lightning.attacks.settings import Budget, maps_name
 
 TABLE_METRICS = ("relative_l2", "topk_intersection", "spearman", "kendall", "com_shift", "flip_rate")
 
@@ -29,10 +29,13 @@ def markdown_report(report: dict[str, Any]) -> str:
     """The results as Markdown: one table per budget, random's mean ± std, each UPI's ratio to random, figures."""
     lines = ["# UPI attack report", ""]
     description = report["description"]
-    saliency = report["settings"]["saliency"]["method"]
+    settings = report["settings"]
+    saliency = maps_name(settings)
+    attacked = f"`{settings['saliency']['method']}` ({settings['saliency']['score']})"
+    captum = settings.get("captum")
+    maps = f"Captum's `{captum['method']}` (evaluated; the attacks differentiate {attacked})" if captum else attacked
     lines.append(
-        f"Model: `{description.get('model', '?')}`; data: `{description.get('data', '?')}`; saliency: "
-        f"`{report['settings']['saliency']['method']}` ({report['settings']['saliency']['score']}); "
+        f"Model: `{description.get('model', '?')}`; data: `{description.get('data', '?')}`; saliency: {maps}; "
         f"fit on {report['fit_samples']} samples, evaluated on {report['eval_samples']} held-out samples "
         f"(correctly classified ones); {report['created']}; {report['machine']}."
     )

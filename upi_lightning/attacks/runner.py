@@ -44,7 +44,7 @@ from upi_lightning.attacks.evaluate import (
 from upi_lightning.attacks.methods import fit_method, per_sample_deltas
 from upi_lightning.attacks.report import machine_description, markdown_report
 from upi_lightning.attacks.run_folder import RunFolder, figure_name
-from upi_lightning.attacks.settings import AttackSettings, Budget, MethodName
+from upi_lightning.attacks.settings import AttackSettings, Budget, MethodName, maps_name
 from upi_lightning.attacks.visuals import log_metrics, write_sweeps
 from upi_lightning.distributed import Processes, ShardedBatches
 from upi_lightning.errors import UPIError
@@ -312,7 +312,7 @@ class AttackRun:
         ``tensorboard/`` is emptied first, so a resumed run logs one point per tag and step, like a run
         that was never interrupted.
         """
-        model, saliency = str(self.description.get("model", "model")), self.settings.saliency.method
+        model, saliency = str(self.description.get("model", "model")), maps_name(asdict(self.settings))
         with SummaryWriter(str(self.folder.fresh_tensorboard())) as writer:
             for budget in self.settings.budgets:
                 self.write_figure(budget, images, labels, self.universal_deltas(budget), writer)
@@ -330,7 +330,7 @@ class AttackRun:
         """PNG, PDF and TensorBoard figure of the maps before and after each universal perturbation."""
         maps = self.settings.evaluation_maps()
         clean, perturbed = maps_under_perturbations(self.model, images, labels, deltas, maps)
-        model, saliency = str(self.description.get("model", "model")), self.settings.saliency.method
+        model, saliency = str(self.description.get("model", "model")), maps_name(asdict(self.settings))
         for name, delta in deltas.items():
             figure = perturbation_figure(delta.cpu(), f"{name} · {budget_label(budget.norm, budget.eps)}")
             writer.add_image(f"perturbation/{name}/{budget.tag}", figure_image(figure))

@@ -226,6 +226,15 @@ class AttackSettings(MethodSettings):
         return self.saliency if self.captum is None else self.captum
 
 
+def maps_name(settings: Mapping[str, Any]) -> str:
+    """The evaluated maps of :class:`AttackSettings` (as ``asdict``) in file names and titles.
+
+    The saliency method (``gradient``...), or ``captum_<Method>`` when Captum's maps are evaluated.
+    """
+    captum = settings.get("captum")
+    return f"captum_{captum['method']}" if captum else str(settings["saliency"]["method"])
+
+
 def as_settings(kind: type[T], value: T | Mapping[str, Any] | None) -> T:
     """``value`` as a ``kind`` dataclass (``None``: the defaults; a mapping: its fields)."""
     if value is None:
