@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from upi_lightning import compare_cli
 from upi_lightning.attacks.comparison import TABLE_METRICS
 from upi_lightning.compare_cli import compare_main, parse_compare_args
 from upi_lightning.errors import UPIError
@@ -96,3 +97,16 @@ def test_bad_models_are_one_line(two_models: list[str], tmp_path: Path) -> None:
         with pytest.raises(UPIError, match=message) as error:
             parse_compare_args([*args, *SMALL])
         assert "\n" not in str(error.value)
+
+
+def test_a_model_of_other_classes_is_refused_before_the_first_attack(
+    two_models: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saved = torch.load(two_models[0].split("=")[1], weights_only=True)
+    saved["hyper_parameters"]["num_classes"] = 9  # its head cut to 9 classes: a readable model of other data
+    heads = [key for key, value in saved["state_dict"].items() if value.shape[:1] == (10,)]
+    saved["state_dict"] |= {key: saved["state_dict"][key][:9] for key in heads}
+    torch.save(saved, tmp_path / "nine.ckpt")
+    monkeypatch.setattr(compare_cli, "run_attack", lambda config: pytest.fail("attacked before checking"))
+    with pytest.raises(UPIError, match=r"trained on images \(1, 28, 28\) with 9 classes, but the data has"):
+        compare_main(["--models", two_models[0], f"nine={tmp_path / 'nine.ckpt'}", *SMALL, f"--output={tmp_path}"])

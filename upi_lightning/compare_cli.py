@@ -27,7 +27,7 @@ from upi_lightning.attack_cli import (
 )
 from upi_lightning.attacks.comparison import HEADLINE_METRICS, comparison, comparison_markdown
 from upi_lightning.attacks.profile import RobustSettings, model_profile
-from upi_lightning.attacks.run_folder import first_difference, identity_difference
+from upi_lightning.attacks.run_folder import RunFolder, first_difference, identity_difference
 from upi_lightning.attacks.runner import attack_loaders
 from upi_lightning.attacks.settings import AttackSettings
 from upi_lightning.checkpoints import check_model_fits_data, load_classifier, stored_datamodule
@@ -152,12 +152,16 @@ def comparison_bars(results: list[dict[str, Any]]) -> list[Bar]:
 def compare_main(args: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``compare.py``: attack and profile every model, then write the comparison."""
     config = parse_compare_args(args)
-    robust: RobustSettings = compare_parser().instantiate_classes(config).robust
+    init = compare_parser().instantiate_classes(config)
+    robust: RobustSettings = init.robust
     output = Path(config.output)
+    models = {name: model_config(config, name, ckpt) for name, ckpt in parse_models(config.models).items()}
+    for single in models.values():  # every model against the data, every folder, before the first attack
+        check_model_fits_data(load_classifier(single.ckpt), init.data)
+        RunFolder(single.output, run_identity(single)).check()
     reports: dict[str, dict[str, Any]] = {}
     profiles: dict[str, dict[str, Any]] = {}
-    for name, ckpt in parse_models(config.models).items():
-        single = model_config(config, name, ckpt)
+    for name, single in models.items():
         report = run_attack(single)
         assert report is not None  # one process: this one is rank 0
         reports[name], profiles[name] = report, profile_of(single, robust)
