@@ -9,11 +9,12 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 
+from tests.helpers import write_payload
 from upi_lightning.attack_cli import DeviceSettings, attack_parser, parse_attack_args
 from upi_lightning.attacks.run_folder import identity_difference
 from upi_lightning.checkpoints import stored_datamodule
 from upi_lightning.compare_cli import compare_parser
-from upi_lightning.errors import UPIError
+from upi_lightning.errors import CheckpointMismatchError, UPIError
 
 
 def test_ckpt_alone_rebuilds_the_data_module_it_was_trained_on(checkpoint: Path) -> None:
@@ -42,6 +43,9 @@ def test_a_checkpoint_that_records_no_data_module_asks_for_data(checkpoint: Path
         parse_attack_args(["--model=torchvision.resnet18"])
     with pytest.raises(UPIError, match="No checkpoint at"):
         stored_datamodule(tmp_path / "missing.ckpt")
+    perturbation = write_payload(tmp_path / "upi.pt")  # a perturbation file given as the checkpoint
+    with pytest.raises(CheckpointMismatchError, match=r"upi.pt is not a checkpoint of train.py \(no state_dict\)"):
+        parse_attack_args([f"--ckpt={perturbation}"])
 
 
 def test_one_flag_style_with_the_dashed_alias_and_one_way_to_choose_the_device(checkpoint: Path) -> None:

@@ -46,13 +46,17 @@ def stored_datamodule(ckpt: str | Path) -> dict[str, Any]:
     Raises:
         UPIError: if the file is missing, or records no data module (a fit without one, or a checkpoint
             written before this version): then give ``--data``.
-        CheckpointMismatchError: if the file is not a readable checkpoint.
+        CheckpointMismatchError: if the file is not a readable checkpoint, or not one of a model.
     """
     path = checkpoint_file(ckpt, "--ckpt")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except CHECKPOINT_ERRORS as err:
         raise unreadable_checkpoint(path, err) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:  # e.g. a perturbation file
+        raise CheckpointMismatchError(
+            f"{path} is not a checkpoint of train.py (no state_dict); pass --ckpt path/to/last.ckpt."
+        )
     hparams = dict(checkpoint.get(LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {})
     class_path = hparams.pop("_class_path", None)
     if not isinstance(class_path, str):

@@ -170,8 +170,7 @@ def compare_main(args: list[str] | None = None) -> dict[str, Any]:
     atomic_write_text(output / "compare.md", comparison_markdown(compared))
     figure = comparison_figure(comparison_bars(compared["results"]), columns=len(HEADLINE_METRICS))
     save_figure(figure, output / "compare")
-    if config.progress:
-        print(f"Comparison: {output / 'compare.md'} (and compare.json, compare.png)")
+    print(f"Comparison: {output / 'compare.md'} (and compare.json, compare.png)")  # as attack.py's Report: line
     return compared
 
 
