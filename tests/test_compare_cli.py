@@ -110,3 +110,9 @@ def test_a_model_of_other_classes_is_refused_before_the_first_attack(
     monkeypatch.setattr(compare_cli, "run_attack", lambda config: pytest.fail("attacked before checking"))
     with pytest.raises(UPIError, match=r"trained on images \(1, 28, 28\) with 9 classes, but the data has"):
         compare_main(["--models", two_models[0], f"nine={tmp_path / 'nine.ckpt'}", *SMALL, f"--output={tmp_path}"])
+
+
+def test_one_argument_of_the_first_models_data_changes_alone(two_models: list[str]) -> None:
+    config = parse_compare_args(["--models", *two_models, "--data.num_test=96"])
+    assert config.data.class_path.endswith(".SyntheticDataModule") and config.data.init_args.num_test == 96
+    assert config.data.init_args.num_train == 512  # the rest as the first model's checkpoint records it

@@ -169,12 +169,7 @@ def parse_attack_args(args: list[str] | None = None) -> Namespace:
     """
     parser = attack_parser()
     given = sys.argv[1:] if args is None else args
-    ckpt = command_line_ckpt(given)
-    only_arguments = any(arg.startswith("--data.") for arg in given) and not any(
-        arg == "--data" or arg.startswith(("--data=", "--config")) for arg in given
-    )
-    if only_arguments and ckpt is not None and Path(ckpt).is_file():  # --data.<name> changes the recorded module's
-        parser.set_defaults(data=data_parser().parse_object({"data": stored_datamodule(ckpt)}).data.as_dict())
+    default_to_recorded_data(parser, given, command_line_ckpt(given))
     config = parser.parse_args(given)
     if (config.ckpt is None) == (config.model is None):
         raise UPIError("Give exactly one of --ckpt (a checkpoint from train.py) or --model (e.g. timm.resnet18).")
@@ -183,6 +178,19 @@ def parse_attack_args(args: list[str] | None = None) -> Namespace:
             raise UPIError("--model needs --data: the data module whose images it classifies.")
         config.data = data_parser().parse_object({"data": stored_datamodule(config.ckpt)}).data
     return config
+
+
+def default_to_recorded_data(parser: ArgumentParser, args: list[str], ckpt: str | None) -> None:
+    """Make the data module ``ckpt`` records ``parser``'s default ``--data`` when ``args`` only change its arguments.
+
+    That is when ``args`` hold ``--data.<name>`` options but no ``--data`` and no ``--config``: each then
+    changes one argument of the recorded module (without, jsonargparse finds no class to give them to).
+    """
+    only_arguments = any(arg.startswith("--data.") for arg in args) and not any(
+        arg == "--data" or arg.startswith(("--data=", "--config")) for arg in args
+    )
+    if only_arguments and ckpt is not None and Path(ckpt).is_file():
+        parser.set_defaults(data=data_parser().parse_object({"data": stored_datamodule(ckpt)}).data.as_dict())
 
 
 def command_line_ckpt(args: list[str]) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -22,6 +23,7 @@ from upi_lightning.attack_cli import (
     DeviceSettings,
     attack_parser,
     data_parser,
+    default_to_recorded_data,
     run_attack,
     run_identity,
 )
@@ -82,10 +84,17 @@ def parse_models(entries: list[str]) -> dict[str, Path]:
 def parse_compare_args(args: list[str] | None = None) -> Namespace:
     """Parse ``compare.py``'s arguments; without ``--data``, the data module the first model was trained on.
 
+    ``--data.<name> value`` alone changes one argument of it, as in ``attack.py``.
+
     Raises:
         UPIError: on ``--ckpt``, ``--model`` or ``--eval_ckpt``, bad ``--models``, or several processes.
     """
-    config = compare_parser().parse_args(args)
+    parser = compare_parser()
+    arguments = sys.argv[1:] if args is None else args
+    first = arguments.index("--models") + 1 if "--models" in arguments else len(arguments)
+    first_ckpt = arguments[first].partition("=")[2] if first < len(arguments) else None
+    default_to_recorded_data(parser, arguments, first_ckpt)  # --data.<name> alone: one argument of its data
+    config = parser.parse_args(arguments)
     given = [name for name in NOT_FOR_COMPARE if config[name] not in (None, [])]
     if given:
         raise UPIError(f"compare takes its checkpoints from --models NAME=CKPT, not --{given[0]}.")
