@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +14,15 @@ from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.attacks.pgd import pgd_attack
 from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.errors import UPIError
-from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled, twice_differentiable
+from upi_lightning.model_modes import (
+    attack_device,
+    evaluation_mode,
+    gradients_enabled,
+    model_logits,
+    twice_differentiable,
+)
+from upi_lightning.models import Logits
+from upi_lightning.saliency import SaliencySettings
 from upi_lightning.threat import L2Ball
 
 
@@ -80,3 +91,41 @@ def test_a_float32_model_under_autocast_is_attacked() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x_adv = pgd_attack(model, x, y, L2Ball(0.5), steps=2)
     assert x_adv.dtype == torch.float32 and bool(((x_adv - x).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all())
+
+
+@dataclass
+class ModelOutput:
+    """A Hugging Face-like output object."""
+
+    logits: torch.Tensor
+
+
+class ReturnsObject(nn.Module):
+    def __init__(self, wrap: Callable[[torch.Tensor], object] = ModelOutput) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Softplus(beta=5.0), nn.Linear(8, 3))
+        self.wrap = wrap
+
+    def forward(self, x: torch.Tensor) -> object:
+        return self.wrap(self.net(x))
+
+
+def test_an_unwrapped_model_of_output_objects_is_attacked_as_its_logits_wrapper() -> None:
+    model = ReturnsObject()
+    wrapped = nn.Sequential(model, Logits())  # the documented way, the oracle
+    x, y = torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    objective = UPIObjective(k=8, surrogate_beta=None)
+    fitted = [fit_upi_grad(m, [(x, y)], L2Ball(0.5), objective=objective, epochs=2).delta for m in (model, wrapped)]
+    assert torch.equal(*fitted)
+    adversarial = [pgd_attack(m, x, y, L2Ball(0.5), steps=2, random_start=False) for m in (model, wrapped)]
+    assert torch.equal(*adversarial)
+    assert torch.equal(SaliencySettings().maps(model, x, y), SaliencySettings().maps(wrapped, x, y))
+    assert torch.equal(model_logits(model, x), model.net(x))
+
+
+def test_a_model_of_other_outputs_is_refused_in_one_line() -> None:
+    model, x, y = ReturnsObject(wrap=lambda logits: (logits,)), torch.rand(6, 1, 8, 8), torch.zeros(6, dtype=torch.long)
+    for attack in (lambda: SaliencySettings().maps(model, x, y), lambda: pgd_attack(model, x, y, L2Ball(0.5), steps=1)):
+        with pytest.raises(UPIError, match="The model returned a tuple, neither a logits tensor nor an object"):
+            attack()

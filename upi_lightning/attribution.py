@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
-from upi_lightning.model_modes import evaluation_mode, gradients_enabled, twice_differentiable
+from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_logits, twice_differentiable
 
 SMOOTHGRAD_SAMPLES = 16
 """Default number of SmoothGrad noisy copies."""
@@ -135,7 +135,7 @@ def _gradient(
     grads = []
     for x_chunk, target_chunk in zip(x_chunks, target_chunks, strict=True):
         with twice_differentiable(create_graph):
-            logits = model(x_chunk)
+            logits = model_logits(model, x_chunk)
         if largest_class >= logits.shape[1]:
             raise UPIError(f"target classes must lie in [0, {logits.shape[1]}), got {largest_class}.")
         classes = logits.detach().argmax(dim=1) if target_chunk is None else target_chunk
@@ -287,7 +287,7 @@ def _fixed_target(model: nn.Module, x: Tensor, target: Tensor | None) -> Tensor:
     if target is not None:
         return target
     with torch.no_grad():
-        return model(x).argmax(dim=1)
+        return model_logits(model, x).argmax(dim=1)
 
 
 def _full_baseline(x: Tensor, baseline: Tensor | float | None) -> Tensor:

@@ -1,4 +1,4 @@
-"""How the attacks and the maps run a model: eval mode, autograd on, attention differentiable twice, its device.
+"""How the attacks and the maps run a model: eval mode, autograd on, twice-differentiable attention, device, logits.
 
 In ``eval()`` mode each sample's output depends only on its own input (no batch statistics), which is
 what lets one backward pass return every per-sample input gradient of a batch. Lightning runs
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from upi_lightning.errors import UPIError
@@ -88,3 +89,29 @@ def attack_device(model: nn.Module) -> torch.device:
             "'bf16-true')): use precision='bf16-mixed' or '32-true', or attack model.float()."
         )
     return model_device(model)
+
+
+def logits_of(output: Any) -> Tensor:
+    """``output`` if it is a tensor, else its ``.logits`` tensor (a model output object).
+
+    Raises:
+        UPIError: if ``output`` is neither a tensor nor has a ``logits`` tensor.
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise UPIError(
+            f"The model returned a {type(output).__name__}, neither a logits tensor nor an object with a "
+            ".logits tensor; make its forward return the logits (N, classes)."
+        )
+    return logits
+
+
+def model_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` as logits: the tensor it returns, or the ``.logits`` of its output object (Hugging Face).
+
+    Raises:
+        UPIError: naming the type, for any other output (:func:`logits_of`).
+    """
+    return logits_of(model(x))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from upi_lightning.activations import Activation, functional_relus, make_activation, replace_relu, replace_relu6
 from upi_lightning.errors import UPIError, one_line
+from upi_lightning.model_modes import logits_of
 
 OUR_ARCHS = ("small_cnn", "cifar_resnet18", "mlp")
 TORCHVISION_PREFIX = "torchvision."
@@ -54,23 +55,6 @@ class Normalize(nn.Module):
     def extra_repr(self) -> str:
         """Show the statistics in ``print(model)``."""
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
-
-
-def logits_of(output: Any) -> Tensor:
-    """``output`` if it is a tensor, else its ``.logits`` tensor (a model output object).
-
-    Raises:
-        UPIError: if ``output`` is neither a tensor nor has a ``logits`` tensor.
-    """
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if not isinstance(logits, Tensor):
-        raise UPIError(
-            f"The model returned a {type(output).__name__}, neither a logits tensor nor an object with a "
-            ".logits tensor; make its forward return the logits (N, classes)."
-        )
-    return logits
 
 
 torch.fx.wrap("logits_of")  # one call node in torch.fx graphs, so the surrogate's rewrites still trace the model

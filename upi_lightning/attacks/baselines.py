@@ -28,7 +28,7 @@ from upi_lightning.attacks.engine import (
 )
 from upi_lightning.attacks.objective import UPIObjective
 from upi_lightning.errors import UPIError
-from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled
+from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled, model_logits
 from upi_lightning.noise import make_generator, sample_generators
 from upi_lightning.threat import ThreatModel, apply_perturbation
 
@@ -134,7 +134,7 @@ def fit_per_sample_attack(
 def predictions(model: nn.Module, x: Tensor) -> Tensor:
     """The classes ``model`` predicts for images ``x`` ``(N,)`` (no graph)."""
     with torch.no_grad():
-        return model(x).argmax(dim=1)
+        return model_logits(model, x).argmax(dim=1)
 
 
 def _per_sample_ascent(
@@ -200,7 +200,7 @@ def fit_classification_uap(
         raise UPIError(f"clamp is the cap beta of the clamped cross-entropy and must be > 0, got {clamp}.")
 
     def clamped_cross_entropy(x: Tensor, y: Tensor, delta: Tensor, generator: torch.Generator) -> Tensor:
-        return F.cross_entropy(model(apply_perturbation(x, delta)), y, reduction="none").clamp(max=clamp)
+        return F.cross_entropy(model_logits(model, apply_perturbation(x, delta)), y, reduction="none").clamp(max=clamp)
 
     result = fit_universal(model, batches, clamped_cross_entropy, threat, name="classification_uap", **options)
     result.info["clamp"] = clamp

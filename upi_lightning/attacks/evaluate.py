@@ -22,7 +22,7 @@ from upi_lightning.attacks.engine import Batches, prepare_batch
 from upi_lightning.attacks.settings import Target
 from upi_lightning.errors import UPIError
 from upi_lightning.metrics import AttributionStability, PredictionFlipRate
-from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled
+from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled, model_logits
 from upi_lightning.saliency import SaliencyMaps, SaliencySettings
 from upi_lightning.threat import apply_perturbation, perturbation_norm
 
@@ -76,7 +76,7 @@ def evaluate_perturbation(
         for batch in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
             x, y = prepare_batch(batch, device)
             with torch.no_grad():
-                logits = model(x)
+                logits = model_logits(model, x)
             correct = logits.argmax(dim=1) == y
             counts["n_seen"].update(torch.tensor(float(len(x)), device=device))
             counts["n_correct"].update(correct.sum().float())
@@ -97,7 +97,7 @@ def evaluate_perturbation(
                 raise UPIError("the perturbation contains NaN or inf values; refit it or check its file.")
             perturbed = apply_perturbation(x, batch_delta)
             with torch.no_grad():
-                logits_perturbed = model(perturbed)
+                logits_perturbed = model_logits(model, perturbed)
             maps_clean = maker.maps(model, x, classes)
             maps_perturbed = maker.maps(model, perturbed, classes, clean=x)
             stability.update(maps_clean, maps_perturbed)

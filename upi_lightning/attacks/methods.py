@@ -19,7 +19,7 @@ from upi_lightning.attacks.upi_grad import fit_upi_grad
 from upi_lightning.attacks.upi_pca import fit_upi_pca
 from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
-from upi_lightning.model_modes import evaluation_mode, model_device
+from upi_lightning.model_modes import evaluation_mode, model_device, model_logits
 
 
 class PredictedClassBatches:
@@ -48,7 +48,7 @@ class PredictedClassBatches:
         for batch in self.batches:
             x, _ = prepare_batch(batch, device)
             with torch.no_grad(), evaluation_mode(self.model):
-                classes = self.model(x).argmax(dim=1)
+                classes = model_logits(self.model, x).argmax(dim=1)
             yield x, classes  # outside the contexts: the consumer runs between two yields
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upi_lightning.errors import UPIError
-from upi_lightning.model_modes import evaluation_mode, gradients_enabled
+from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_logits
 from upi_lightning.noise import sample_normal
 from upi_lightning.saliency import SaliencySettings
 from upi_lightning.sample_cache import SampleCache
@@ -300,8 +300,8 @@ class UPIObjective(ObjectiveSettings):
         with evaluation_mode(net), gradients_enabled():
             x, y = _normal_tensor(x), _normal_tensor(y)
             with torch.no_grad():
-                clean = F.cross_entropy(net(x), y, reduction="none")
-            perturbed = F.cross_entropy(net(clip(x + delta, straight_through)), y, reduction="none")
+                clean = F.cross_entropy(model_logits(net, x), y, reduction="none")
+            perturbed = F.cross_entropy(model_logits(net, clip(x + delta, straight_through)), y, reduction="none")
             return (perturbed - clean).clamp_min(0.0)
 
     def per_sample(

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from upi_lightning.attacks.engine import Batches, check_steps, prepare_batch
 from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
-from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled
+from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled, model_logits
 from upi_lightning.noise import make_generator
 from upi_lightning.threat import ThreatModel, apply_perturbation, straight_through_clip
 
@@ -52,7 +52,7 @@ eval mode, so the gradient of the sum w.r.t. ``x_adv`` holds every sample's own 
 
 def cross_entropy_objective(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
     r"""The default :data:`PGDObjective`: :math:`\sum_i \mathrm{CE}(f(x_{adv,i}), y_i)`."""
-    return F.cross_entropy(model(x_adv), y, reduction="sum")
+    return F.cross_entropy(model_logits(model, x_adv), y, reduction="sum")
 
 
 def default_pgd_step_size(eps: float, steps: int) -> float:
@@ -119,7 +119,7 @@ def count_robust(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, **
     """
     x_adv = pgd_attack(model, x, y, threat, **attack)
     with evaluation_mode(model), torch.no_grad():
-        return (model(x_adv).argmax(dim=1) == y.to(x_adv.device)).sum().float()
+        return (model_logits(model, x_adv).argmax(dim=1) == y.to(x_adv.device)).sum().float()
 
 
 def robust_accuracy(

@@ -39,7 +39,7 @@ from upi_lightning.attacks.objective import UPI_PCA_SIGMA, UPIObjective
 from upi_lightning.attacks.upi_grad import mean_objective
 from upi_lightning.distributed import Reduce, identity
 from upi_lightning.errors import UPIError
-from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled
+from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled, model_logits
 from upi_lightning.noise import draw_normal, make_generator
 from upi_lightning.sample_cache import SampleCache
 from upi_lightning.threat import ThreatModel, straight_through_clip
@@ -97,7 +97,7 @@ def prediction_gradient_rows(model: nn.Module, x: Tensor, y: Tensor, objective: 
     net = objective.network(model)
     with evaluation_mode(net), gradients_enabled():
         delta = torch.zeros_like(x, requires_grad=True)
-        losses = F.cross_entropy(net(straight_through_clip(x + delta)), y, reduction="none")
+        losses = F.cross_entropy(model_logits(net, straight_through_clip(x + delta)), y, reduction="none")
         return _input_gradient_rows(losses, delta)
 
 
