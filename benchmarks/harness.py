@@ -83,6 +83,19 @@ def interleaved_seconds(fns: dict[Key, Callable[[], float]], repeats: int, warmu
     return times
 
 
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--norm`` and ``--eps``; :func:`with_default_eps` fills the eps (1.0 for L2, 8/255 for Linf)."""
+    parser.add_argument("--norm", choices=("l2", "linf"), default="l2")
+    parser.add_argument("--eps", type=float, default=None, help="radius (default: 1.0 for l2, 8/255 for linf)")
+
+
+def with_default_eps(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``eps`` set to its norm's default when ``--eps`` was not given."""
+    if args.eps is None:
+        args.eps = 1.0 if args.norm == "l2" else 8 / 255
+    return args
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, threads: int = 2) -> None:
     """``--device``, ``--threads`` (default ``threads``; 0 = torch's default) and ``--json``: every script's."""
     parser.add_argument("--device", default="cpu")

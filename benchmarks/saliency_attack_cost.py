@@ -25,11 +25,13 @@ from collections.abc import Callable
 import torch
 from harness import (
     MODELS,
+    add_budget_arguments,
     add_run_arguments,
     benchmark_model,
     interleaved_seconds,
     machine_line,
     set_threads,
+    with_default_eps,
     write_json,
 )
 from upi_step_cost import upi_step_fn
@@ -49,12 +51,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n-samples", type=int, default=16, help="SmoothGrad noisy copies")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median kept)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
-    parser.add_argument("--norm", choices=("l2", "linf"), default="l2")
-    parser.add_argument("--eps", type=float, default=1.0)
+    add_budget_arguments(parser)
     parser.add_argument("--chunk-size", type=int, default=4, help="samples per chunk of the chunked rows (0: none)")
     parser.add_argument("--clean-maps", choices=("cached", "recomputed", "both"), default="both")
     add_run_arguments(parser)
-    return parser.parse_args()
+    return with_default_eps(parser.parse_args())
 
 
 def main() -> None:

@@ -32,12 +32,14 @@ from collections.abc import Callable
 import torch
 from harness import (
     MODELS,
+    add_budget_arguments,
     add_run_arguments,
     benchmark_model,
     interleaved_seconds,
     machine_line,
     set_threads,
     train_step_fn,
+    with_default_eps,
     write_json,
 )
 from torch import Tensor, nn
@@ -57,10 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resnet-repeats", type=int, default=1, help="timed runs for cifar_resnet18")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
     parser.add_argument("--beta", type=float, default=10.0, help="softplus surrogate beta")
-    parser.add_argument("--norm", choices=("l2", "linf"), default="l2")
-    parser.add_argument("--eps", type=float, default=1.0)
+    add_budget_arguments(parser)
     add_run_arguments(parser)
-    return parser.parse_args()
+    return with_default_eps(parser.parse_args())
 
 
 def upi_step_fn(

@@ -140,3 +140,9 @@ def test_predicted_class_maps_are_the_maps_of_hand_relabelled_batches() -> None:
     assert evaluate_perturbation(model, batches, delta, k=10, target="predicted") == evaluate_perturbation(
         model, batches, delta, k=10
     )
+
+
+def test_an_unknown_target_is_refused() -> None:
+    model = QuadraticScore()
+    with pytest.raises(UPIError, match="Unknown evaluate_perturbation target 'labels'"):
+        evaluate_perturbation(model, half_correct_batches(model), torch.zeros(1, 8, 8), target="labels")  # type: ignore[arg-type]

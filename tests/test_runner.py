@@ -359,3 +359,16 @@ def test_a_model_that_classifies_no_held_out_sample_correctly_is_refused_before_
     run = runner.AttackRun(always_other, data, AttackSettings(eval_samples=32, batch_size=16), tmp_path / "run")
     with pytest.raises(UPIError, match="classifies none of the 32 held-out samples correctly"):
         run.run()
+
+
+def test_figure_samples_are_chosen_in_eval_mode_leaving_batch_norm_statistics_alone() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3), torch.nn.BatchNorm1d(3)).train()
+    before = model[2].running_mean.clone()
+    x = torch.rand(8, 1, 4, 4)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)  # the eval-mode predictions: every sample is correct in eval mode
+    model.train()
+    images, labels = runner.figure_batch(model, [(x, y)], 8)
+    assert len(images) == 8 and torch.equal(labels, y)
+    assert torch.equal(model[2].running_mean, before) and model.training

@@ -113,6 +113,6 @@ def test_straight_through_clip_has_the_clamp_value_and_the_identity_gradient() -
 
 @pytest.mark.parametrize("eps", [1.0, 8.0])
 def test_a_linf_eps_that_covers_the_whole_box_is_refused_with_the_likely_intent(eps: float) -> None:
-    with pytest.raises(UPIError, match=rf"Linf eps of {eps:g} lets every pixel .* give eps {eps / 255:.6g}\."):
+    with pytest.raises(UPIError, match=rf"Linf eps of {eps:g} lets every pixel .* or {eps:g}/255 = {eps / 255:.6g}\."):
         threat_model("linf", eps)
     assert threat_model("l2", eps).eps == eps  # an L2 radius above 1 is a real budget

@@ -210,7 +210,8 @@ class LinfBall(ThreatModel):
         if self.eps >= 1:
             raise UPIError(
                 f"a Linf eps of {self.eps:g} lets every pixel take any value in [0, 1] (eps is in [0, 1] pixel "
-                f"units): for {self.eps:g}/255 give eps {self.eps / 255:.6g}."
+                f"units; a default eps of 1.0 is an L2 radius): give a Linf eps below 1, e.g. 8/255 = 0.0314, or "
+                f"{self.eps:g}/255 = {self.eps / 255:.6g}."
             )
 
     def project(self, delta: Tensor, per_sample: bool = False) -> Tensor:

@@ -19,7 +19,8 @@ from torchmetrics import MeanMetric, SumMetric
 from tqdm import tqdm  # not tqdm.auto, which calls iter() early and shifts a DataLoader's shuffling
 
 from upi_lightning.attacks.engine import Batches, prepare_batch
-from upi_lightning.attacks.settings import Target
+from upi_lightning.attacks.settings import TARGETS, Target
+from upi_lightning.attribution import check_choice
 from upi_lightning.errors import UPIError
 from upi_lightning.metrics import AttributionStability, PredictionFlipRate
 from upi_lightning.model_modes import attack_device, evaluation_mode, gradients_enabled, model_logits
@@ -66,6 +67,7 @@ def evaluate_perturbation(
         UPIError: if no sample was evaluated, or on bad images/labels/shapes or a NaN/inf perturbation.
 
     """
+    check_choice("evaluate_perturbation target", target, TARGETS)
     device = attack_device(model)
     maker: SaliencyMaps = SaliencySettings() if saliency is None else saliency
     with evaluation_mode(model), gradients_enabled():  # metric states must not be inference tensors

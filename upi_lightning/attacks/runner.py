@@ -50,7 +50,7 @@ from upi_lightning.distributed import Processes, ShardedBatches
 from upi_lightning.errors import UPIError
 from upi_lightning.eta import TimeLeft
 from upi_lightning.io import atomic_write_json, atomic_write_text
-from upi_lightning.model_modes import model_device, model_logits
+from upi_lightning.model_modes import evaluation_mode, model_device, model_logits
 from upi_lightning.perturbation import UniversalPerturbation
 from upi_lightning.plots import (
     budget_label,
@@ -94,7 +94,7 @@ def figure_batch(model: nn.Module, loader: Batches, count: int) -> tuple[Tensor,
     images, labels = [], []
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        with torch.no_grad():
+        with torch.no_grad(), evaluation_mode(model):  # a train-mode model's batch norm statistics stay
             correct = model_logits(model, x).argmax(1) == y
         images.append(x[correct])
         labels.append(y[correct])
