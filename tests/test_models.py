@@ -9,6 +9,7 @@ import torch
 import torchvision
 from lightning.pytorch import LightningModule
 from torch import nn
+from torchvision.models._api import WeightsEnum
 
 from upi_lightning.activations import SmoothReLU6
 from upi_lightning.attacks.objective import UPIObjective
@@ -150,27 +151,30 @@ def test_small_cnn_pooling_first_is_the_conv_act_pool_network_to_second_order(ac
     ]
 
 
-def offline_get_model(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Make torchvision build "pretrained" models without their weights (no network); return the weights asked for."""
-    get_model = torchvision.models.get_model
-    requested: list[object] = []
+def offline_weights(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """torchvision's own builders load "pretrained" weights made here (random, ImageNet-shaped): no network.
 
-    def offline(name: str, weights: object = None, **kwargs: object) -> nn.Module:
-        requested.append(weights)
-        return get_model(name, weights=None, **kwargs)
+    Returns the names of the models whose weights were loaded.
+    """
+    loaded: list[str] = []
 
-    monkeypatch.setattr(torchvision.models, "get_model", offline)
-    return requested
+    def state_dict(weights: WeightsEnum, *args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        name = type(weights).__name__.removesuffix("_Weights").lower()  # GoogLeNet_Weights -> googlenet
+        loaded.append(name)
+        aux = {"aux_logits": True, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+        return torchvision.models.get_model(name, weights=None, num_classes=1000, **aux).state_dict()
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", state_dict)
+    return loaded
 
 
 def test_a_pretrained_torchvision_model_gets_heads_of_the_data_classes(monkeypatch: pytest.MonkeyPatch) -> None:
-    requested = offline_get_model(monkeypatch)
-    net = build_net("torchvision.googlenet", 10, (3, 64, 64), pretrained=True, arch_kwargs={"init_weights": False})
-    assert requested == [torchvision.models.GoogLeNet_Weights.DEFAULT]
+    loaded = offline_weights(monkeypatch)
+    net = build_net("torchvision.inception_v3", 10, (3, 96, 96), pretrained=True)
+    assert loaded == ["inception_v3"]
     heads = {path: module.out_features for path, module in net.named_modules() if isinstance(module, nn.Linear)}
-    assert heads["fc"] == heads["aux1.fc2"] == heads["aux2.fc2"] == 10 and 1000 not in heads.values()
-    net.eval()
-    assert net(torch.rand(2, 3, 64, 64)).shape == (2, 10)
+    assert heads == {"AuxLogits.fc": 10, "fc": 10}  # the auxiliary head too
+    assert net.eval()(torch.rand(2, 3, 96, 96)).shape == (2, 10)
     same = build_net("torchvision.resnet18", 1000, (3, 64, 64), pretrained=True)
     assert same.fc.out_features == 1000  # ImageNet data keeps the pretrained head
 
@@ -181,19 +185,28 @@ def test_a_pretrained_model_without_a_linear_head_is_refused() -> None:
         replace_heads(squeezenet, 1000, 10, "squeezenet1_0")
 
 
-def test_a_fine_tuned_pretrained_checkpoint_loads_without_downloading(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("arch", "side"), [("resnet18", 32), ("googlenet", 64), ("inception_v3", 96)])
+def test_a_fine_tuned_pretrained_checkpoint_loads_without_downloading_as_the_model_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str, side: int
 ) -> None:
-    requested = offline_get_model(monkeypatch)
-    shape = {"input_shape": (3, 32, 32), "mean": [0.5] * 3, "std": [0.25] * 3}
-    model = Classifier(arch="torchvision.resnet18", num_classes=10, pretrained=True, **shape)
+    # torchvision's builders change GoogLeNet's and Inception's arguments when they load weights
+    # (transform_input, GoogLeNet's auxiliary heads dropped): the rebuilt model must have them too
+    loaded = offline_weights(monkeypatch)
+    shape = {"input_shape": (3, side, side), "mean": [0.5] * 3, "std": [0.25] * 3}
+    model = Classifier(arch=f"torchvision.{arch}", num_classes=10, pretrained=True, **shape).eval()
     path = tmp_path / "fine_tuned.ckpt"
     hparams = {LightningModule.CHECKPOINT_HYPER_PARAMS_KEY: dict(model.hparams), "pytorch-lightning_version": "2.6"}
     torch.save({**hparams, "state_dict": model.state_dict()}, path)
-    loaded = load_classifier(path)
-    assert requested[0] is not None and requested[1:] == [None]  # built once pretrained, loaded without weights
-    for key, value in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value)
+    restored = load_classifier(path).eval()
+    assert loaded == [arch]  # built once with weights, loaded without
+    flags = [
+        [(type(m).__name__, m.transform_input) for m in net.modules() if hasattr(m, "transform_input")]
+        for net in (model, restored)
+    ]
+    assert flags[0] == flags[1]  # random weights can hide a skipped input transform from the logits
+    x = torch.rand(2, 3, side, side)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x))
 
 
 def test_pretrained_weights_out_of_reach_are_one_line_naming_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:

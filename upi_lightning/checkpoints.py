@@ -18,6 +18,7 @@ from torch import nn
 from upi_lightning.data import ImageDataModule
 from upi_lightning.errors import CheckpointMismatchError, UPIError, one_line
 from upi_lightning.model_modes import model_device
+from upi_lightning.models import rebuilt_arch_kwargs
 from upi_lightning.module import Classifier
 
 
@@ -30,8 +31,12 @@ def load_classifier(ckpt: str | Path, device: torch.device | str = "cpu") -> Cla
             architecture than its hyperparameters say, or holding pickled objects, which are refused).
     """
     path = checkpoint_file(ckpt, "--ckpt")
-    try:  # the checkpoint holds every weight: a fine-tuned pretrained model needs no download (no network)
-        return Classifier.load_from_checkpoint(path, map_location=device, weights_only=True, pretrained=False)
+    try:  # the checkpoint holds every weight: a fine-tuned pretrained model is rebuilt without a download
+        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+        rebuilt: dict[str, Any] = {"pretrained": False}
+        if hparams.get("pretrained"):
+            rebuilt["arch_kwargs"] = rebuilt_arch_kwargs(str(hparams["arch"]), hparams.get("arch_kwargs") or {})
+        return Classifier.load_from_checkpoint(path, map_location=device, weights_only=True, **rebuilt)
     except CHECKPOINT_ERRORS as err:
         raise unreadable_checkpoint(path, err) from None
 

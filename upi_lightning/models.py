@@ -297,6 +297,29 @@ def torchvision_net(name: str, num_classes: int, pretrained: bool, kwargs: Mappi
     return replace_heads(net, len(weights.meta["categories"]), num_classes, name)
 
 
+def rebuilt_arch_kwargs(arch: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``arch_kwargs`` that rebuild a pretrained ``arch`` without its weights (``kwargs`` given win).
+
+    torchvision's builders change some arguments when they load weights: GoogLeNet and Inception v3
+    normalize their input as ImageNet's (``transform_input``) and GoogLeNet drops its auxiliary heads; ViTs
+    and MaxViT take the weights' image size. A checkpoint of a fine-tuned pretrained model is loaded without
+    downloading the weights again (:func:`upi_lightning.checkpoints.load_classifier`), with these
+    arguments, so that it has the architecture it was trained with.
+    """
+    if not arch.startswith(TORCHVISION_PREFIX):
+        return dict(kwargs)
+    name = arch[len(TORCHVISION_PREFIX) :]
+    meta = torchvision.models.get_model_weights(name).DEFAULT.meta
+    implied: dict[str, Any] = {}
+    if name in ("googlenet", "inception_v3"):
+        implied |= {"transform_input": True, "aux_logits": name == "inception_v3"}
+    if name.startswith("vit_"):
+        implied["image_size"] = meta["min_size"][0]
+    if name.startswith("maxvit_"):
+        implied["input_size"] = meta["min_size"]
+    return {**implied, **kwargs}
+
+
 def replace_heads(net: nn.Module, pretrained_classes: int, num_classes: int, name: str) -> nn.Module:
     """Replace every ``nn.Linear`` of ``pretrained_classes`` outputs of ``net`` by a new one of ``num_classes``.
 
