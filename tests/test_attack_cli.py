@@ -17,7 +17,7 @@ from upi_lightning.compare_cli import compare_parser
 from upi_lightning.errors import CheckpointMismatchError, UPIError
 
 
-def test_ckpt_alone_rebuilds_the_data_module_it_was_trained_on(checkpoint: Path) -> None:
+def test_ckpt_alone_rebuilds_the_data_module_it_was_trained_on(checkpoint: Path, tmp_path: Path) -> None:
     config = parse_attack_args([f"--ckpt={checkpoint}"])
     assert config.data.class_path == "upi_lightning.data.synthetic.SyntheticDataModule"
     assert (config.data.init_args.num_train, config.data.init_args.num_test) == (512, 128)
@@ -31,6 +31,12 @@ def test_ckpt_alone_rebuilds_the_data_module_it_was_trained_on(checkpoint: Path)
         one = parse_attack_args(changed)  # one argument of the recorded module changed, the others kept
         assert one.data.class_path.endswith(".SyntheticDataModule") and one.data.init_args.num_test == 96
         assert (one.data.init_args.num_train, one.data.init_args.batch_size) == (512, 32)
+    config_file = tmp_path / "attack.yaml"  # the checkpoint named in a config file, one data argument changed
+    config_file.write_text(f"ckpt: {checkpoint}\n")
+    from_file = parse_attack_args([f"--config={config_file}", "--data.num_test", "96"])
+    assert (from_file.data.init_args.num_test, from_file.data.init_args.num_train) == (96, 512)
+    with pytest.raises(UPIError, match="No checkpoint at"):
+        parse_attack_args([f"--ckpt={tmp_path / 'missing.ckpt'}", "--data.num_test=96"])
 
 
 def test_a_checkpoint_that_records_no_data_module_asks_for_data(checkpoint: Path, tmp_path: Path) -> None:

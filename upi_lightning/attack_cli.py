@@ -7,6 +7,7 @@ and sums through ``fabric.all_reduce``; rank 0 writes the files. User errors are
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from functools import partial
@@ -26,6 +27,7 @@ from upi_lightning.attacks.settings import AttackSettings
 from upi_lightning.checkpoints import (
     check_model_fits_data,
     check_model_takes_images,
+    checkpoint_file,
     load_classifier,
     stored_datamodule,
 )
@@ -167,10 +169,7 @@ def parse_attack_args(args: list[str] | None = None) -> Namespace:
         UPIError: unless exactly one of ``--ckpt`` and ``--model`` is given, or when the data module is
             neither given nor recorded in the checkpoint.
     """
-    parser = attack_parser()
-    given = sys.argv[1:] if args is None else args
-    default_to_recorded_data(parser, given, command_line_ckpt(given))
-    config = parser.parse_args(given)
+    config = parse_with_recorded_data(attack_parser(), sys.argv[1:] if args is None else args, lambda c: c.ckpt)
     if (config.ckpt is None) == (config.model is None):
         raise UPIError("Give exactly one of --ckpt (a checkpoint from train.py) or --model (e.g. timm.resnet18).")
     if config.data is None:
@@ -180,28 +179,34 @@ def parse_attack_args(args: list[str] | None = None) -> Namespace:
     return config
 
 
-def default_to_recorded_data(parser: ArgumentParser, args: list[str], ckpt: str | None) -> None:
-    """Make the data module ``ckpt`` records ``parser``'s default ``--data`` when ``args`` only change its arguments.
+def parse_with_recorded_data(
+    parser: ArgumentParser, args: list[str], ckpt_of: Callable[[Namespace], str | None]
+) -> Namespace:
+    """Parse ``args``; ``--data.<name>`` options with no data module given change the recorded one's arguments.
 
-    That is when ``args`` hold ``--data.<name>`` options but no ``--data`` and no ``--config``: each then
-    changes one argument of the recorded module (without, jsonargparse finds no class to give them to).
+    Without a ``--data`` class (on the command line or in a ``--config``), jsonargparse has no class to give
+    ``--data.<name>`` to. Then the options are parsed once without them, the checkpoint ``ckpt_of`` names
+    (``--ckpt``, or compare's first model) gives the data module it was trained on as the default, and
+    the options change single arguments of it.
+
+    Raises:
+        UPIError: if that checkpoint is missing.
     """
-    only_arguments = any(arg.startswith("--data.") for arg in args) and not any(
-        arg == "--data" or arg.startswith(("--data=", "--config")) for arg in args
-    )
-    if only_arguments and ckpt is not None and Path(ckpt).is_file():
-        parser.set_defaults(data=data_parser().parse_object({"data": stored_datamodule(ckpt)}).data.as_dict())
+    if not any(arg.startswith("--data.") for arg in args):
+        return parser.parse_args(args)
+    rest = [arg for index, arg in enumerate(args) if not _is_data_option(args, index)]
+    first = parser.parse_args(rest)
+    ckpt = ckpt_of(first)
+    if first.data is None and ckpt is not None:
+        path = checkpoint_file(ckpt, "--ckpt")
+        parser.set_defaults(data=data_parser().parse_object({"data": stored_datamodule(path)}).data.as_dict())
+    return parser.parse_args(args)
 
 
-def command_line_ckpt(args: list[str]) -> str | None:
-    """The last ``--ckpt`` of a command line (``None`` if it has none, or it is ``null``)."""
-    found = None
-    for index, arg in enumerate(args):
-        if arg.startswith("--ckpt="):
-            found = arg.removeprefix("--ckpt=")
-        elif arg == "--ckpt" and index + 1 < len(args):
-            found = args[index + 1]
-    return None if found in (None, "null", "None") else found
+def _is_data_option(args: list[str], index: int) -> bool:
+    """Whether ``args[index]`` is a ``--data.<name>`` option, or the value after one without ``=``."""
+    arg, previous = args[index], args[index - 1] if index > 0 else ""
+    return arg.startswith("--data.") or (previous.startswith("--data.") and "=" not in previous)
 
 
 def data_parser() -> ArgumentParser:

@@ -23,7 +23,7 @@ from upi_lightning.attack_cli import (
     DeviceSettings,
     attack_parser,
     data_parser,
-    default_to_recorded_data,
+    parse_with_recorded_data,
     run_attack,
     run_identity,
 )
@@ -89,12 +89,8 @@ def parse_compare_args(args: list[str] | None = None) -> Namespace:
     Raises:
         UPIError: on ``--ckpt``, ``--model`` or ``--eval_ckpt``, bad ``--models``, or several processes.
     """
-    parser = compare_parser()
     arguments = sys.argv[1:] if args is None else args
-    first = arguments.index("--models") + 1 if "--models" in arguments else len(arguments)
-    first_ckpt = arguments[first].partition("=")[2] if first < len(arguments) else None
-    default_to_recorded_data(parser, arguments, first_ckpt)  # --data.<name> alone: one argument of its data
-    config = parser.parse_args(arguments)
+    config = parse_with_recorded_data(compare_parser(), arguments, first_model_ckpt)
     given = [name for name in NOT_FOR_COMPARE if config[name] not in (None, [])]
     if given:
         raise UPIError(f"compare takes its checkpoints from --models NAME=CKPT, not --{given[0]}.")
@@ -104,6 +100,11 @@ def parse_compare_args(args: list[str] | None = None) -> Namespace:
     if config.data is None:
         config.data = data_parser().parse_object({"data": stored_datamodule(next(iter(models.values())))}).data
     return config
+
+
+def first_model_ckpt(config: Namespace) -> str:
+    """The checkpoint of the first ``--models`` entry (whose data module is the default data)."""
+    return str(next(iter(parse_models(config.models).values())))
 
 
 def model_config(config: Namespace, name: str, ckpt: Path) -> Namespace:
