@@ -12,7 +12,7 @@ from jsonargparse import ArgumentParser
 from tests.helpers import write_payload
 from upi_lightning.attack_cli import DeviceSettings, attack_parser, parse_attack_args
 from upi_lightning.attacks.run_folder import identity_difference
-from upi_lightning.checkpoints import stored_datamodule
+from upi_lightning.checkpoints import load_classifier, stored_datamodule
 from upi_lightning.compare_cli import compare_parser
 from upi_lightning.errors import CheckpointMismatchError, UPIError
 
@@ -52,6 +52,9 @@ def test_a_checkpoint_that_records_no_data_module_asks_for_data(checkpoint: Path
     perturbation = write_payload(tmp_path / "upi.pt")  # a perturbation file given as the checkpoint
     with pytest.raises(CheckpointMismatchError, match=r"upi.pt is not a checkpoint of train.py \(no state_dict\)"):
         parse_attack_args([f"--ckpt={perturbation}"])
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"tensor.pt is not a checkpoint of train.py"):
+        load_classifier(tmp_path / "tensor.pt")  # Lightning's own loader raised IndexError
 
 
 def test_one_flag_style_with_the_dashed_alias_and_one_way_to_choose_the_device(checkpoint: Path) -> None:

@@ -7,6 +7,7 @@ and sums through ``fabric.all_reduce``; rank 0 writes the files. User errors are
 from __future__ import annotations
 
 import sys
+from argparse import ArgumentError
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -192,12 +193,19 @@ def parse_with_recorded_data(
     Raises:
         UPIError: if that checkpoint is missing.
     """
-    if not any(arg.startswith("--data.") for arg in args):
+    class_given = any(arg == "--data" or arg.startswith("--data=") for arg in args)
+    if class_given or not any(arg.startswith("--data.") for arg in args):
         return parser.parse_args(args)
     rest = [arg for index, arg in enumerate(args) if not _is_data_option(args, index)]
-    first = parser.parse_args(rest)
-    ckpt = ckpt_of(first)
-    if first.data is None and ckpt is not None:
+    parser.exit_on_error = False  # a first pass that fails (e.g. a config's data needs the options) says nothing
+    try:
+        first = parser.parse_args(rest)
+    except ArgumentError:
+        first = None
+    finally:
+        parser.exit_on_error = True
+    ckpt = None if first is None else ckpt_of(first)
+    if first is not None and first.data is None and ckpt is not None:
         path = checkpoint_file(ckpt, "--ckpt")
         parser.set_defaults(data=data_parser().parse_object({"data": stored_datamodule(path)}).data.as_dict())
     return parser.parse_args(args)

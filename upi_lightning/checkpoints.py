@@ -8,11 +8,12 @@ images or classes than the data's.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
 
 from upi_lightning.data import ImageDataModule
@@ -31,14 +32,33 @@ def load_classifier(ckpt: str | Path, device: torch.device | str = "cpu") -> Cla
             architecture than its hyperparameters say, or holding pickled objects, which are refused).
     """
     path = checkpoint_file(ckpt, "--ckpt")
-    try:  # the checkpoint holds every weight: a fine-tuned pretrained model is rebuilt without a download
-        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
-        rebuilt: dict[str, Any] = {"pretrained": False}
-        if hparams.get("pretrained"):
-            rebuilt["arch_kwargs"] = rebuilt_arch_kwargs(str(hparams["arch"]), hparams.get("arch_kwargs") or {})
+    hparams = read_checkpoint(path).get(LightningModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+    # the checkpoint holds every weight: a fine-tuned pretrained model is rebuilt without a download
+    rebuilt: dict[str, Any] = {"pretrained": False}
+    if hparams.get("pretrained"):
+        rebuilt["arch_kwargs"] = rebuilt_arch_kwargs(str(hparams["arch"]), hparams.get("arch_kwargs") or {})
+    try:
         return Classifier.load_from_checkpoint(path, map_location=device, weights_only=True, **rebuilt)
     except CHECKPOINT_ERRORS as err:
         raise unreadable_checkpoint(path, err) from None
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path``, loaded safely (``weights_only``; memory-mapped where its format allows).
+
+    Raises:
+        CheckpointMismatchError: if it is unreadable (pickled objects are refused), or not a checkpoint of a
+            model (no ``state_dict``: e.g. a perturbation file).
+    """
+    try:  # files of the legacy (non-zip) format cannot be mapped
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except CHECKPOINT_ERRORS as err:
+        raise unreadable_checkpoint(path, err) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointMismatchError(
+            f"{path} is not a checkpoint of train.py (no state_dict); pass --ckpt path/to/last.ckpt."
+        )
+    return checkpoint
 
 
 def stored_datamodule(ckpt: str | Path) -> dict[str, Any]:
@@ -54,15 +74,7 @@ def stored_datamodule(ckpt: str | Path) -> dict[str, Any]:
         CheckpointMismatchError: if the file is not a readable checkpoint, or not one of a model.
     """
     path = checkpoint_file(ckpt, "--ckpt")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except CHECKPOINT_ERRORS as err:
-        raise unreadable_checkpoint(path, err) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:  # e.g. a perturbation file
-        raise CheckpointMismatchError(
-            f"{path} is not a checkpoint of train.py (no state_dict); pass --ckpt path/to/last.ckpt."
-        )
-    hparams = dict(checkpoint.get(LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {})
+    hparams = dict(read_checkpoint(path).get(LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {})
     class_path = hparams.pop("_class_path", None)
     if not isinstance(class_path, str):
         raise UPIError(
