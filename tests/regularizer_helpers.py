@@ -67,9 +67,13 @@ def loss_and_grads(model: nn.Module, batch: TrainingBatch, regularizer: Regulari
     return loss, list(grads)
 
 
-def plain_ce_grads(model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
-    """Gradient of the plain mean cross-entropy w.r.t. every parameter."""
-    return list(torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())))
+def assert_plain_cross_entropy(model: nn.Module, x: Tensor, y: Tensor, regularizer: Regularizer) -> None:
+    """``CE + R`` of the batch and its parameter gradients are the plain cross-entropy's: ``R`` pays nothing."""
+    loss, grads = loss_and_grads(model, training_batch(model, x, y), regularizer)
+    torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
+    plain = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    for grad, expected in zip(grads, plain, strict=True):
+        torch.testing.assert_close(grad, expected)
 
 
 def assert_every_parameter_gets_a_gradient(grads: list[Tensor | None]) -> None:

@@ -12,10 +12,10 @@ from tests.regularizer_helpers import (
     CLASSES,
     assert_config_rebuilds,
     assert_every_parameter_gets_a_gradient,
+    assert_plain_cross_entropy,
     data,
     linear_model,
     loss_and_grads,
-    plain_ce_grads,
     softplus_input_gradient,
     softplus_model,
     training_batch,
@@ -52,11 +52,7 @@ def test_gradient_consistency_matches_a_hand_computation(detach_clean: bool, nor
 def test_a_linear_model_has_consistent_gradients_and_pays_nothing() -> None:
     # g(x) = W_y everywhere: both distances vanish, and the loss and its gradient are the cross-entropy's
     model, (x, y) = linear_model(), data()
-    batch = training_batch(model, x, y)
-    loss, grads = loss_and_grads(model, batch, GradientConsistency(l_2=5.0, l_cos=5.0, eps=0.1))
-    torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
-    for grad, expected in zip(grads, plain_ce_grads(model, x, y), strict=True):
-        torch.testing.assert_close(grad, expected)
+    assert_plain_cross_entropy(model, x, y, GradientConsistency(l_2=5.0, l_cos=5.0, eps=0.1))
 
 
 def test_the_defaults_are_the_papers_and_configs_rebuild_the_mode() -> None:

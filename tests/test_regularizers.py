@@ -16,10 +16,10 @@ from tests.regularizer_helpers import (
     SHAPE,
     assert_config_rebuilds,
     assert_every_parameter_gets_a_gradient,
+    assert_plain_cross_entropy,
     data,
     linear_model,
     loss_and_grads,
-    plain_ce_grads,
     softplus_input_gradient,
     softplus_model,
     training_batch,
@@ -57,11 +57,7 @@ def test_input_gradient_norm_matches_the_analytic_gradient_of_a_linear_model() -
 
 def test_input_gradient_norm_with_zero_weight_is_plain_cross_entropy() -> None:
     model, (x, y) = linear_model(), data()
-    batch = training_batch(model, x, y)
-    loss, grads = loss_and_grads(model, batch, InputGradientNorm(weight=0.0))
-    torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
-    for grad, expected in zip(grads, plain_ce_grads(model, x, y), strict=True):
-        torch.testing.assert_close(grad, expected)
+    assert_plain_cross_entropy(model, x, y, InputGradientNorm(weight=0.0))
 
 
 # ---- interpretation regularization -----------------------------------------------------------------------
@@ -106,10 +102,7 @@ def test_interpretation_regularization_matches_a_hand_computation(teacher_ckpt: 
 def test_interpretation_regularization_with_zero_weights_is_plain_cross_entropy(teacher_ckpt: Path) -> None:
     model, (x, y) = linear_model(), data()
     regularizer = InterpretationRegularization(str(teacher_ckpt), l_cs=0.0, l_gm=0.0, n_samples=2)
-    loss, grads = loss_and_grads(model, training_batch(model, x, y), regularizer)
-    torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
-    for grad, expected in zip(grads, plain_ce_grads(model, x, y), strict=True):
-        torch.testing.assert_close(grad, expected)
+    assert_plain_cross_entropy(model, x, y, regularizer)
 
 
 def test_teacher_targets_are_cached_by_image_content(teacher_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -290,10 +283,7 @@ def test_upi_adversarial_updates_delta_every_k_steps_inside_the_ball() -> None:
 
 def test_upi_adversarial_with_zero_weight_is_plain_cross_entropy() -> None:
     model, (x, y) = softplus_model(), data()
-    loss, grads = loss_and_grads(model, training_batch(model, x, y), UPIAdversarial(weight=0.0))
-    torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
-    for grad, expected in zip(grads, plain_ce_grads(model, x, y), strict=True):
-        torch.testing.assert_close(grad, expected)
+    assert_plain_cross_entropy(model, x, y, UPIAdversarial(weight=0.0))
 
 
 def test_upi_adversarial_surrogate_only_drives_the_delta_update() -> None:
