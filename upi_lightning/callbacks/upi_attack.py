@@ -20,9 +20,8 @@ from typing_extensions import override
 
 from upi_lightning.attacks.baselines import random_universal
 from upi_lightning.attacks.engine import Init
-from upi_lightning.attacks.evaluate import evaluate_perturbation, maps_under_perturbations
+from upi_lightning.attacks.evaluate import evaluate_perturbation
 from upi_lightning.attacks.methods import fit_method
-from upi_lightning.attacks.runner import figure_batch
 from upi_lightning.attacks.settings import (
     Budget,
     MethodSettings,
@@ -31,12 +30,11 @@ from upi_lightning.attacks.settings import (
     UPIPCASettings,
     as_settings,
 )
-from upi_lightning.callbacks.steps import epoch_metrics_step
+from upi_lightning.callbacks.attack_outputs import attack_figure, log_attack_images, save_attack_perturbations
 from upi_lightning.distributed import Reduce, destroy_process_group_at_exit, shard_batches
 from upi_lightning.errors import UPIError
 from upi_lightning.model_modes import evaluation_mode, gradients_enabled, model_device
-from upi_lightning.perturbation import UniversalPerturbation
-from upi_lightning.plots import budget_label, budget_title, figure_image, perturbation_figure, saliency_figure
+from upi_lightning.plots import budget_label
 from upi_lightning.saliency import SaliencySettings
 from upi_lightning.tensorboard_layout import DASHBOARD_METRICS, Layout, dashboard_metrics, overlay_layout
 from upi_lightning.threat import Norm
@@ -320,7 +318,9 @@ class UPIAttack(Callback):
                 self.deltas[method] = delta.detach().cpu()
             if trainer.is_global_zero and self.num_images > 0:
                 moment = f"{stage}, epoch {trainer.current_epoch}, step {trainer.global_step}"
-                figure = self.figure(pl_module, eval_batches, moment)
+                deltas: dict[str, Tensor] = {name: self.deltas[name] for name in self.methods}
+                saliency = self.settings.saliency
+                figure = attack_figure(pl_module, eval_batches, deltas, self.budget, saliency, self.num_images, moment)
         self.metrics = results
         self.attacks += 1
         self.global_step = trainer.global_step
@@ -345,21 +345,6 @@ class UPIAttack(Callback):
         init: Init | Tensor = "random" if previous is None else previous
         return fit_method(method, model, batches, self.budget, self.settings, reduce=reduce, init=init).delta
 
-    def figure(self, pl_module: LightningModule, batches: list[Batch], moment: str = "") -> Figure | None:
-        """The figure of the first ``num_images`` correctly classified held-out images (``None`` if none).
-
-        Its title names the model, the saliency method, the budget and ``moment`` (e.g. the epoch).
-        """
-        images, labels = figure_batch(pl_module, batches, self.num_images)
-        if len(images) == 0:
-            return None
-        deltas: dict[str, Tensor] = {name: self.deltas[name] for name in self.methods}
-        clean, perturbed = maps_under_perturbations(pl_module, images, labels, deltas, self.settings.saliency)
-        model = str(pl_module.hparams.get("arch", type(pl_module).__name__))
-        title = budget_title(model, self.settings.saliency.method, self.budget.norm, self.budget.eps)
-        rows = [(name, perturbed[name], delta) for name, delta in deltas.items()]
-        return saliency_figure(images.cpu(), clean, rows, f"{title} · {moment}" if moment else title)
-
     def write(
         self,
         trainer: Trainer,
@@ -370,37 +355,16 @@ class UPIAttack(Callback):
         figure: Figure | None,
     ) -> None:
         """Rank 0: add the images to TensorBoard and save the perturbations (no collective in here)."""
-        shown = epoch_metrics_step(trainer)  # beside the scalars of this attack
-        budget = budget_label(self.budget.norm, self.budget.eps)
-        images = {
-            f"{tag}/{method}/delta": perturbation_figure(self.deltas[method], f"{method} · {budget}")
-            for method in self.methods
-        }
-        if figure is not None:
-            images[f"{tag}/figure"] = figure
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for name, image in images.items():
-                    logger.experiment.add_image(name, figure_image(image), shown)
-        if folder is None:
-            return
-        step = trainer.global_step  # optimizer steps taken, as in Lightning's checkpoint names
-        suffix = f"{stage}-epoch{trainer.current_epoch}-step{step}"
-        for method in self.methods:
-            metadata = {
-                "method": method,
-                "stage": stage,
-                "epoch": trainer.current_epoch,
-                "global_step": step,
+        deltas: dict[str, Tensor] = {method: self.deltas[method] for method in self.methods}
+        log_attack_images(trainer, tag, deltas, self.budget, figure)
+        if folder is not None:
+            provenance = {
                 "model": type(pl_module).__name__,
-                "world_size": trainer.world_size,
                 "fit_batches": self.fit_batches,
                 "batch_size": self.batch_size,
                 "saliency": asdict(self.settings.saliency),
-                "metrics": self.metrics[method],
             }
-            perturbation = UniversalPerturbation(self.deltas[method], self.budget.norm, self.budget.eps, metadata)
-            perturbation.save(folder / f"{method}_{self.budget.tag}_{suffix}.pt")
+            save_attack_perturbations(folder, trainer, stage, deltas, self.budget, self.metrics, provenance)
 
 
 def _last_epoch(trainer: Trainer) -> bool:
