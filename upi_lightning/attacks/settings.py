@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 
 from upi_lightning.attacks.engine import Schedule
 from upi_lightning.attacks.objective import DISSIMILARITIES, UPI_PCA_SIGMA, Dissimilarity, ObjectiveSettings
+from upi_lightning.attribution import check_choice
 from upi_lightning.captum_maps import CaptumSaliency
 from upi_lightning.errors import UPIError, check_count
 from upi_lightning.saliency import SaliencyMaps, SaliencySettings
@@ -180,8 +181,7 @@ class MethodSettings:
     target: Target = "label"
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise UPIError(f"Unknown target {self.target!r}: the maps explain the 'label' or the 'predicted' class.")
+        check_choice("target", self.target, TARGETS)
 
 
 @dataclass
